@@ -1,0 +1,167 @@
+"""Every configuration field once, with the official default (SPEC §0).
+
+Config files in ``configs/`` start from ``default_config()`` and set only what
+differs. ``validate()`` checks cross-field facts and names bad values.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+ARCHS = ('vit_tiny', 'vit_small', 'vit_base')
+DATA_SOURCES = ('tfds', 'imagefolder', 'fashion_mnist', 'synthetic')
+DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names it."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The official ViT-S/16 defaults (main_dino.py get_args_parser)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 1024  # global; official 64 per GPU x 16 GPUs (SPEC §4.8)
+  c.epochs = 100
+  # Steps per epoch; -1: dataset size // batch_size (SPEC §4.2).
+  c.steps_per_epoch = -1
+  # Stop after this many steps (-1: epochs * steps_per_epoch). Schedules
+  # always span the full `epochs`, so an early stop is a truncated run.
+  c.total_steps = -1
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = -1  # -1: evaluate only at the end
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = 'vit_small'  # one of ARCHS
+  c.model.patch_size = 16
+  # Overrides of the arch table (None: use the arch's value).
+  c.model.embed_dim = config_dict.placeholder(int)
+  c.model.depth = config_dict.placeholder(int)
+  c.model.num_heads = config_dict.placeholder(int)
+  c.model.img_size = 224  # fixes pos_embed: (img_size // patch_size)**2
+  c.model.drop_path_rate = 0.1  # student only
+  c.model.out_dim = 65536
+  c.model.norm_last_layer = True
+  c.model.use_bn_in_head = False
+  c.model.head_hidden_dim = 2048
+  c.model.head_bottleneck_dim = 256
+  c.model.head_nlayers = 3
+  c.model.attention = 'einsum'  # 'einsum' or 'fused' (dot_product_attention)
+  c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
+  c.model.remat = False  # recompute blocks in the backward pass
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.warmup_teacher_temp = 0.04
+  c.loss.teacher_temp = 0.04
+  c.loss.warmup_teacher_temp_epochs = 0
+  c.loss.student_temp = 0.1
+  c.loss.center_momentum = 0.9
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'  # 'adamw' or 'sgd'
+  c.optim.lr = 5e-4  # per 256 images: peak = lr * batch_size / 256
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_epochs = 10
+  c.optim.weight_decay = 0.04
+  c.optim.weight_decay_end = 0.4
+  c.optim.clip_grad = 3.0  # per tensor; 0 disables
+  c.optim.freeze_last_layer = 1  # epochs
+  c.optim.momentum_teacher = 0.996
+
+  c.crops = ml_collections.ConfigDict()
+  c.crops.global_size = 224
+  c.crops.global_scale = (0.4, 1.0)
+  c.crops.local_number = 8
+  c.crops.local_size = 96
+  c.crops.local_scale = (0.05, 0.4)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'tfds'  # one of DATA_SOURCES
+  c.data.name = 'imagenet2012'  # TFDS name
+  c.data.path = ''  # ImageFolder root, IDX dir, or TFDS data_dir
+  c.data.split = 'train'
+  c.data.canvas_size = 512  # host images are placed on this square canvas
+  c.data.num_workers = 2  # grain decode worker processes
+  c.data.synthetic_size = 1024  # images in the synthetic source
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices on the data axis (-1: the rest)
+  c.mesh.fsdp = 1  # devices on the parameter-sharding axis
+  return c
+
+
+def model_dims(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """embed_dim, depth and num_heads after applying the overrides."""
+  from dino_jax.models.vit import VARIANTS  # light import, no cycle
+
+  if config.model.arch not in VARIANTS:
+    raise ConfigError(
+        f'model.arch={config.model.arch!r} unknown; use one of {ARCHS}'
+    )
+  dims = dict(VARIANTS[config.model.arch])
+  for name in dims:
+    if config.model[name] is not None:
+      dims[name] = config.model[name]
+  return dims
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Checks cross-field facts; raises ConfigError naming the bad values."""
+  m = config.model
+  dims = model_dims(config)
+  if dims['embed_dim'] % dims['num_heads']:
+    raise ConfigError(
+        f'embed_dim={dims["embed_dim"]} is not divisible by '
+        f'num_heads={dims["num_heads"]}'
+    )
+  for name in ('global_size', 'local_size'):
+    size = config.crops[name]
+    if size % m.patch_size:
+      raise ConfigError(
+          f'crops.{name}={size} is not divisible by '
+          f'model.patch_size={m.patch_size}'
+      )
+  if m.img_size % m.patch_size:
+    raise ConfigError(
+        f'model.img_size={m.img_size} is not divisible by '
+        f'model.patch_size={m.patch_size}'
+    )
+  if m.attention not in ('einsum', 'fused'):
+    raise ConfigError(
+        f"model.attention={m.attention!r}; use 'einsum' or 'fused'"
+    )
+  if m.dtype not in DTYPES:
+    raise ConfigError(f'model.dtype={m.dtype!r}; use one of {DTYPES}')
+  if m.use_bn_in_head:
+    raise ConfigError(
+        'model.use_bn_in_head=True is not supported by the train step yet '
+        '(the head module and interop support it)'
+    )
+  if config.batch_size <= 0 or config.batch_size % num_devices:
+    raise ConfigError(
+        f'batch_size={config.batch_size} is not divisible by the '
+        f'{num_devices} devices'
+    )
+  if config.optim.name not in ('adamw', 'sgd'):
+    raise ConfigError(
+        f"optim.name={config.optim.name!r}; use 'adamw' or 'sgd'"
+    )
+  if config.optim.warmup_epochs > config.epochs:
+    raise ConfigError(
+        f'optim.warmup_epochs={config.optim.warmup_epochs} exceeds '
+        f'epochs={config.epochs}'
+    )
+  for name in ('global_scale', 'local_scale'):
+    lo, hi = config.crops[name]
+    if not 0 < lo <= hi <= 1:
+      raise ConfigError(
+          f'crops.{name}={(lo, hi)} must satisfy 0 < lo <= hi <= 1'
+      )
+  if config.crops.local_number < 0:
+    raise ConfigError(f'crops.local_number={config.crops.local_number} < 0')
+  if config.data.source not in DATA_SOURCES:
+    raise ConfigError(
+        f'data.source={config.data.source!r} unknown; use one of '
+        f'{DATA_SOURCES}'
+    )

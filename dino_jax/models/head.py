@@ -1,0 +1,151 @@
+"""DINO projection head (SPEC §2.5) and the multi-crop student/teacher model.
+
+Head parameter layout (Flax names; PyTorch names in brackets): ``mlp_{i}``
+[mlp.{i}] with the torch indices (0, 2, 4 without batch norm; 0, 1 (BN), 3,
+4 (BN), 6 with it), ``last_layer/weight_v`` [last_layer.weight_v, transposed
+to [bottleneck, K]] and, when the norm is trainable, ``last_layer/weight_g``
+[last_layer.weight_g, stored as [1, K]].
+"""
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_TRUNC_NORMAL = nn.initializers.normal(0.02)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||_2, eps) over the last axis (``F.normalize``)."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+class WeightNormLinear(nn.Module):
+  """Linear layer without bias, W[:, k] = g[k] * v[:, k] / ||v[:, k]||.
+
+  With ``trainable_norm=False`` (``norm_last_layer``) g is fixed at 1 and not
+  a parameter, so the optimizer never sees it (SPEC §2.5).
+  """
+
+  features: int
+  trainable_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_dim = x.shape[-1]
+    # SPEC §2.3: weight_v keeps nn.Linear's default U(-1/sqrt(in), 1/sqrt(in)).
+    bound = 1.0 / math.sqrt(in_dim)
+    v = self.param(
+        'weight_v',
+        lambda key, shape: jax.random.uniform(
+            key, shape, jnp.float32, -bound, bound
+        ),
+        (in_dim, self.features),
+    )
+    # No eps in the weight norm (torch weight_norm).
+    w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+    if self.trainable_norm:
+      g = self.param('weight_g', nn.initializers.ones, (1, self.features))
+      w = w * g
+    return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+
+
+class DINOHead(nn.Module):
+  """MLP -> l2-normalize -> weight-normalized linear to ``out_dim`` (SPEC §2.5).
+
+  Attributes:
+    out_dim: K, the number of prototypes.
+    use_bn: batch norm after each hidden linear layer.
+    norm_last_layer: fix the last layer's weight norm g at 1.
+    nlayers: MLP depth (1 = a single linear to the bottleneck).
+    hidden_dim: MLP hidden width.
+    bottleneck_dim: width before the last layer.
+    dtype: compute dtype.
+  """
+
+  out_dim: int
+  use_bn: bool = False
+  norm_last_layer: bool = True
+  nlayers: int = 3
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """x: [B, D] -> [B, out_dim]."""
+    dense = functools.partial(
+        nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
+    )
+    if self.nlayers == 1:
+      x = dense(self.bottleneck_dim, name='mlp_0')(x)
+    else:
+      index = 0  # torch nn.Sequential index, for the parameter names
+      for _ in range(self.nlayers - 1):
+        x = dense(self.hidden_dim, name=f'mlp_{index}')(x)
+        index += 1
+        if self.use_bn:
+          # torch BatchNorm1d: momentum 0.1 (= Flax 0.9), eps 1e-5.
+          x = nn.BatchNorm(
+              use_running_average=not train,
+              momentum=0.9,
+              epsilon=1e-5,
+              dtype=self.dtype,
+              name=f'mlp_{index}',
+          )(x)
+          index += 1
+        x = nn.gelu(x, approximate=False)
+        index += 1
+      x = dense(self.bottleneck_dim, name=f'mlp_{index}')(x)
+    x = l2_normalize(x.astype(jnp.float32))
+    return WeightNormLinear(
+        self.out_dim,
+        trainable_norm=not self.norm_last_layer,
+        dtype=self.dtype,
+        name='last_layer',
+    )(x)
+
+
+class MultiCropModel(nn.Module):
+  """Backbone + head over crops of (at most) two resolutions (SPEC §6).
+
+  Crops of one resolution go through the backbone as one batch; the head runs
+  once on all rows. Parameters: ``{'backbone': ..., 'head': ...}``.
+  """
+
+  backbone: nn.Module
+  head: nn.Module
+
+  def __call__(
+      self,
+      global_crops: jax.Array,
+      local_crops: jax.Array | None = None,
+      train: bool = False,
+  ) -> jax.Array:
+    """Head outputs per crop.
+
+    Args:
+      global_crops: [G, B, H, W, C].
+      local_crops: [L, B, h, w, C] or None.
+      train: stochastic depth on.
+
+    Returns:
+      [G + L, B, K] float32, crop-major (globals first).
+    """
+    n_global, batch = global_crops.shape[:2]
+    # [G, B, H, W, C] -> [G * B, H, W, C]: rows [v*B, (v+1)*B) are crop v.
+    feats = [self.backbone(global_crops.reshape(-1, *global_crops.shape[2:]),
+                           train)]
+    n_crops = n_global
+    if local_crops is not None and local_crops.shape[0] > 0:
+      feats.append(
+          self.backbone(local_crops.reshape(-1, *local_crops.shape[2:]), train)
+      )
+      n_crops += local_crops.shape[0]
+    out = self.head(jnp.concatenate(feats, axis=0), train)
+    return out.astype(jnp.float32).reshape(n_crops, batch, -1)

@@ -1,0 +1,309 @@
+"""Vision Transformer as in DINO (SPEC §2): CLS and patch tokens, NHWC input.
+
+Parameter layout (Flax names; the PyTorch names of SPEC §6 in brackets):
+``patch_embed`` [patch_embed.proj], ``cls_token``, ``pos_embed``,
+``blocks_{i}/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}``, ``norm``.
+"""
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# SPEC §2.3: trunc_normal(std=0.02) truncated at +-2 absolute = +-100 sigma,
+# i.e. effectively a plain normal; Flax's truncated_normal cuts at 2 sigma.
+_TRUNC_NORMAL = nn.initializers.normal(0.02)
+_LN_EPS = 1e-6  # SPEC §2.1: the builders use eps 1e-6, not the 1e-5 default.
+
+VARIANTS = {
+    'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
+    'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
+}
+ATTENTION_IMPLS = ('einsum', 'fused')
+
+
+def _torch_default_uniform(bound: float):
+  """PyTorch's default Conv2d/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def interpolate_pos_embed(
+    pos_embed: jax.Array, grid_h: int, grid_w: int, height: int, width: int
+) -> jax.Array:
+  """Resample the patch positional embeddings to a grid_h x grid_w grid.
+
+  SPEC §2.4: returned unchanged when the patch count equals the trained one
+  and the image is square; otherwise bicubic (Keys A = -0.75, clamped
+  borders, no antialiasing) with scale factor (n + 0.1) / sqrt(N) per axis, as
+  PyTorch ``interpolate(scale_factor=...)`` maps coordinates.
+
+  Args:
+    pos_embed: [1, 1 + N, D] trained embeddings (CLS first).
+    grid_h: patch rows of the input.
+    grid_w: patch columns of the input.
+    height: image height in pixels (for the square test).
+    width: image width in pixels.
+
+  Returns:
+    [1, 1 + grid_h * grid_w, D].
+  """
+  num_patches = pos_embed.shape[1] - 1
+  if num_patches == grid_h * grid_w and height == width:
+    return pos_embed
+  side = math.isqrt(num_patches)
+  if side * side != num_patches:
+    raise ValueError(f'pos_embed holds {num_patches} patches, not a square')
+  dim = pos_embed.shape[-1]
+  cls_pos, grid = pos_embed[:, :1], pos_embed[0, 1:].reshape(side, side, dim)
+  scale = jnp.array([(grid_h + 0.1) / side, (grid_w + 0.1) / side])
+  grid = jax.image.scale_and_translate(
+      grid.astype(jnp.float32),
+      (grid_h, grid_w, dim),
+      spatial_dims=(0, 1),
+      scale=scale,
+      translation=jnp.zeros(2),
+      method='bicubic-pytorch',
+      antialias=False,
+  ).astype(pos_embed.dtype)
+  # [grid_h, grid_w, D] -> [1, grid_h * grid_w, D], row-major as PyTorch.
+  grid = grid.reshape(1, grid_h * grid_w, dim)
+  return jnp.concatenate([cls_pos, grid], axis=1)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (SPEC §2.2): x / keep * floor(keep + U)."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    uniform = jax.random.uniform(self.make_rng('drop_path'), shape, x.dtype)
+    return x / keep * jnp.floor(keep + uniform)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one qkv projection (SPEC §2.2 item 4)."""
+
+  num_heads: int
+  qkv_bias: bool = True
+  impl: str = 'einsum'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, return_attention: bool = False
+  ) -> jax.Array:
+    """x: [B, T, D] -> [B, T, D], or [B, heads, T, T] probabilities."""
+    b, t, d = x.shape
+    head_dim = d // self.num_heads
+    scale = head_dim**-0.5
+    dense = functools.partial(
+        nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
+    )
+    qkv = dense(3 * d, use_bias=self.qkv_bias, name='qkv')(x)
+    # [B, T, 3D] -> [B, T, 3, heads, hd]: PyTorch's [3, heads, hd] layout.
+    qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
+    if return_attention or self.impl == 'einsum':
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
+      attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      if return_attention:
+        return attn
+      out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(v.dtype), v)
+    elif self.impl == 'fused':
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    else:
+      raise ValueError(
+          f'attention impl {self.impl!r} unknown; use one of {ATTENTION_IMPLS}'
+      )
+    out = out.reshape(b, t, d)  # heads concatenated head-major
+    return dense(d, name='proj')(out)
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    dense = functools.partial(
+        nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
+    )
+    x = dense(self.hidden_dim, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)  # SPEC §2.2: exact erf GELU.
+    return dense(d, name='fc2')(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with stochastic depth."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_path: float = 0.0
+  attention: str = 'einsum'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, train: bool = False, return_attention: bool = False
+  ) -> jax.Array:
+    norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype)
+    attn = Attention(
+        self.num_heads, self.qkv_bias, self.attention, self.dtype, name='attn'
+    )
+    y = attn(norm(name='norm1')(x), return_attention=return_attention)
+    if return_attention:
+      return y
+    x = x + DropPath(self.drop_path)(y, train)
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    y = Mlp(hidden, self.dtype, name='mlp')(norm(name='norm2')(x))
+    return x + DropPath(self.drop_path)(y, train)
+
+
+class VisionTransformer(nn.Module):
+  """DINO's ViT. ``apply(variables, images)`` -> CLS after the final norm.
+
+  Attributes:
+    patch_size: 8 or 16.
+    embed_dim, depth, num_heads, mlp_ratio, qkv_bias: SPEC §2.1.
+    drop_path_rate: stochastic depth of the last block; linear over depth.
+    img_size: training image size; fixes the size of ``pos_embed``.
+    attention: 'einsum' (explicit softmax) or 'fused'
+      (``jax.nn.dot_product_attention``); same numbers.
+    dtype: compute dtype (parameters stay float32).
+    remat: recompute each block in the backward pass to save memory.
+  """
+
+  patch_size: int = 16
+  embed_dim: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_path_rate: float = 0.0
+  img_size: int = 224
+  attention: str = 'einsum'
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    p, d = self.patch_size, self.embed_dim
+    # SPEC §2.3: the patch conv keeps PyTorch's default init.
+    bound = 1.0 / math.sqrt(3 * p * p)
+    self.patch_embed = nn.Conv(
+        d,
+        (p, p),
+        strides=(p, p),
+        padding='VALID',
+        kernel_init=_torch_default_uniform(bound),
+        bias_init=_torch_default_uniform(bound),
+        dtype=self.dtype,
+    )
+    num_patches = (self.img_size // p) ** 2
+    self.cls_token = self.param('cls_token', _TRUNC_NORMAL, (1, 1, d))
+    self.pos_embed = self.param(
+        'pos_embed', _TRUNC_NORMAL, (1, num_patches + 1, d)
+    )
+    # train and return_attention are Python bools: static under remat
+    # (argument 0 is the module itself).
+    block_cls = (
+        nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+    )
+    rates = [
+        self.drop_path_rate * i / max(self.depth - 1, 1)
+        for i in range(self.depth)
+    ]  # torch.linspace(0, rate, depth)
+    self.blocks = [
+        block_cls(
+            self.num_heads,
+            self.mlp_ratio,
+            self.qkv_bias,
+            rates[i],
+            self.attention,
+            self.dtype,
+        )
+        for i in range(self.depth)
+    ]
+    self.norm = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype)
+
+  def prepare_tokens(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] -> tokens [B, 1 + h0 * w0, D] with positions."""
+    if images.ndim != 4:
+      raise ValueError(f'images must be [B, H, W, C]; got {images.shape}')
+    b, height, width, _ = images.shape
+    x = self.patch_embed(images.astype(self.dtype))  # [B, h0, w0, D]
+    grid_h, grid_w = x.shape[1], x.shape[2]
+    x = x.reshape(b, grid_h * grid_w, self.embed_dim)
+    cls = jnp.broadcast_to(self.cls_token, (b, 1, self.embed_dim))
+    x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
+    pos = interpolate_pos_embed(self.pos_embed, grid_h, grid_w, height, width)
+    return x + pos.astype(x.dtype)
+
+  def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """All tokens after the final norm: [B, 1 + N, D] (CLS first)."""
+    x = self.prepare_tokens(images)
+    for block in self.blocks:
+      x = block(x, train, False)
+    return self.norm(x)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """CLS token after the final norm: [B, D]."""
+    return self.features(images, train)[:, 0]
+
+  def last_self_attention(self, images: jax.Array) -> jax.Array:
+    """Last block's attention probabilities: [B, heads, N + 1, N + 1]."""
+    x = self.prepare_tokens(images)
+    for block in self.blocks[:-1]:
+      x = block(x, False, False)
+    return self.blocks[-1](x, False, True)
+
+  def intermediate_layers(
+      self, images: jax.Array, n: int = 1
+  ) -> tuple[jax.Array, ...]:
+    """Outputs of the last n blocks, each after the final norm, earliest first.
+
+    Returns:
+      tuple of n arrays [B, N + 1, D].
+    """
+    x = self.prepare_tokens(images)
+    outputs = []
+    for i, block in enumerate(self.blocks):
+      x = block(x, False, False)
+      if i >= self.depth - n:
+        outputs.append(self.norm(x))
+    return tuple(outputs)
+
+
+def _build(arch: str, patch_size: int, **kwargs: Any) -> VisionTransformer:
+  return VisionTransformer(
+      patch_size=patch_size, **{**VARIANTS[arch], **kwargs}
+  )
+
+
+def vit_tiny(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+  """ViT-Tiny: D 192, depth 12, 3 heads."""
+  return _build('vit_tiny', patch_size, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+  """ViT-Small: D 384, depth 12, 6 heads."""
+  return _build('vit_small', patch_size, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+  """ViT-Base: D 768, depth 12, 12 heads."""
+  return _build('vit_base', patch_size, **kwargs)

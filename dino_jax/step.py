@@ -1,0 +1,253 @@
+"""Train state and the pure DINO train step (SPEC §4.6).
+
+``train_step(state, batch) -> (state, metrics)``; no grain, orbax or flags
+here, so tests, interop and benchmarks import it directly.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dino_jax import config as config_lib
+from dino_jax import loss as loss_lib
+from dino_jax import optim, schedules
+from dino_jax.models import DINOHead, MultiCropModel, VisionTransformer
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds; one pytree.
+
+  Attributes:
+    step: int32 [] optimizer steps done (the global iteration ``it``).
+    rng: uint32 [2] base key; step keys are ``fold_in(rng, step)``.
+    student: student params ``{'backbone', 'head'}``.
+    teacher: teacher params, same structure (EMA of the student).
+    center: float32 [1, K] running center of the teacher outputs.
+    opt_state: optax state of the student optimizer.
+  """
+
+  step: jax.Array
+  rng: jax.Array
+  student: Any
+  teacher: Any
+  center: jax.Array
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+  """Host arrays indexed in the step (SPEC §4.2, §3)."""
+
+  lr: np.ndarray  # [T] per iteration
+  weight_decay: np.ndarray  # [T]
+  momentum: np.ndarray  # [T] teacher EMA momentum
+  teacher_temp: np.ndarray  # [epochs] per epoch
+  steps_per_epoch: int
+
+  @classmethod
+  def from_config(
+      cls, config: ml_collections.ConfigDict, steps_per_epoch: int
+  ) -> 'Schedules':
+    o, l = config.optim, config.loss
+    peak_lr = o.lr * config.batch_size / 256.0  # linear scaling rule
+    return cls(
+        lr=schedules.cosine_schedule(
+            peak_lr, o.min_lr, config.epochs, steps_per_epoch,
+            warmup_epochs=o.warmup_epochs,
+        ),
+        weight_decay=schedules.cosine_schedule(
+            o.weight_decay, o.weight_decay_end, config.epochs, steps_per_epoch
+        ),
+        momentum=schedules.cosine_schedule(
+            o.momentum_teacher, 1.0, config.epochs, steps_per_epoch
+        ),
+        teacher_temp=schedules.teacher_temp_schedule(
+            l.warmup_teacher_temp, l.teacher_temp,
+            l.warmup_teacher_temp_epochs, config.epochs,
+        ),
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def build_models(
+    config: ml_collections.ConfigDict,
+) -> tuple[MultiCropModel, MultiCropModel]:
+  """(student, teacher); the teacher has no stochastic depth (SPEC §2.2)."""
+  m = config.model
+  dtype = jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32
+
+  def make(drop_path_rate):
+    backbone = VisionTransformer(
+        patch_size=m.patch_size,
+        img_size=m.img_size,
+        drop_path_rate=drop_path_rate,
+        attention=m.attention,
+        dtype=dtype,
+        remat=m.remat,
+        **config_lib.model_dims(config),
+    )
+    head = DINOHead(
+        out_dim=m.out_dim,
+        use_bn=m.use_bn_in_head,
+        norm_last_layer=m.norm_last_layer,
+        nlayers=m.head_nlayers,
+        hidden_dim=m.head_hidden_dim,
+        bottleneck_dim=m.head_bottleneck_dim,
+        dtype=dtype,
+    )
+    return MultiCropModel(backbone, head)
+
+  return make(m.drop_path_rate), make(0.0)
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict, sched: Schedules
+) -> optax.GradientTransformation:
+  return optim.make_optimizer(
+      config.optim.name,
+      sched.lr,
+      sched.weight_decay,
+      clip_grad=config.optim.clip_grad,
+      freeze_steps=config.optim.freeze_last_layer * sched.steps_per_epoch,
+  )
+
+
+def init_state(
+    rng: jax.Array,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    image_size: int,
+    out_dim: int,
+) -> TrainState:
+  """A fresh state; the teacher starts as an exact copy of the student.
+
+  Args:
+    rng: uint32 [2] key (``jax.random.PRNGKey``).
+    model: the student ``MultiCropModel``.
+    tx: the optimizer.
+    image_size: global crop size used to trace the init.
+    out_dim: K.
+  """
+  init_rng, state_rng = jax.random.split(rng)
+  dummy = jnp.zeros((2, 1, image_size, image_size, 3), jnp.float32)
+  params = model.init(init_rng, dummy)['params']
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      rng=state_rng,
+      student=params,
+      teacher=jax.tree.map(jnp.copy, params),
+      center=jnp.zeros((1, out_dim), jnp.float32),
+      opt_state=tx.init(params),
+  )
+
+
+def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
+  values = jnp.asarray(table, jnp.float32)
+  return values[jnp.minimum(index, len(table) - 1)]
+
+
+def make_train_step(
+    student: MultiCropModel,
+    teacher: MultiCropModel,
+    tx: optax.GradientTransformation,
+    sched: Schedules,
+    *,
+    student_temp: float = 0.1,
+    center_momentum: float = 0.9,
+    augment: Callable[[jax.Array, Batch], Batch] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds the pure train step.
+
+  Args:
+    student: student model (with drop path).
+    teacher: teacher model (same structure, no drop path).
+    tx: the student optimizer (``build_optimizer``).
+    sched: schedules.
+    student_temp: tau_s.
+    center_momentum: m_c.
+    augment: optional ``(key, batch) -> crops`` run inside the step (the
+      on-device multi-crop); without it the batch holds the crops.
+
+  Returns:
+    ``train_step(state, batch) -> (state, metrics)``; the batch (or the
+    output of ``augment``) has ``global_crops`` [2, B, H, W, 3] and optionally
+    ``local_crops`` [L, B, h, w, 3].
+  """
+
+  def train_step(state: TrainState, batch: Batch):
+    step = state.step
+    key = jax.random.fold_in(state.rng, step)
+    augment_key, drop_path_key = jax.random.split(key)
+    crops = augment(augment_key, batch) if augment is not None else batch
+    global_crops = crops['global_crops']
+    local_crops = crops.get('local_crops')
+
+    epoch = step // sched.steps_per_epoch
+    teacher_temp = _lookup(sched.teacher_temp, epoch)
+    # Teacher on the two global crops only; it never gets gradients.
+    teacher_out = teacher.apply({'params': state.teacher}, global_crops)
+    teacher_out = jax.lax.stop_gradient(teacher_out)
+
+    def loss_fn(params):
+      student_out = student.apply(
+          {'params': params},
+          global_crops,
+          local_crops,
+          True,
+          rngs={'drop_path': drop_path_key},
+      )
+      return loss_lib.dino_loss_and_metrics(
+          student_out,
+          teacher_out,
+          state.center,
+          teacher_temp=teacher_temp,
+          student_temp=student_temp,
+      )
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.student
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.student)
+    new_student = optax.apply_updates(state.student, updates)
+    momentum = _lookup(sched.momentum, step)
+    # SPEC §4.5: after the optimizer step, over all parameters.
+    new_teacher = optax.incremental_update(
+        new_student, state.teacher, step_size=1.0 - momentum
+    )
+    center = loss_lib.update_center(state.center, teacher_out, center_momentum)
+    prototypes = jnp.argmax(teacher_out, axis=-1).reshape(-1)
+    metrics = {
+        'loss': loss,
+        'teacher_entropy': aux['teacher_entropy'],
+        'kl': aux['kl'],
+        'lr': _lookup(sched.lr, step),
+        'wd': _lookup(sched.weight_decay, step),
+        'momentum': momentum,
+        'teacher_temp': teacher_temp,
+        'grad_norm': optax.global_norm(grads),
+        'center_norm': jnp.linalg.norm(center),
+        'teacher_prototypes': jnp.sum(
+            jnp.zeros(teacher_out.shape[-1], jnp.int32).at[prototypes].set(1)
+        ),
+    }
+    new_state = state.replace(
+        step=step + 1,
+        student=new_student,
+        teacher=new_teacher,
+        center=center,
+        opt_state=opt_state,
+    )
+    return new_state, metrics
+
+  return train_step
