@@ -235,7 +235,7 @@ def make_train_step(
         'wd': _lookup(sched.weight_decay, step),
         'momentum': momentum,
         'teacher_temp': teacher_temp,
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'center_norm': jnp.linalg.norm(center),
         'teacher_prototypes': jnp.sum(
             jnp.zeros(teacher_out.shape[-1], jnp.int32).at[prototypes].set(1)

@@ -1,0 +1,179 @@
+"""The train step: sharding invariance, EMA, center, freeze, learning."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+from dino_jax import loss as loss_lib
+from dino_jax import parallel
+from dino_jax import step as step_lib
+from tiny import crop_batch, tiny_config
+
+
+def build(config, steps_per_epoch=5, sched=None):
+  sched = sched or step_lib.Schedules.from_config(config, steps_per_epoch)
+  student, teacher = step_lib.build_models(config)
+  tx = step_lib.build_optimizer(config, sched)
+  state = step_lib.init_state(
+      jax.random.PRNGKey(config.seed), student, tx,
+      config.crops.global_size, config.model.out_dim,
+  )
+  fn = step_lib.make_train_step(student, teacher, tx, sched)
+  return student, teacher, state, fn, sched
+
+
+def run_on_mesh(config, mesh, batch, n_steps):
+  _, _, state, fn, _ = build(config)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  jitted = parallel.jit_train_step(
+      fn, mesh, jax.eval_shape(lambda: state), batch
+  )
+  losses = []
+  for _ in range(n_steps):
+    state, metrics = jitted(state, batch)
+    losses.append(float(metrics['loss']))
+  return jax.device_get(state), losses, jitted
+
+
+class StepTest(absltest.TestCase):
+  def test_sharded_equals_single_device(self):
+    self.assertGreaterEqual(jax.device_count(), 8)
+    config = tiny_config()
+    batch = crop_batch(0)
+    single, losses1, _ = run_on_mesh(
+        config, parallel.make_mesh(devices=jax.devices()[:1]), batch, 3
+    )
+    mesh8 = parallel.make_mesh(devices=jax.devices()[:8])
+    sharded, losses8, jitted = run_on_mesh(config, mesh8, batch, 3)
+    np.testing.assert_allclose(losses8, losses1, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        sharded.student, single.student, atol=1e-5, rtol=1e-5
+    )
+    chex.assert_trees_all_close(
+        sharded.teacher, single.teacher, atol=1e-5, rtol=1e-5
+    )
+    np.testing.assert_allclose(sharded.center, single.center, atol=1e-6)
+    self.assertEqual(jitted._cache_size(), 1)  # no recompilation
+
+  def test_no_retrace_after_first_step(self):
+    config = tiny_config()
+    student, teacher, state, _, sched = build(config)
+    tx = step_lib.build_optimizer(config, sched)
+    fn = jax.jit(
+        chex.assert_max_traces(
+            step_lib.make_train_step(student, teacher, tx, sched), n=1
+        )
+    )
+    for seed in range(3):
+      state, _ = fn(state, crop_batch(seed))
+    self.assertEqual(int(state.step), 3)
+
+  def test_teacher_starts_as_copy_and_center_zero(self):
+    config = tiny_config()
+    _, _, state, _, _ = build(config)
+    chex.assert_trees_all_equal(state.teacher, state.student)
+    chex.assert_shape(state.center, (1, 64))
+    np.testing.assert_array_equal(state.center, 0)
+
+  def ema_after_one_step(self, momentum_value):
+    config = tiny_config()
+    sched = step_lib.Schedules.from_config(config, 5)
+    sched = dataclasses.replace(
+        sched, momentum=np.full_like(sched.momentum, momentum_value)
+    )
+    config.optim.lr = 0.05
+    config.optim.warmup_epochs = 0
+    sched = dataclasses.replace(sched, lr=np.full_like(sched.lr, 1e-3))
+    _, _, state, fn, _ = build(config, sched=sched)
+    # Make teacher differ from student first.
+    state = state.replace(
+        teacher=jax.tree.map(lambda x: x + 1.0, state.teacher)
+    )
+    new_state, metrics = jax.jit(fn)(state, crop_batch(1))
+    self.assertAlmostEqual(float(metrics['momentum']), momentum_value)
+    return state, new_state
+
+  def test_ema_momentum_one_keeps_teacher(self):
+    old, new = self.ema_after_one_step(1.0)
+    chex.assert_trees_all_equal(new.teacher, old.teacher)
+    self.assertFalse(
+        np.allclose(
+            new.student['backbone']['cls_token'],
+            old.student['backbone']['cls_token'],
+        )
+    )
+
+  def test_ema_momentum_zero_copies_student(self):
+    _, new = self.ema_after_one_step(0.0)
+    chex.assert_trees_all_equal(new.teacher, new.student)
+
+  def test_center_update_and_metrics(self):
+    config = tiny_config()
+    _, teacher, state, fn, sched = build(config)
+    batch = crop_batch(2)
+    new_state, metrics = jax.jit(fn)(state, batch)
+    teacher_out = teacher.apply({'params': state.teacher},
+                                batch['global_crops'])
+    np.testing.assert_allclose(
+        new_state.center,
+        loss_lib.update_center(state.center, teacher_out, 0.9),
+        atol=1e-6,
+    )
+    self.assertEqual(float(metrics['lr']), 0.0)  # first lr is 0 (warmup)
+    self.assertAlmostEqual(float(metrics['wd']), 0.04, places=7)
+    self.assertAlmostEqual(float(metrics['teacher_temp']), 0.04, places=7)
+    self.assertEqual(int(new_state.step), 1)
+    np.testing.assert_array_equal(new_state.rng, state.rng)
+    for name in ('loss', 'teacher_entropy', 'kl', 'grad_norm',
+                 'teacher_prototypes', 'momentum', 'center_norm'):
+      self.assertTrue(np.isfinite(metrics[name]), name)
+
+  def test_last_layer_frozen_for_first_epoch(self):
+    config = tiny_config()
+    config.optim.warmup_epochs = 0  # nonzero lr from step 0
+    _, _, state, fn, _ = build(config, steps_per_epoch=3)
+    fn = jax.jit(fn)
+    start = state.student['head']['last_layer']['weight_v']
+    backbone0 = state.student['backbone']['cls_token']
+    for i in range(4):
+      state, _ = fn(state, crop_batch(i))
+      last = state.student['head']['last_layer']['weight_v']
+      if i < 3:
+        np.testing.assert_array_equal(last, start)
+      else:
+        self.assertFalse(np.allclose(last, start))
+    self.assertFalse(
+        np.allclose(state.student['backbone']['cls_token'], backbone0)
+    )
+
+  def test_loss_decreases_without_collapse(self):
+    config = tiny_config()
+    config.epochs = 1
+    config.optim.warmup_epochs = 0
+    config.optim.lr = 0.01
+    config.optim.momentum_teacher = 0.9
+    config.optim.freeze_last_layer = 0
+    config.optim.weight_decay_end = 0.04
+    config.model.drop_path_rate = 0.0
+    _, _, state, fn, _ = build(config, steps_per_epoch=30)
+    fn = jax.jit(fn)
+    batch = crop_batch(1)
+    losses, entropies, prototypes = [], [], []
+    for _ in range(30):
+      state, metrics = fn(state, batch)
+      losses.append(float(metrics['loss']))
+      entropies.append(float(metrics['teacher_entropy']))
+      prototypes.append(int(metrics['teacher_prototypes']))
+    log_k = np.log(64)
+    self.assertLess(np.mean(losses[-5:]), 0.6 * losses[0])
+    self.assertGreater(np.mean(entropies[-5:]), 0.05)  # not one-hot
+    self.assertLess(np.mean(entropies[-5:]), 0.5 * log_k)  # not uniform
+    self.assertGreater(prototypes[-1], 1)
+
+
+if __name__ == '__main__':
+  absltest.main()
