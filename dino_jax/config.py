@@ -97,7 +97,7 @@ def model_dims(config: ml_collections.ConfigDict) -> dict[str, int]:
 
   if config.model.arch not in VARIANTS:
     raise ConfigError(
-        f'model.arch={config.model.arch!r} unknown; use one of {ARCHS}'
+      f'model.arch={config.model.arch!r} unknown; use one of {ARCHS}'
     )
   dims = dict(VARIANTS[config.model.arch])
   for name in dims:
@@ -112,56 +112,53 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   dims = model_dims(config)
   if dims['embed_dim'] % dims['num_heads']:
     raise ConfigError(
-        f'embed_dim={dims["embed_dim"]} is not divisible by '
-        f'num_heads={dims["num_heads"]}'
+      f'embed_dim={dims["embed_dim"]} is not divisible by '
+      f'num_heads={dims["num_heads"]}'
     )
   for name in ('global_size', 'local_size'):
     size = config.crops[name]
     if size % m.patch_size:
       raise ConfigError(
-          f'crops.{name}={size} is not divisible by '
-          f'model.patch_size={m.patch_size}'
+        f'crops.{name}={size} is not divisible by '
+        f'model.patch_size={m.patch_size}'
       )
   if m.img_size % m.patch_size:
     raise ConfigError(
-        f'model.img_size={m.img_size} is not divisible by '
-        f'model.patch_size={m.patch_size}'
+      f'model.img_size={m.img_size} is not divisible by '
+      f'model.patch_size={m.patch_size}'
     )
   if m.attention not in ('einsum', 'fused'):
     raise ConfigError(
-        f"model.attention={m.attention!r}; use 'einsum' or 'fused'"
+      f"model.attention={m.attention!r}; use 'einsum' or 'fused'"
     )
   if m.dtype not in DTYPES:
     raise ConfigError(f'model.dtype={m.dtype!r}; use one of {DTYPES}')
   if m.use_bn_in_head:
     raise ConfigError(
-        'model.use_bn_in_head=True is not supported by the train step yet '
-        '(the head module and interop support it)'
+      'model.use_bn_in_head=True is not supported by the train step yet '
+      '(the head module and interop support it)'
     )
   if config.batch_size <= 0 or config.batch_size % num_devices:
     raise ConfigError(
-        f'batch_size={config.batch_size} is not divisible by the '
-        f'{num_devices} devices'
+      f'batch_size={config.batch_size} is not divisible by the '
+      f'{num_devices} devices'
     )
   if config.optim.name not in ('adamw', 'sgd'):
-    raise ConfigError(
-        f"optim.name={config.optim.name!r}; use 'adamw' or 'sgd'"
-    )
+    raise ConfigError(f"optim.name={config.optim.name!r}; use 'adamw' or 'sgd'")
   if config.optim.warmup_epochs > config.epochs:
     raise ConfigError(
-        f'optim.warmup_epochs={config.optim.warmup_epochs} exceeds '
-        f'epochs={config.epochs}'
+      f'optim.warmup_epochs={config.optim.warmup_epochs} exceeds '
+      f'epochs={config.epochs}'
     )
   for name in ('global_scale', 'local_scale'):
     lo, hi = config.crops[name]
     if not 0 < lo <= hi <= 1:
       raise ConfigError(
-          f'crops.{name}={(lo, hi)} must satisfy 0 < lo <= hi <= 1'
+        f'crops.{name}={(lo, hi)} must satisfy 0 < lo <= hi <= 1'
       )
   if config.crops.local_number < 0:
     raise ConfigError(f'crops.local_number={config.crops.local_number} < 0')
   if config.data.source not in DATA_SOURCES:
     raise ConfigError(
-        f'data.source={config.data.source!r} unknown; use one of '
-        f'{DATA_SOURCES}'
+      f'data.source={config.data.source!r} unknown; use one of {DATA_SOURCES}'
     )

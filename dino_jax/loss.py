@@ -8,12 +8,12 @@ import jax.numpy as jnp
 
 
 def dino_loss_and_metrics(
-    student_out: jax.Array,
-    teacher_out: jax.Array,
-    center: jax.Array,
-    *,
-    teacher_temp: jax.typing.ArrayLike,
-    student_temp: float = 0.1,
+  student_out: jax.Array,
+  teacher_out: jax.Array,
+  center: jax.Array,
+  *,
+  teacher_temp: jax.typing.ArrayLike,
+  student_temp: float = 0.1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DINO cross-entropy over all (teacher global, other student crop) pairs.
 
@@ -33,8 +33,8 @@ def dino_loss_and_metrics(
   n_global = teacher_out.shape[0]
   if student_out.ndim != 3 or teacher_out.ndim != 3:
     raise ValueError(
-        'student_out must be [V, B, K] and teacher_out [2, B, K]; got '
-        f'{student_out.shape} and {teacher_out.shape}'
+      'student_out must be [V, B, K] and teacher_out [2, B, K]; got '
+      f'{student_out.shape} and {teacher_out.shape}'
     )
   student_out = student_out.astype(jnp.float32)
   teacher_out = teacher_out.astype(jnp.float32)
@@ -43,7 +43,7 @@ def dino_loss_and_metrics(
   teacher_logits = (teacher_out - center) / teacher_temp
   p_teacher = jax.lax.stop_gradient(jax.nn.softmax(teacher_logits, axis=-1))
   log_p_teacher = jax.lax.stop_gradient(
-      jax.nn.log_softmax(teacher_logits, axis=-1)
+    jax.nn.log_softmax(teacher_logits, axis=-1)
   )
   batch = student_out.shape[1]
   # [2, V]: cross-entropy of teacher crop i against student crop v, averaged
@@ -58,26 +58,26 @@ def dino_loss_and_metrics(
 
 
 def dino_loss(
-    student_out: jax.Array,
-    teacher_out: jax.Array,
-    center: jax.Array,
-    *,
-    teacher_temp: jax.typing.ArrayLike,
-    student_temp: float = 0.1,
+  student_out: jax.Array,
+  teacher_out: jax.Array,
+  center: jax.Array,
+  *,
+  teacher_temp: jax.typing.ArrayLike,
+  student_temp: float = 0.1,
 ) -> jax.Array:
-  """The official DINO loss; see ``dino_loss_and_metrics``. Returns a 0-d array."""
+  """The official DINO loss (see ``dino_loss_and_metrics``): a 0-d array."""
   loss, _ = dino_loss_and_metrics(
-      student_out,
-      teacher_out,
-      center,
-      teacher_temp=teacher_temp,
-      student_temp=student_temp,
+    student_out,
+    teacher_out,
+    center,
+    teacher_temp=teacher_temp,
+    student_temp=student_temp,
   )
   return loss
 
 
 def update_center(
-    center: jax.Array, teacher_out: jax.Array, momentum: float = 0.9
+  center: jax.Array, teacher_out: jax.Array, momentum: float = 0.9
 ) -> jax.Array:
   """EMA of the batch mean of the raw teacher outputs (SPEC §3).
 
@@ -91,8 +91,8 @@ def update_center(
     m_c * center + (1 - m_c) * mean(teacher_out), in the shape of ``center``.
   """
   batch_center = jnp.mean(
-      teacher_out.astype(jnp.float32).reshape(-1, teacher_out.shape[-1]),
-      axis=0,
+    teacher_out.astype(jnp.float32).reshape(-1, teacher_out.shape[-1]),
+    axis=0,
   )
   new = momentum * center + (1 - momentum) * batch_center.reshape(center.shape)
   return new.astype(center.dtype)

@@ -34,7 +34,7 @@ def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
     return jax.tree.map(clip, updates), state
 
   return optax.GradientTransformation(
-      lambda params: optax.EmptyState(), update_fn
+    lambda params: optax.EmptyState(), update_fn
   )
 
 
@@ -49,41 +49,40 @@ def decay_mask(params):
   ([1, K], 2-D as torch's [K, 1]) are decayed; biases and norm scales not.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: _key(path[-1]) != 'bias' and p.ndim > 1, params
+    lambda path, p: _key(path[-1]) != 'bias' and p.ndim > 1, params
   )
 
 
 def last_layer_labels(params):
   """'last_layer' for the head's weight-normalized layer, 'rest' otherwise."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: (
-          'last_layer' if any(_key(e) == 'last_layer' for e in path)
-          else 'rest'
-      ),
-      params,
+    lambda path, p: (
+      'last_layer' if any(_key(e) == 'last_layer' for e in path) else 'rest'
+    ),
+    params,
   )
 
 
 def _dino_optimizer(
-    learning_rate: float,
-    weight_decay: float,
-    *,
-    name: str,
-    clip_grad: float,
-    freeze_steps: int,
+  learning_rate: float,
+  weight_decay: float,
+  *,
+  name: str,
+  clip_grad: float,
+  freeze_steps: int,
 ) -> optax.GradientTransformation:
   def branch():
     if name == 'adamw':
-      # torch AdamW defaults; decay is decoupled: u = -lr (m/(sqrt(v)+eps) + wd p)
+      # torch AdamW defaults, decoupled decay: -lr (m/(sqrt(v)+eps) + wd p)
       return optax.chain(
-          optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-          optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
       )
     if name == 'sgd':
       # torch SGD(momentum=0.9): coupled decay added to the gradient.
       return optax.chain(
-          optax.add_decayed_weights(weight_decay, mask=decay_mask),
-          optax.trace(decay=0.9),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.trace(decay=0.9),
       )
     raise ValueError(f'optimizer {name!r} unknown; use one of {OPTIMIZERS}')
 
@@ -92,14 +91,14 @@ def _dino_optimizer(
     # SPEC §4.4: while frozen, no update, no decay, and moments and count
     # held, so the last layer gets its own bias correction when it unfreezes.
     last = optax.transforms.conditionally_mask(
-        last, lambda count: count >= freeze_steps
+      last, lambda count: count >= freeze_steps
     )
   return optax.chain(
-      clip_by_tensor_norm(clip_grad) if clip_grad > 0 else optax.identity(),
-      optax.multi_transform(
-          {'last_layer': last, 'rest': branch()}, last_layer_labels
-      ),
-      optax.scale_by_learning_rate(learning_rate),
+    clip_by_tensor_norm(clip_grad) if clip_grad > 0 else optax.identity(),
+    optax.multi_transform(
+      {'last_layer': last, 'rest': branch()}, last_layer_labels
+    ),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -113,12 +112,12 @@ def _indexer(values: np.ndarray) -> Callable[[jax.Array], jax.Array]:
 
 
 def make_optimizer(
-    name: str,
-    lr_schedule: np.ndarray,
-    wd_schedule: np.ndarray,
-    *,
-    clip_grad: float,
-    freeze_steps: int,
+  name: str,
+  lr_schedule: np.ndarray,
+  wd_schedule: np.ndarray,
+  *,
+  clip_grad: float,
+  freeze_steps: int,
 ) -> optax.GradientTransformation:
   """The DINO optimizer.
 
@@ -138,14 +137,14 @@ def make_optimizer(
 
   def factory(learning_rate, weight_decay):
     return _dino_optimizer(
-        learning_rate,
-        weight_decay,
-        name=name,
-        clip_grad=float(clip_grad),
-        freeze_steps=int(freeze_steps),
+      learning_rate,
+      weight_decay,
+      name=name,
+      clip_grad=float(clip_grad),
+      freeze_steps=int(freeze_steps),
     )
 
   return optax.inject_hyperparams(factory)(
-      learning_rate=_indexer(lr_schedule),
-      weight_decay=_indexer(wd_schedule),
+    learning_rate=_indexer(lr_schedule),
+    weight_decay=_indexer(wd_schedule),
   )

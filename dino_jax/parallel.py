@@ -9,13 +9,14 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ('data', 'fsdp')
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None
+  data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
   """A ('data', 'fsdp') mesh over ``devices`` (default: all devices).
 
@@ -32,7 +33,7 @@ def make_mesh(
     data = n // fsdp
   if data * fsdp != n:
     raise ValueError(
-        f'mesh data={data} x fsdp={fsdp} = {data * fsdp} != {n} devices'
+      f'mesh data={data} x fsdp={fsdp} = {data * fsdp} != {n} devices'
     )
   return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
@@ -63,15 +64,15 @@ def state_sharding(mesh: Mesh, state_shape: Any) -> Any:
 
 
 def jit_train_step(
-    train_step: Callable, mesh: Mesh, state_shape: Any, batch_shape: Any
+  train_step: Callable, mesh: Mesh, state_shape: Any, batch_shape: Any
 ) -> Callable:
   """jit with explicit in/out shardings and the state donated."""
   state_sh = state_sharding(mesh, state_shape)
   return jax.jit(
-      train_step,
-      in_shardings=(state_sh, tree_batch_sharding(mesh, batch_shape)),
-      out_shardings=(state_sh, replicated(mesh)),
-      donate_argnums=0,
+    train_step,
+    in_shardings=(state_sh, tree_batch_sharding(mesh, batch_shape)),
+    out_shardings=(state_sh, replicated(mesh)),
+    donate_argnums=0,
   )
 
 

@@ -9,12 +9,12 @@ import numpy as np
 
 
 def cosine_schedule(
-    base_value: float,
-    final_value: float,
-    epochs: int,
-    steps_per_epoch: int,
-    warmup_epochs: int = 0,
-    start_warmup_value: float = 0.0,
+  base_value: float,
+  final_value: float,
+  epochs: int,
+  steps_per_epoch: int,
+  warmup_epochs: int = 0,
+  start_warmup_value: float = 0.0,
 ) -> np.ndarray:
   """Linear warmup then cosine decay, one value per iteration.
 
@@ -37,24 +37,29 @@ def cosine_schedule(
   warmup_iters = int(warmup_epochs * steps_per_epoch)
   if warmup_iters > total:
     raise ValueError(
-        f'warmup ({warmup_epochs} epochs = {warmup_iters} steps) is longer '
-        f'than the run ({epochs} epochs = {total} steps)'
+      f'warmup ({warmup_epochs} epochs = {warmup_iters} steps) is longer '
+      f'than the run ({epochs} epochs = {total} steps)'
     )
   warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
   iters = np.arange(total - warmup_iters)
-  cosine = final_value + 0.5 * (base_value - final_value) * (
-      1 + np.cos(np.pi * iters / len(iters))
-  ) if len(iters) else np.zeros((0,))
+  cosine = (
+    final_value
+    + 0.5
+    * (base_value - final_value)
+    * (1 + np.cos(np.pi * iters / len(iters)))
+    if len(iters)
+    else np.zeros((0,))
+  )
   schedule = np.concatenate([warmup, cosine]).astype(np.float64)
   assert len(schedule) == total
   return schedule
 
 
 def teacher_temp_schedule(
-    warmup_teacher_temp: float,
-    teacher_temp: float,
-    warmup_epochs: int,
-    epochs: int,
+  warmup_teacher_temp: float,
+  teacher_temp: float,
+  warmup_epochs: int,
+  epochs: int,
 ) -> np.ndarray:
   """Teacher temperature per epoch (SPEC §3).
 

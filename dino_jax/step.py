@@ -57,31 +57,36 @@ class Schedules:
 
   @classmethod
   def from_config(
-      cls, config: ml_collections.ConfigDict, steps_per_epoch: int
+    cls, config: ml_collections.ConfigDict, steps_per_epoch: int
   ) -> 'Schedules':
     o, l = config.optim, config.loss
     peak_lr = o.lr * config.batch_size / 256.0  # linear scaling rule
     return cls(
-        lr=schedules.cosine_schedule(
-            peak_lr, o.min_lr, config.epochs, steps_per_epoch,
-            warmup_epochs=o.warmup_epochs,
-        ),
-        weight_decay=schedules.cosine_schedule(
-            o.weight_decay, o.weight_decay_end, config.epochs, steps_per_epoch
-        ),
-        momentum=schedules.cosine_schedule(
-            o.momentum_teacher, 1.0, config.epochs, steps_per_epoch
-        ),
-        teacher_temp=schedules.teacher_temp_schedule(
-            l.warmup_teacher_temp, l.teacher_temp,
-            l.warmup_teacher_temp_epochs, config.epochs,
-        ),
-        steps_per_epoch=steps_per_epoch,
+      lr=schedules.cosine_schedule(
+        peak_lr,
+        o.min_lr,
+        config.epochs,
+        steps_per_epoch,
+        warmup_epochs=o.warmup_epochs,
+      ),
+      weight_decay=schedules.cosine_schedule(
+        o.weight_decay, o.weight_decay_end, config.epochs, steps_per_epoch
+      ),
+      momentum=schedules.cosine_schedule(
+        o.momentum_teacher, 1.0, config.epochs, steps_per_epoch
+      ),
+      teacher_temp=schedules.teacher_temp_schedule(
+        l.warmup_teacher_temp,
+        l.teacher_temp,
+        l.warmup_teacher_temp_epochs,
+        config.epochs,
+      ),
+      steps_per_epoch=steps_per_epoch,
     )
 
 
 def build_models(
-    config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict,
 ) -> tuple[MultiCropModel, MultiCropModel]:
   """(student, teacher); the teacher has no stochastic depth (SPEC §2.2)."""
   m = config.model
@@ -89,22 +94,22 @@ def build_models(
 
   def make(drop_path_rate):
     backbone = VisionTransformer(
-        patch_size=m.patch_size,
-        img_size=m.img_size,
-        drop_path_rate=drop_path_rate,
-        attention=m.attention,
-        dtype=dtype,
-        remat=m.remat,
-        **config_lib.model_dims(config),
+      patch_size=m.patch_size,
+      img_size=m.img_size,
+      drop_path_rate=drop_path_rate,
+      attention=m.attention,
+      dtype=dtype,
+      remat=m.remat,
+      **config_lib.model_dims(config),
     )
     head = DINOHead(
-        out_dim=m.out_dim,
-        use_bn=m.use_bn_in_head,
-        norm_last_layer=m.norm_last_layer,
-        nlayers=m.head_nlayers,
-        hidden_dim=m.head_hidden_dim,
-        bottleneck_dim=m.head_bottleneck_dim,
-        dtype=dtype,
+      out_dim=m.out_dim,
+      use_bn=m.use_bn_in_head,
+      norm_last_layer=m.norm_last_layer,
+      nlayers=m.head_nlayers,
+      hidden_dim=m.head_hidden_dim,
+      bottleneck_dim=m.head_bottleneck_dim,
+      dtype=dtype,
     )
     return MultiCropModel(backbone, head)
 
@@ -112,23 +117,23 @@ def build_models(
 
 
 def build_optimizer(
-    config: ml_collections.ConfigDict, sched: Schedules
+  config: ml_collections.ConfigDict, sched: Schedules
 ) -> optax.GradientTransformation:
   return optim.make_optimizer(
-      config.optim.name,
-      sched.lr,
-      sched.weight_decay,
-      clip_grad=config.optim.clip_grad,
-      freeze_steps=config.optim.freeze_last_layer * sched.steps_per_epoch,
+    config.optim.name,
+    sched.lr,
+    sched.weight_decay,
+    clip_grad=config.optim.clip_grad,
+    freeze_steps=config.optim.freeze_last_layer * sched.steps_per_epoch,
   )
 
 
 def init_state(
-    rng: jax.Array,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    image_size: int,
-    out_dim: int,
+  rng: jax.Array,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  image_size: int,
+  out_dim: int,
 ) -> TrainState:
   """A fresh state; the teacher starts as an exact copy of the student.
 
@@ -143,12 +148,12 @@ def init_state(
   dummy = jnp.zeros((2, 1, image_size, image_size, 3), jnp.float32)
   params = model.init(init_rng, dummy)['params']
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      rng=state_rng,
-      student=params,
-      teacher=jax.tree.map(jnp.copy, params),
-      center=jnp.zeros((1, out_dim), jnp.float32),
-      opt_state=tx.init(params),
+    step=jnp.zeros((), jnp.int32),
+    rng=state_rng,
+    student=params,
+    teacher=jax.tree.map(jnp.copy, params),
+    center=jnp.zeros((1, out_dim), jnp.float32),
+    opt_state=tx.init(params),
   )
 
 
@@ -158,14 +163,14 @@ def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    student: MultiCropModel,
-    teacher: MultiCropModel,
-    tx: optax.GradientTransformation,
-    sched: Schedules,
-    *,
-    student_temp: float = 0.1,
-    center_momentum: float = 0.9,
-    augment: Callable[[jax.Array, Batch], Batch] | None = None,
+  student: MultiCropModel,
+  teacher: MultiCropModel,
+  tx: optax.GradientTransformation,
+  sched: Schedules,
+  *,
+  student_temp: float = 0.1,
+  center_momentum: float = 0.9,
+  augment: Callable[[jax.Array, Batch], Batch] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure train step.
 
@@ -201,52 +206,52 @@ def make_train_step(
 
     def loss_fn(params):
       student_out = student.apply(
-          {'params': params},
-          global_crops,
-          local_crops,
-          True,
-          rngs={'drop_path': drop_path_key},
+        {'params': params},
+        global_crops,
+        local_crops,
+        True,
+        rngs={'drop_path': drop_path_key},
       )
       return loss_lib.dino_loss_and_metrics(
-          student_out,
-          teacher_out,
-          state.center,
-          teacher_temp=teacher_temp,
-          student_temp=student_temp,
+        student_out,
+        teacher_out,
+        state.center,
+        teacher_temp=teacher_temp,
+        student_temp=student_temp,
       )
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.student
+      state.student
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.student)
     new_student = optax.apply_updates(state.student, updates)
     momentum = _lookup(sched.momentum, step)
     # SPEC §4.5: after the optimizer step, over all parameters.
     new_teacher = optax.incremental_update(
-        new_student, state.teacher, step_size=1.0 - momentum
+      new_student, state.teacher, step_size=1.0 - momentum
     )
     center = loss_lib.update_center(state.center, teacher_out, center_momentum)
     prototypes = jnp.argmax(teacher_out, axis=-1).reshape(-1)
     metrics = {
-        'loss': loss,
-        'teacher_entropy': aux['teacher_entropy'],
-        'kl': aux['kl'],
-        'lr': _lookup(sched.lr, step),
-        'wd': _lookup(sched.weight_decay, step),
-        'momentum': momentum,
-        'teacher_temp': teacher_temp,
-        'grad_norm': optax.tree.norm(grads),
-        'center_norm': jnp.linalg.norm(center),
-        'teacher_prototypes': jnp.sum(
-            jnp.zeros(teacher_out.shape[-1], jnp.int32).at[prototypes].set(1)
-        ),
+      'loss': loss,
+      'teacher_entropy': aux['teacher_entropy'],
+      'kl': aux['kl'],
+      'lr': _lookup(sched.lr, step),
+      'wd': _lookup(sched.weight_decay, step),
+      'momentum': momentum,
+      'teacher_temp': teacher_temp,
+      'grad_norm': optax.tree.norm(grads),
+      'center_norm': jnp.linalg.norm(center),
+      'teacher_prototypes': jnp.sum(
+        jnp.zeros(teacher_out.shape[-1], jnp.int32).at[prototypes].set(1)
+      ),
     }
     new_state = state.replace(
-        step=step + 1,
-        student=new_student,
-        teacher=new_teacher,
-        center=center,
-        opt_state=opt_state,
+      step=step + 1,
+      student=new_student,
+      teacher=new_teacher,
+      center=center,
+      opt_state=opt_state,
     )
     return new_state, metrics
 

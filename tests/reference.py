@@ -39,7 +39,9 @@ def cubic_matrix(n_in, n_out):
     s = (o + 0.5) * n_in / (n_out + 0.1) - 0.5
     i0 = math.floor(s)
     t = s - i0
-    for k, weight in zip((-1, 0, 1, 2), (w(t + 1), w(t), w(1 - t), w(2 - t))):
+    for k, weight in zip(
+      (-1, 0, 1, 2), (w(t + 1), w(t), w(1 - t), w(2 - t)), strict=True
+    ):
       m[o, min(max(i0 + k, 0), n_in - 1)] += weight
   return m
 
@@ -115,3 +117,32 @@ def dino_head(params, x, nlayers=3):
 
 def max_norm(x):
   return np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def random_resized_crop_box(rng, h, w, scale, ratio=(3 / 4, 4 / 3)):
+  """torchvision RandomResizedCrop.get_params (SPEC §5.2), Python floats."""
+  area = h * w
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw = round(math.sqrt(target * aspect))
+    ch = round(math.sqrt(target / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
+  in_ratio = w / h
+  if in_ratio < ratio[0]:
+    cw, ch = w, round(w / ratio[0])
+  elif in_ratio > ratio[1]:
+    ch, cw = h, round(h * ratio[1])
+  else:
+    cw, ch = w, h
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def ks_statistic(a, b):
+  """Two-sample Kolmogorov-Smirnov statistic."""
+  a, b = np.sort(a), np.sort(b)
+  grid = np.concatenate([a, b])
+  cdf_a = np.searchsorted(a, grid, side='right') / len(a)
+  cdf_b = np.searchsorted(b, grid, side='right') / len(b)
+  return np.abs(cdf_a - cdf_b).max()

@@ -40,12 +40,12 @@ class LossTest(parameterized.TestCase):
     teacher = jax.random.normal(keys[1], (2, batch, k))
     center = 0.3 * jax.random.normal(keys[2], (1, k))
     fn = self.variant(
-        lambda s, t, c: loss.dino_loss(s, t, c, teacher_temp=0.04)
+      lambda s, t, c: loss.dino_loss(s, t, c, teacher_temp=0.04)
     )
     got = fn(student, teacher, center)
     chex.assert_shape(got, ())
     np.testing.assert_allclose(
-        got, reference_loss(student, teacher, center, 0.04), rtol=2e-6
+      got, reference_loss(student, teacher, center, 0.04), rtol=2e-6
     )
 
   def test_uniform_student_gives_log_k(self):
@@ -63,7 +63,7 @@ class LossTest(parameterized.TestCase):
     center = jnp.zeros((1, 16))
     base = loss.dino_loss(student, teacher, center, teacher_temp=0.07)
     shifted = loss.dino_loss(
-        student + 5.0, teacher - 3.0, center + 1.0, teacher_temp=0.07
+      student + 5.0, teacher - 3.0, center + 1.0, teacher_temp=0.07
     )
     np.testing.assert_allclose(shifted, base, rtol=1e-5)
 
@@ -79,7 +79,7 @@ class LossTest(parameterized.TestCase):
     b = loss.dino_loss(s_swapped, t, jnp.zeros(k), teacher_temp=0.04)
     self.assertNotAlmostEqual(float(a), float(b), places=3)
     np.testing.assert_allclose(
-        a, reference_loss(s_same, t, np.zeros(k), 0.04), rtol=1e-6
+      a, reference_loss(s_same, t, np.zeros(k), 0.04), rtol=1e-6
     )
 
   def test_metrics_entropy_and_kl(self):
@@ -87,7 +87,7 @@ class LossTest(parameterized.TestCase):
     student = jax.random.normal(keys[0], (4, 8, 10))
     teacher = jax.random.normal(keys[1], (2, 8, 10))
     value, metrics = loss.dino_loss_and_metrics(
-        student, teacher, jnp.zeros(10), teacher_temp=0.5
+      student, teacher, jnp.zeros(10), teacher_temp=0.5
     )
     p = jax.nn.softmax(teacher / 0.5, axis=-1)
     entropy = -np.mean(np.sum(p * np.log(p), axis=-1))

@@ -4,9 +4,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import reference
 from absl.testing import absltest, parameterized
 
-import reference
 from dino_jax import models
 
 TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32)
@@ -22,39 +22,40 @@ def tiny_vit(**kw):
 
 class ParamCountTest(parameterized.TestCase):
   @parameterized.parameters(
-      ('vit_tiny', 16, 5_524_416),
-      ('vit_small', 16, 21_665_664),
-      ('vit_small', 8, 21_670_272),
-      ('vit_base', 16, 85_798_656),
-      ('vit_base', 8, 85_807_872),
+    ('vit_tiny', 16, 5_524_416),
+    ('vit_small', 16, 21_665_664),
+    ('vit_small', 8, 21_670_272),
+    ('vit_base', 16, 85_798_656),
+    ('vit_base', 8, 85_807_872),
   )
   def test_backbone(self, arch, patch, expected):
     model = getattr(models, arch)(patch_size=patch)
     shapes = jax.eval_shape(
-        model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3))
+      model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3))
     )
     self.assertEqual(count(shapes), expected)
 
-  @parameterized.parameters((384, 22_352_128), (192, 21_958_912),
-                            (768, 23_138_560))
+  @parameterized.parameters(
+    (384, 22_352_128), (192, 21_958_912), (768, 23_138_560)
+  )
   def test_head(self, dim, expected):
     x = jnp.zeros((1, dim))
     trainable = models.DINOHead(65536, norm_last_layer=False)
     frozen = models.DINOHead(65536)
     self.assertEqual(
-        count(jax.eval_shape(trainable.init, jax.random.key(0), x)), expected
+      count(jax.eval_shape(trainable.init, jax.random.key(0), x)), expected
     )
     # With norm_last_layer, g is fixed at 1 and not a parameter.
     self.assertEqual(
-        count(jax.eval_shape(frozen.init, jax.random.key(0), x)),
-        expected - 65536,
+      count(jax.eval_shape(frozen.init, jax.random.key(0), x)),
+      expected - 65536,
     )
 
 
 class InitTest(absltest.TestCase):
   def test_vit_small_init_distributions(self):
     params = models.vit_small().init(
-        jax.random.key(0), jnp.zeros((1, 224, 224, 3))
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3))
     )['params']
     qkv = np.asarray(params['blocks_0']['attn']['qkv']['kernel'])
     self.assertAlmostEqual(qkv.std(), 0.02, delta=0.0005)
@@ -64,7 +65,7 @@ class InitTest(absltest.TestCase):
     np.testing.assert_array_equal(params['blocks_0']['attn']['qkv']['bias'], 0)
     np.testing.assert_array_equal(params['norm']['scale'], 1)
     self.assertAlmostEqual(
-        float(np.std(params['pos_embed'])), 0.02, delta=0.001
+      float(np.std(params['pos_embed'])), 0.02, delta=0.001
     )
     bound = 1 / np.sqrt(3 * 16 * 16)  # 0.03608 (SPEC §2.3)
     conv = np.asarray(params['patch_embed']['kernel'])
@@ -74,7 +75,7 @@ class InitTest(absltest.TestCase):
 
   def test_head_last_layer_init(self):
     params = models.DINOHead(4096, norm_last_layer=False).init(
-        jax.random.key(0), jnp.zeros((1, 384))
+      jax.random.key(0), jnp.zeros((1, 384))
     )['params']
     v = np.asarray(params['last_layer']['weight_v'])
     chex.assert_shape(v, (256, 4096))
@@ -93,11 +94,11 @@ class PosEmbedTest(parameterized.TestCase):
     np.testing.assert_array_equal(out, self.pos)
 
   @parameterized.parameters(
-      (6, 6, 96, 96),
-      (14, 10, 224, 160),
-      (30, 30, 480, 480),
-      (7, 28, 112, 448),  # npatch == N but not square: interpolated
-      (14, 14, 224, 225),  # same grid, non-square pixels: interpolated
+    (6, 6, 96, 96),
+    (14, 10, 224, 160),
+    (30, 30, 480, 480),
+    (7, 28, 112, 448),  # npatch == N but not square: interpolated
+    (14, 14, 224, 225),  # same grid, non-square pixels: interpolated
   )
   def test_matches_spec_rule(self, gh, gw, height, width):
     out = models.interpolate_pos_embed(self.pos, gh, gw, height, width)
@@ -116,7 +117,7 @@ class ViTForwardTest(parameterized.TestCase):
     super().setUp()
     self.model = tiny_vit()
     self.variables = self.model.init(
-        jax.random.key(1), jnp.zeros((1, 32, 32, 3))
+      jax.random.key(1), jnp.zeros((1, 32, 32, 3))
     )
 
   @parameterized.parameters((32, 32), (16, 16), (40, 24), (16, 64))
@@ -133,19 +134,19 @@ class ViTForwardTest(parameterized.TestCase):
   def test_last_self_attention(self):
     images = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
     attn = self.model.apply(
-        self.variables, images, method='last_self_attention'
+      self.variables, images, method='last_self_attention'
     )
     chex.assert_shape(attn, (2, 2, 17, 17))
     np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
     ref = reference.vit_tokens(
-        self.variables['params'], images, 8, 2, return_attention=True
+      self.variables['params'], images, 8, 2, return_attention=True
     )
     np.testing.assert_allclose(attn, ref, atol=1e-6)
 
   def test_intermediate_layers(self):
     images = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
     layers = self.model.apply(
-        self.variables, images, n=2, method='intermediate_layers'
+      self.variables, images, n=2, method='intermediate_layers'
     )
     self.assertLen(layers, 2)
     for layer in layers:
@@ -159,9 +160,9 @@ class ViTForwardTest(parameterized.TestCase):
     images = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
     fused = tiny_vit(attention='fused')
     np.testing.assert_allclose(
-        fused.apply(self.variables, images),
-        self.model.apply(self.variables, images),
-        atol=1e-5,
+      fused.apply(self.variables, images),
+      self.model.apply(self.variables, images),
+      atol=1e-5,
     )
 
   def test_remat_same_gradients(self):
@@ -170,7 +171,7 @@ class ViTForwardTest(parameterized.TestCase):
     def value_and_grads(model):
       def f(p):
         out = model.apply(
-            {'params': p}, images, True, rngs={'drop_path': jax.random.key(0)}
+          {'params': p}, images, True, rngs={'drop_path': jax.random.key(0)}
         )
         return jnp.sum(out**2)
 
@@ -206,7 +207,7 @@ class HeadTest(parameterized.TestCase):
   @parameterized.parameters(True, False)
   def test_matches_reference(self, norm_last_layer):
     head = models.DINOHead(
-        64, norm_last_layer=norm_last_layer, hidden_dim=48, bottleneck_dim=16
+      64, norm_last_layer=norm_last_layer, hidden_dim=48, bottleneck_dim=16
     )
     x = jax.random.normal(jax.random.key(0), (5, 32))
     variables = head.init(jax.random.key(1), x)
@@ -225,12 +226,12 @@ class HeadTest(parameterized.TestCase):
     bn = models.DINOHead(10, use_bn=True, hidden_dim=6, bottleneck_dim=4)
     names = set(bn.init(jax.random.key(0), x)['params'])
     self.assertEqual(
-        names, {'mlp_0', 'mlp_1', 'mlp_3', 'mlp_4', 'mlp_6', 'last_layer'}
+      names, {'mlp_0', 'mlp_1', 'mlp_3', 'mlp_4', 'mlp_6', 'last_layer'}
     )
     single = models.DINOHead(10, nlayers=1, bottleneck_dim=4)
     self.assertEqual(
-        set(single.init(jax.random.key(0), x)['params']),
-        {'mlp_0', 'last_layer'},
+      set(single.init(jax.random.key(0), x)['params']),
+      {'mlp_0', 'last_layer'},
     )
 
 

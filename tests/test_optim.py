@@ -11,29 +11,29 @@ from dino_jax import optim
 
 def params_tree():
   return {
-      'backbone': {
-          'cls_token': jnp.full((1, 1, 3), 0.5),
-          'pos_embed': jnp.full((1, 2, 3), -0.5),
-          'norm': {'scale': jnp.ones(3), 'bias': jnp.zeros(3)},
-          'fc': {'kernel': jnp.full((3, 3), 0.2), 'bias': jnp.full(3, 0.1)},
-      },
-      'head': {
-          'last_layer': {
-              'weight_v': jnp.full((3, 4), 0.3),
-              'weight_g': jnp.ones((1, 4)),
-          }
-      },
+    'backbone': {
+      'cls_token': jnp.full((1, 1, 3), 0.5),
+      'pos_embed': jnp.full((1, 2, 3), -0.5),
+      'norm': {'scale': jnp.ones(3), 'bias': jnp.zeros(3)},
+      'fc': {'kernel': jnp.full((3, 3), 0.2), 'bias': jnp.full(3, 0.1)},
+    },
+    'head': {
+      'last_layer': {
+        'weight_v': jnp.full((3, 4), 0.3),
+        'weight_g': jnp.ones((1, 4)),
+      }
+    },
   }
 
 
 def grads_at(step, tree):
   """Deterministic, step-dependent gradients."""
   return jax.tree.map(
-      lambda p: jnp.sin(
-          jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) + step
-      )
-      * (1.0 + step),
-      tree,
+    lambda p: (
+      jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) + step)
+      * (1.0 + step)
+    ),
+    tree,
   )
 
 
@@ -71,7 +71,7 @@ class ClipTest(absltest.TestCase):
     tx = optim.clip_by_tensor_norm(3.0)
     out, _ = tx.update(grads, tx.init(grads))
     np.testing.assert_allclose(
-        out['big'], np.array([3.0, 4.0]) * 3 / (5 + 1e-6), rtol=1e-6
+      out['big'], np.array([3.0, 4.0]) * 3 / (5 + 1e-6), rtol=1e-6
     )
     np.testing.assert_array_equal(out['small'], grads['small'])
     glob, _ = optax.clip_by_global_norm(3.0).update(grads, None)
@@ -96,7 +96,7 @@ class DinoOptimizerTest(absltest.TestCase):
     lr = np.linspace(0.0, 0.1, 8) + 0.01
     wd = np.linspace(0.04, 0.4, 8)
     tx = optim.make_optimizer(
-        'adamw', lr, wd, clip_grad=clip, freeze_steps=freeze_steps
+      'adamw', lr, wd, clip_grad=clip, freeze_steps=freeze_steps
     )
     params = params_tree()
     state = tx.init(params)
@@ -111,33 +111,34 @@ class DinoOptimizerTest(absltest.TestCase):
   def test_matches_reference_with_frozen_last_layer(self):
     freeze, n_steps, clip = 3, 7, 2.0
     lr, wd, history, state = self.run_steps(n_steps, freeze, clip)
-    flat0, treedef = jax.tree_util.tree_flatten_with_path(history[0])
+    flat0, _ = jax.tree_util.tree_flatten_with_path(history[0])
     mask = jax.tree.leaves(optim.decay_mask(history[0]))
-    refs = [ReferenceAdamW(p, m) for (_, p), m in zip(flat0, mask)]
+    refs = [ReferenceAdamW(p, m) for (_, p), m in zip(flat0, mask, strict=True)]
     names = [jax.tree_util.keystr(path) for path, _ in flat0]
     for step in range(n_steps):
       grads = jax.tree.leaves(grads_at(step, history[step]))
-      for name, ref, g in zip(names, refs, grads):
+      for name, ref, g in zip(names, refs, grads, strict=True):
         if 'last_layer' in name and step < freeze:
           continue  # torch: grad None -> no update, no count, no decay
         ref.step(clip_reference(g, clip), lr[step], wd[step])
     final = jax.tree.leaves(history[-1])
-    for name, ref, got in zip(names, refs, final):
+    for name, ref, got in zip(names, refs, final, strict=True):
       np.testing.assert_allclose(got, ref.p, rtol=1e-4, atol=2e-6, err_msg=name)
     # The frozen layer is bit-identical through the freeze, then moves.
     for step in range(freeze + 1):
       np.testing.assert_array_equal(
-          history[step]['head']['last_layer']['weight_v'],
-          history[0]['head']['last_layer']['weight_v'],
+        history[step]['head']['last_layer']['weight_v'],
+        history[0]['head']['last_layer']['weight_v'],
       )
     self.assertFalse(
-        np.allclose(
-            history[freeze + 1]['head']['last_layer']['weight_v'],
-            history[0]['head']['last_layer']['weight_v'],
-        )
+      np.allclose(
+        history[freeze + 1]['head']['last_layer']['weight_v'],
+        history[0]['head']['last_layer']['weight_v'],
+      )
     )
-    self.assertAlmostEqual(float(state.hyperparams['learning_rate']),
-                           lr[n_steps - 1], places=6)
+    self.assertAlmostEqual(
+      float(state.hyperparams['learning_rate']), lr[n_steps - 1], places=6
+    )
 
   def test_sgd_closed_form(self):
     lr, wd = np.full(4, 0.1), np.full(4, 0.5)
@@ -152,13 +153,14 @@ class DinoOptimizerTest(absltest.TestCase):
     u2, _ = tx.update(g, state, p1)
     # buf = 0.9 * 2 + (1 + 0.5 * 1.8) = 3.7; p2 = 1.8 - 0.37
     np.testing.assert_allclose(
-        optax.apply_updates(p1, u2)['w'], [[1.43]], rtol=1e-6
+      optax.apply_updates(p1, u2)['w'], [[1.43]], rtol=1e-6
     )
 
   def test_unknown_optimizer(self):
     with self.assertRaisesRegex(ValueError, "'lamb' unknown"):
-      optim.make_optimizer('lamb', np.ones(2), np.ones(2), clip_grad=0,
-                           freeze_steps=0)
+      optim.make_optimizer(
+        'lamb', np.ones(2), np.ones(2), clip_grad=0, freeze_steps=0
+      )
 
 
 if __name__ == '__main__':

@@ -11,25 +11,25 @@ from dino_jax import schedules
 class ScheduleTest(absltest.TestCase):
   def test_spec_examples(self):
     np.testing.assert_allclose(
-        schedules.cosine_schedule(1, 0, 2, 3, warmup_epochs=1),
-        [0, 0.5, 1, 1, 0.75, 0.25],
-        atol=1e-12,
+      schedules.cosine_schedule(1, 0, 2, 3, warmup_epochs=1),
+      [0, 0.5, 1, 1, 0.75, 0.25],
+      atol=1e-12,
     )
     np.testing.assert_allclose(
-        schedules.cosine_schedule(0.996, 1, 2, 2),
-        [0.996, 0.996586, 0.998, 0.999414],
-        atol=1e-6,
+      schedules.cosine_schedule(0.996, 1, 2, 2),
+      [0.996, 0.996586, 0.998, 0.999414],
+      atol=1e-6,
     )
     np.testing.assert_allclose(
-        schedules.teacher_temp_schedule(0.04, 0.07, 3, 5),
-        [0.04, 0.055, 0.07, 0.07, 0.07],
-        atol=1e-12,
+      schedules.teacher_temp_schedule(0.04, 0.07, 3, 5),
+      [0.04, 0.055, 0.07, 0.07, 0.07],
+      atol=1e-12,
     )
 
   def test_lr_closed_form_at_chosen_iterations(self):
     base, final, epochs, niter, warm = 0.002, 1e-6, 100, 1251, 10
     sched = schedules.cosine_schedule(
-        base, final, epochs, niter, warmup_epochs=warm
+      base, final, epochs, niter, warmup_epochs=warm
     )
     total, w = epochs * niter, warm * niter
     self.assertEqual(sched.dtype, np.float64)
@@ -41,7 +41,7 @@ class ScheduleTest(absltest.TestCase):
     for it in (w + 1, w + 12345, total - 1):
       j = it - w
       expected = final + 0.5 * (base - final) * (
-          1 + math.cos(math.pi * j / (total - w))
+        1 + math.cos(math.pi * j / (total - w))
       )
       self.assertAlmostEqual(sched[it], expected, 15)
     self.assertGreater(sched[-1], final)  # divisor T - W: never reaches final
@@ -53,7 +53,7 @@ class ScheduleTest(absltest.TestCase):
 
   def test_teacher_temp_without_warmup(self):
     np.testing.assert_array_equal(
-        schedules.teacher_temp_schedule(0.04, 0.04, 0, 4), [0.04] * 4
+      schedules.teacher_temp_schedule(0.04, 0.04, 0, 4), [0.04] * 4
     )
 
   def test_warmup_longer_than_run_raises(self):

@@ -4,14 +4,13 @@ import dataclasses
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
+from tiny import crop_batch, tiny_config
 
 from dino_jax import loss as loss_lib
 from dino_jax import parallel
 from dino_jax import step as step_lib
-from tiny import crop_batch, tiny_config
 
 
 def build(config, steps_per_epoch=5, sched=None):
@@ -19,8 +18,11 @@ def build(config, steps_per_epoch=5, sched=None):
   student, teacher = step_lib.build_models(config)
   tx = step_lib.build_optimizer(config, sched)
   state = step_lib.init_state(
-      jax.random.PRNGKey(config.seed), student, tx,
-      config.crops.global_size, config.model.out_dim,
+    jax.random.PRNGKey(config.seed),
+    student,
+    tx,
+    config.crops.global_size,
+    config.model.out_dim,
   )
   fn = step_lib.make_train_step(student, teacher, tx, sched)
   return student, teacher, state, fn, sched
@@ -30,7 +32,7 @@ def run_on_mesh(config, mesh, batch, n_steps):
   _, _, state, fn, _ = build(config)
   state = jax.device_put(state, parallel.replicated(mesh))
   jitted = parallel.jit_train_step(
-      fn, mesh, jax.eval_shape(lambda: state), batch
+    fn, mesh, jax.eval_shape(lambda: state), batch
   )
   losses = []
   for _ in range(n_steps):
@@ -45,16 +47,16 @@ class StepTest(absltest.TestCase):
     config = tiny_config()
     batch = crop_batch(0)
     single, losses1, _ = run_on_mesh(
-        config, parallel.make_mesh(devices=jax.devices()[:1]), batch, 3
+      config, parallel.make_mesh(devices=jax.devices()[:1]), batch, 3
     )
     mesh8 = parallel.make_mesh(devices=jax.devices()[:8])
     sharded, losses8, jitted = run_on_mesh(config, mesh8, batch, 3)
     np.testing.assert_allclose(losses8, losses1, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(
-        sharded.student, single.student, atol=1e-5, rtol=1e-5
+      sharded.student, single.student, atol=1e-5, rtol=1e-5
     )
     chex.assert_trees_all_close(
-        sharded.teacher, single.teacher, atol=1e-5, rtol=1e-5
+      sharded.teacher, single.teacher, atol=1e-5, rtol=1e-5
     )
     np.testing.assert_allclose(sharded.center, single.center, atol=1e-6)
     self.assertEqual(jitted._cache_size(), 1)  # no recompilation
@@ -64,9 +66,9 @@ class StepTest(absltest.TestCase):
     student, teacher, state, _, sched = build(config)
     tx = step_lib.build_optimizer(config, sched)
     fn = jax.jit(
-        chex.assert_max_traces(
-            step_lib.make_train_step(student, teacher, tx, sched), n=1
-        )
+      chex.assert_max_traces(
+        step_lib.make_train_step(student, teacher, tx, sched), n=1
+      )
     )
     for seed in range(3):
       state, _ = fn(state, crop_batch(seed))
@@ -83,7 +85,7 @@ class StepTest(absltest.TestCase):
     config = tiny_config()
     sched = step_lib.Schedules.from_config(config, 5)
     sched = dataclasses.replace(
-        sched, momentum=np.full_like(sched.momentum, momentum_value)
+      sched, momentum=np.full_like(sched.momentum, momentum_value)
     )
     config.optim.lr = 0.05
     config.optim.warmup_epochs = 0
@@ -91,7 +93,7 @@ class StepTest(absltest.TestCase):
     _, _, state, fn, _ = build(config, sched=sched)
     # Make teacher differ from student first.
     state = state.replace(
-        teacher=jax.tree.map(lambda x: x + 1.0, state.teacher)
+      teacher=jax.tree.map(lambda x: x + 1.0, state.teacher)
     )
     new_state, metrics = jax.jit(fn)(state, crop_batch(1))
     self.assertAlmostEqual(float(metrics['momentum']), momentum_value)
@@ -101,10 +103,10 @@ class StepTest(absltest.TestCase):
     old, new = self.ema_after_one_step(1.0)
     chex.assert_trees_all_equal(new.teacher, old.teacher)
     self.assertFalse(
-        np.allclose(
-            new.student['backbone']['cls_token'],
-            old.student['backbone']['cls_token'],
-        )
+      np.allclose(
+        new.student['backbone']['cls_token'],
+        old.student['backbone']['cls_token'],
+      )
     )
 
   def test_ema_momentum_zero_copies_student(self):
@@ -116,20 +118,28 @@ class StepTest(absltest.TestCase):
     _, teacher, state, fn, sched = build(config)
     batch = crop_batch(2)
     new_state, metrics = jax.jit(fn)(state, batch)
-    teacher_out = teacher.apply({'params': state.teacher},
-                                batch['global_crops'])
+    teacher_out = teacher.apply(
+      {'params': state.teacher}, batch['global_crops']
+    )
     np.testing.assert_allclose(
-        new_state.center,
-        loss_lib.update_center(state.center, teacher_out, 0.9),
-        atol=1e-6,
+      new_state.center,
+      loss_lib.update_center(state.center, teacher_out, 0.9),
+      atol=1e-6,
     )
     self.assertEqual(float(metrics['lr']), 0.0)  # first lr is 0 (warmup)
     self.assertAlmostEqual(float(metrics['wd']), 0.04, places=7)
     self.assertAlmostEqual(float(metrics['teacher_temp']), 0.04, places=7)
     self.assertEqual(int(new_state.step), 1)
     np.testing.assert_array_equal(new_state.rng, state.rng)
-    for name in ('loss', 'teacher_entropy', 'kl', 'grad_norm',
-                 'teacher_prototypes', 'momentum', 'center_norm'):
+    for name in (
+      'loss',
+      'teacher_entropy',
+      'kl',
+      'grad_norm',
+      'teacher_prototypes',
+      'momentum',
+      'center_norm',
+    ):
       self.assertTrue(np.isfinite(metrics[name]), name)
 
   def test_last_layer_frozen_for_first_epoch(self):
@@ -147,7 +157,7 @@ class StepTest(absltest.TestCase):
       else:
         self.assertFalse(np.allclose(last, start))
     self.assertFalse(
-        np.allclose(state.student['backbone']['cls_token'], backbone0)
+      np.allclose(state.student['backbone']['cls_token'], backbone0)
     )
 
   def test_loss_decreases_without_collapse(self):

@@ -33,6 +33,6 @@ def crop_batch(seed: int, batch_size: int = 16, n_local: int = 2):
   noisy = base + 0.3 * jax.random.normal(k[2], base.shape)
   locals_ = [base[:, :16, :16], base[:, 16:, 16:], base[:, 8:24, 8:24]]
   return {
-      'global_crops': jnp.stack([base, noisy]),
-      'local_crops': jnp.stack(locals_[:n_local]),
+    'global_crops': jnp.stack([base, noisy]),
+    'local_crops': jnp.stack(locals_[:n_local]),
   }

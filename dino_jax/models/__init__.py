@@ -2,22 +2,22 @@
 
 from dino_jax.models.head import DINOHead, MultiCropModel, WeightNormLinear
 from dino_jax.models.vit import (
-    VARIANTS,
-    VisionTransformer,
-    interpolate_pos_embed,
-    vit_base,
-    vit_small,
-    vit_tiny,
+  VARIANTS,
+  VisionTransformer,
+  interpolate_pos_embed,
+  vit_base,
+  vit_small,
+  vit_tiny,
 )
 
 __all__ = [
-    'DINOHead',
-    'MultiCropModel',
-    'VARIANTS',
-    'VisionTransformer',
-    'WeightNormLinear',
-    'interpolate_pos_embed',
-    'vit_base',
-    'vit_small',
-    'vit_tiny',
+  'DINOHead',
+  'MultiCropModel',
+  'VARIANTS',
+  'VisionTransformer',
+  'WeightNormLinear',
+  'interpolate_pos_embed',
+  'vit_base',
+  'vit_small',
+  'vit_tiny',
 ]

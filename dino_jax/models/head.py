@@ -41,11 +41,11 @@ class WeightNormLinear(nn.Module):
     # SPEC §2.3: weight_v keeps nn.Linear's default U(-1/sqrt(in), 1/sqrt(in)).
     bound = 1.0 / math.sqrt(in_dim)
     v = self.param(
-        'weight_v',
-        lambda key, shape: jax.random.uniform(
-            key, shape, jnp.float32, -bound, bound
-        ),
-        (in_dim, self.features),
+      'weight_v',
+      lambda key, shape: jax.random.uniform(
+        key, shape, jnp.float32, -bound, bound
+      ),
+      (in_dim, self.features),
     )
     # No eps in the weight norm (torch weight_norm).
     w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
@@ -80,7 +80,7 @@ class DINOHead(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, D] -> [B, out_dim]."""
     dense = functools.partial(
-        nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
+      nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
     )
     if self.nlayers == 1:
       x = dense(self.bottleneck_dim, name='mlp_0')(x)
@@ -92,11 +92,11 @@ class DINOHead(nn.Module):
         if self.use_bn:
           # torch BatchNorm1d: momentum 0.1 (= Flax 0.9), eps 1e-5.
           x = nn.BatchNorm(
-              use_running_average=not train,
-              momentum=0.9,
-              epsilon=1e-5,
-              dtype=self.dtype,
-              name=f'mlp_{index}',
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            name=f'mlp_{index}',
           )(x)
           index += 1
         x = nn.gelu(x, approximate=False)
@@ -104,10 +104,10 @@ class DINOHead(nn.Module):
       x = dense(self.bottleneck_dim, name=f'mlp_{index}')(x)
     x = l2_normalize(x.astype(jnp.float32))
     return WeightNormLinear(
-        self.out_dim,
-        trainable_norm=not self.norm_last_layer,
-        dtype=self.dtype,
-        name='last_layer',
+      self.out_dim,
+      trainable_norm=not self.norm_last_layer,
+      dtype=self.dtype,
+      name='last_layer',
     )(x)
 
 
@@ -122,10 +122,10 @@ class MultiCropModel(nn.Module):
   head: nn.Module
 
   def __call__(
-      self,
-      global_crops: jax.Array,
-      local_crops: jax.Array | None = None,
-      train: bool = False,
+    self,
+    global_crops: jax.Array,
+    local_crops: jax.Array | None = None,
+    train: bool = False,
   ) -> jax.Array:
     """Head outputs per crop.
 
@@ -139,12 +139,13 @@ class MultiCropModel(nn.Module):
     """
     n_global, batch = global_crops.shape[:2]
     # [G, B, H, W, C] -> [G * B, H, W, C]: rows [v*B, (v+1)*B) are crop v.
-    feats = [self.backbone(global_crops.reshape(-1, *global_crops.shape[2:]),
-                           train)]
+    feats = [
+      self.backbone(global_crops.reshape(-1, *global_crops.shape[2:]), train)
+    ]
     n_crops = n_global
     if local_crops is not None and local_crops.shape[0] > 0:
       feats.append(
-          self.backbone(local_crops.reshape(-1, *local_crops.shape[2:]), train)
+        self.backbone(local_crops.reshape(-1, *local_crops.shape[2:]), train)
       )
       n_crops += local_crops.shape[0]
     out = self.head(jnp.concatenate(feats, axis=0), train)

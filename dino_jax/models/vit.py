@@ -19,15 +19,15 @@ _TRUNC_NORMAL = nn.initializers.normal(0.02)
 _LN_EPS = 1e-6  # SPEC §2.1: the builders use eps 1e-6, not the 1e-5 default.
 
 VARIANTS = {
-    'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
-    'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
-    'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
+  'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
+  'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
+  'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
 }
 ATTENTION_IMPLS = ('einsum', 'fused')
 
 
 def _torch_default_uniform(bound: float):
-  """PyTorch's default Conv2d/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  """PyTorch's default Conv2d and Linear init: U(-1/sqrt(in), 1/sqrt(in))."""
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -36,7 +36,7 @@ def _torch_default_uniform(bound: float):
 
 
 def interpolate_pos_embed(
-    pos_embed: jax.Array, grid_h: int, grid_w: int, height: int, width: int
+  pos_embed: jax.Array, grid_h: int, grid_w: int, height: int, width: int
 ) -> jax.Array:
   """Resample the patch positional embeddings to a grid_h x grid_w grid.
 
@@ -65,13 +65,13 @@ def interpolate_pos_embed(
   cls_pos, grid = pos_embed[:, :1], pos_embed[0, 1:].reshape(side, side, dim)
   scale = jnp.array([(grid_h + 0.1) / side, (grid_w + 0.1) / side])
   grid = jax.image.scale_and_translate(
-      grid.astype(jnp.float32),
-      (grid_h, grid_w, dim),
-      spatial_dims=(0, 1),
-      scale=scale,
-      translation=jnp.zeros(2),
-      method='bicubic-pytorch',
-      antialias=False,
+    grid.astype(jnp.float32),
+    (grid_h, grid_w, dim),
+    spatial_dims=(0, 1),
+    scale=scale,
+    translation=jnp.zeros(2),
+    method='bicubic-pytorch',
+    antialias=False,
   ).astype(pos_embed.dtype)
   # [grid_h, grid_w, D] -> [1, grid_h * grid_w, D], row-major as PyTorch.
   grid = grid.reshape(1, grid_h * grid_w, dim)
@@ -102,15 +102,13 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, return_attention: bool = False
-  ) -> jax.Array:
+  def __call__(self, x: jax.Array, return_attention: bool = False) -> jax.Array:
     """x: [B, T, D] -> [B, T, D], or [B, heads, T, T] probabilities."""
     b, t, d = x.shape
     head_dim = d // self.num_heads
     scale = head_dim**-0.5
     dense = functools.partial(
-        nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
+      nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
     )
     qkv = dense(3 * d, use_bias=self.qkv_bias, name='qkv')(x)
     # [B, T, 3D] -> [B, T, 3, heads, hd]: PyTorch's [3, heads, hd] layout.
@@ -126,7 +124,7 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, scale=scale)
     else:
       raise ValueError(
-          f'attention impl {self.impl!r} unknown; use one of {ATTENTION_IMPLS}'
+        f'attention impl {self.impl!r} unknown; use one of {ATTENTION_IMPLS}'
       )
     out = out.reshape(b, t, d)  # heads concatenated head-major
     return dense(d, name='proj')(out)
@@ -140,7 +138,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
     dense = functools.partial(
-        nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
+      nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
     )
     x = dense(self.hidden_dim, name='fc1')(x)
     x = nn.gelu(x, approximate=False)  # SPEC §2.2: exact erf GELU.
@@ -159,11 +157,11 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, train: bool = False, return_attention: bool = False
+    self, x: jax.Array, train: bool = False, return_attention: bool = False
   ) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype)
     attn = Attention(
-        self.num_heads, self.qkv_bias, self.attention, self.dtype, name='attn'
+      self.num_heads, self.qkv_bias, self.attention, self.dtype, name='attn'
     )
     y = attn(norm(name='norm1')(x), return_attention=return_attention)
     if return_attention:
@@ -205,38 +203,36 @@ class VisionTransformer(nn.Module):
     # SPEC §2.3: the patch conv keeps PyTorch's default init.
     bound = 1.0 / math.sqrt(3 * p * p)
     self.patch_embed = nn.Conv(
-        d,
-        (p, p),
-        strides=(p, p),
-        padding='VALID',
-        kernel_init=_torch_default_uniform(bound),
-        bias_init=_torch_default_uniform(bound),
-        dtype=self.dtype,
+      d,
+      (p, p),
+      strides=(p, p),
+      padding='VALID',
+      kernel_init=_torch_default_uniform(bound),
+      bias_init=_torch_default_uniform(bound),
+      dtype=self.dtype,
     )
     num_patches = (self.img_size // p) ** 2
     self.cls_token = self.param('cls_token', _TRUNC_NORMAL, (1, 1, d))
     self.pos_embed = self.param(
-        'pos_embed', _TRUNC_NORMAL, (1, num_patches + 1, d)
+      'pos_embed', _TRUNC_NORMAL, (1, num_patches + 1, d)
     )
     # train and return_attention are Python bools: static under remat
     # (argument 0 is the module itself).
-    block_cls = (
-        nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
-    )
+    block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
     rates = [
-        self.drop_path_rate * i / max(self.depth - 1, 1)
-        for i in range(self.depth)
+      self.drop_path_rate * i / max(self.depth - 1, 1)
+      for i in range(self.depth)
     ]  # torch.linspace(0, rate, depth)
     self.blocks = [
-        block_cls(
-            self.num_heads,
-            self.mlp_ratio,
-            self.qkv_bias,
-            rates[i],
-            self.attention,
-            self.dtype,
-        )
-        for i in range(self.depth)
+      block_cls(
+        self.num_heads,
+        self.mlp_ratio,
+        self.qkv_bias,
+        rates[i],
+        self.attention,
+        self.dtype,
+      )
+      for i in range(self.depth)
     ]
     self.norm = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype)
 
@@ -272,7 +268,7 @@ class VisionTransformer(nn.Module):
     return self.blocks[-1](x, False, True)
 
   def intermediate_layers(
-      self, images: jax.Array, n: int = 1
+    self, images: jax.Array, n: int = 1
   ) -> tuple[jax.Array, ...]:
     """Outputs of the last n blocks, each after the final norm, earliest first.
 
@@ -290,7 +286,7 @@ class VisionTransformer(nn.Module):
 
 def _build(arch: str, patch_size: int, **kwargs: Any) -> VisionTransformer:
   return VisionTransformer(
-      patch_size=patch_size, **{**VARIANTS[arch], **kwargs}
+    patch_size=patch_size, **{**VARIANTS[arch], **kwargs}
   )
 
 

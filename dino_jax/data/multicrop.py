@@ -1,0 +1,350 @@
+"""DINO multi-crop augmentation on device: jittable, vmapped, per-crop keys.
+
+Input (from the host pipeline): ``image`` uint8 [B, C, C, 3], each image
+placed top-left on a C x C canvas, and ``size`` int32 [B, 2] with its true
+(height, width). Output:
+
+  global_crops  float32 [2, B, G, G, 3]  (G = crops.global_size)
+  local_crops   float32 [L, B, S, S, 3]  (S = crops.local_size)
+
+normalized with the ImageNet mean and std. Semantics follow torchvision/PIL
+(SPEC §5): RandomResizedCrop sampled from the true size (10 attempts, log-
+uniform aspect, central fallback), antialiased bicubic (a = -0.5) resampling
+that reads only pixels inside the crop box, then flip, colour jitter in random
+order (PIL brightness/contrast/saturation, hue rotation), grayscale, Gaussian
+blur with edge replication, solarization. Ops work in float on the 0..255
+scale and clip after each op (SPEC §5.4 accepted deviations: no uint8
+re-quantization between ops, exact Gaussian, float hue).
+"""
+
+import dataclasses
+import math
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+BLUR_RADIUS = 6  # taps each side: 3 * sigma_max (2.0)
+_LUMA = jnp.array([0.299, 0.587, 0.114])
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSpec:
+  """One crop type (SPEC §5.1)."""
+
+  size: int
+  scale: tuple[float, float]
+  blur_prob: float
+  solarize_prob: float
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  flip_prob: float = 0.5
+  jitter_prob: float = 0.8
+  gray_prob: float = 0.2
+
+
+def crop_specs(
+  crops: ml_collections.ConfigDict,
+) -> tuple[list[CropSpec], list[CropSpec]]:
+  """(global specs, local specs) from the ``crops`` config group."""
+  g = dict(size=crops.global_size, scale=tuple(crops.global_scale))
+  globals_ = [
+    CropSpec(**g, blur_prob=1.0, solarize_prob=0.0),
+    CropSpec(**g, blur_prob=0.1, solarize_prob=0.2),
+  ]
+  local = CropSpec(
+    size=crops.local_size,
+    scale=tuple(crops.local_scale),
+    blur_prob=0.5,
+    solarize_prob=0.0,
+  )
+  return globals_, [local] * crops.local_number
+
+
+def sample_crop_box(
+  key: jax.Array,
+  height: jax.Array,
+  width: jax.Array,
+  scale: tuple[float, float],
+  ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> jax.Array:
+  """torchvision ``RandomResizedCrop.get_params`` from the true image size.
+
+  Args:
+    key: PRNG key.
+    height: true image height (int scalar).
+    width: true image width.
+    scale: range of the crop area as a fraction of the image area.
+    ratio: range of the aspect ratio w / h, sampled log-uniformly.
+
+  Returns:
+    int32 [4]: (top, left, crop_height, crop_width).
+  """
+  k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
+  h = height.astype(jnp.float32)
+  w = width.astype(jnp.float32)
+  area = h * w
+  attempts = 10
+  target = area * jax.random.uniform(
+    k_area, (attempts,), minval=scale[0], maxval=scale[1]
+  )
+  log_ratio = jax.random.uniform(
+    k_ratio, (attempts,), minval=math.log(ratio[0]), maxval=math.log(ratio[1])
+  )
+  aspect = jnp.exp(log_ratio)
+  cw = jnp.round(jnp.sqrt(target * aspect))  # half to even, as Python round
+  ch = jnp.round(jnp.sqrt(target / aspect))
+  valid = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+  top = jnp.floor(jax.random.uniform(k_top, (attempts,)) * (h - ch + 1))
+  left = jnp.floor(jax.random.uniform(k_left, (attempts,)) * (w - cw + 1))
+  first = jnp.argmax(valid)
+  # Fallback: central crop with the aspect clamped to the ratio range.
+  in_ratio = w / h
+  fb_w = jnp.where(
+    in_ratio < ratio[0],
+    w,
+    jnp.where(in_ratio > ratio[1], jnp.round(h * ratio[1]), w),
+  )
+  fb_h = jnp.where(
+    in_ratio < ratio[0],
+    jnp.round(w / ratio[0]),
+    h,
+  )
+  fb_top = jnp.floor((h - fb_h) / 2)
+  fb_left = jnp.floor((w - fb_w) / 2)
+  ok = jnp.any(valid)
+  box = jnp.stack(
+    [
+      jnp.where(ok, top[first], fb_top),
+      jnp.where(ok, left[first], fb_left),
+      jnp.where(ok, ch[first], fb_h),
+      jnp.where(ok, cw[first], fb_w),
+    ]
+  )
+  return box.astype(jnp.int32)
+
+
+def _pil_bicubic(x: jax.Array) -> jax.Array:
+  """PIL's bicubic kernel (Keys, a = -0.5), support 2."""
+  a = -0.5
+  x = jnp.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return jnp.where(x < 1, near, jnp.where(x < 2, far, 0.0))
+
+
+def resample_matrix(
+  start: jax.Array, length: jax.Array, out_size: int, canvas: int
+) -> jax.Array:
+  """Weights [out_size, canvas] resizing [start, start + length) to out_size.
+
+  PIL semantics: half-pixel centres, the kernel stretched by in/out when
+  downscaling (antialiasing), weights outside the box zeroed and rows
+  renormalized (PIL crops before it resizes).
+  """
+  start = start.astype(jnp.float32)
+  length = length.astype(jnp.float32)
+  step = length / out_size
+  support = jnp.maximum(step, 1.0)
+  centers = start + (jnp.arange(out_size) + 0.5) * step  # [out]
+  pixels = jnp.arange(canvas) + 0.5  # [canvas] pixel centres
+  weights = _pil_bicubic((pixels[None, :] - centers[:, None]) / support)
+  inside = (pixels >= start) & (pixels < start + length)
+  weights = jnp.where(inside[None, :], weights, 0.0)
+  return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def resized_crop(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """Crop ``box`` of ``image`` [C, C, 3] and resize to [size, size, 3]."""
+  canvas = image.shape[0]
+  wy = resample_matrix(box[0], box[2], size, canvas)
+  wx = resample_matrix(box[1], box[3], size, canvas)
+  out = jnp.einsum(
+    'oi,ijc,pj->opc',
+    wy,
+    image.astype(jnp.float32),
+    wx,
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  return jnp.clip(out, 0.0, 255.0)
+
+
+def gray(x: jax.Array) -> jax.Array:
+  """ITU-R 601-2 luma, [..., 3] -> [..., 1] (PIL ``convert('L')``)."""
+  return jnp.sum(x * _LUMA, axis=-1, keepdims=True)
+
+
+def adjust_brightness(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """PIL: blend with black, x * factor."""
+  return jnp.clip(x * factor, 0.0, 255.0)
+
+
+def adjust_contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """PIL: blend with the (rounded) mean gray level of the whole image."""
+  mean = jnp.round(jnp.mean(gray(x)))
+  return jnp.clip(mean + factor * (x - mean), 0.0, 255.0)
+
+
+def adjust_saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """PIL: blend with the per-pixel gray image."""
+  g = gray(x)
+  return jnp.clip(g + factor * (x - g), 0.0, 255.0)
+
+
+def adjust_hue(x: jax.Array, delta: jax.Array) -> jax.Array:
+  """Rotate hue by ``delta`` turns (SPEC §5.4: float HSV is acceptable)."""
+  return jnp.clip(dm_pix.adjust_hue(x / 255.0, delta) * 255.0, 0.0, 255.0)
+
+
+def jitter_ops(factors: jax.Array) -> list:
+  """The four ColorJitter ops with their factors (b, c, s, h)."""
+  return [
+    lambda y: adjust_brightness(y, factors[0]),
+    lambda y: adjust_contrast(y, factors[1]),
+    lambda y: adjust_saturation(y, factors[2]),
+    lambda y: adjust_hue(y, factors[3]),
+  ]
+
+
+def blur_matrix(sigma: jax.Array, size: int) -> jax.Array:
+  """[size, size] Gaussian blur with edge replication (clamped taps)."""
+  offsets = jnp.arange(-BLUR_RADIUS, BLUR_RADIUS + 1)
+  taps = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+  taps = taps / jnp.sum(taps)
+  rows = jnp.arange(size)[:, None]
+  sources = jnp.clip(rows + offsets[None, :], 0, size - 1)  # [size, taps]
+  one_hot = jax.nn.one_hot(sources, size)  # [size, taps, size]
+  return jnp.einsum('t,otk->ok', taps, one_hot)
+
+
+def gaussian_blur(x: jax.Array, sigma: jax.Array) -> jax.Array:
+  """PIL GaussianBlur(radius=sigma): sigma is the standard deviation."""
+  m = blur_matrix(sigma, x.shape[0])
+  return jnp.einsum(
+    'oi,ijc,pj->opc', m, x, m, precision=jax.lax.Precision.HIGHEST
+  )
+
+
+def solarize(x: jax.Array) -> jax.Array:
+  """PIL ImageOps.solarize(threshold=128): v >= 128 -> 255 - v."""
+  return jnp.where(x >= 128.0, 255.0 - x, x)
+
+
+def normalize(x: jax.Array) -> jax.Array:
+  """0..255 -> ToTensor -> Normalize(ImageNet mean, std)."""
+  return (x / 255.0 - jnp.array(MEAN)) / jnp.array(STD)
+
+
+def sample_params(
+  key: jax.Array, size_hw: jax.Array, spec: CropSpec
+) -> dict[str, jax.Array]:
+  """Every random choice of one crop (as torchvision's ``get_params``).
+
+  Returns:
+    box int32 [4]; flip, jitter, gray, blur, solarize bool []; order int32
+    [4] (jitter op order: 0 brightness, 1 contrast, 2 saturation, 3 hue);
+    factors float32 [4] (b ~ U[0.6, 1.4], c ~ U[0.6, 1.4], s ~ U[0.8, 1.2],
+    h ~ U[-0.1, 0.1]); sigma float32 [] ~ U(0.1, 2.0).
+  """
+  k = jax.random.split(key, 12)
+  uniform = lambda i, lo, hi: jax.random.uniform(k[i], (), minval=lo, maxval=hi)
+  return {
+    'box': sample_crop_box(
+      k[0], size_hw[0], size_hw[1], spec.scale, spec.ratio
+    ),
+    'flip': jax.random.uniform(k[1]) < spec.flip_prob,
+    'jitter': jax.random.uniform(k[2]) < spec.jitter_prob,
+    'order': jax.random.permutation(k[3], 4),
+    'factors': jnp.stack(
+      [
+        uniform(4, 0.6, 1.4),
+        uniform(5, 0.6, 1.4),
+        uniform(6, 0.8, 1.2),
+        uniform(7, -0.1, 0.1),
+      ]
+    ),
+    'gray': jax.random.uniform(k[8]) < spec.gray_prob,
+    # Blur when U <= p, so p = 1 always blurs (SPEC §5.3).
+    'blur': jax.random.uniform(k[9]) <= spec.blur_prob,
+    'sigma': uniform(10, 0.1, 2.0),
+    'solarize': jax.random.uniform(k[11]) < spec.solarize_prob,
+  }
+
+
+def apply_params(
+  image: jax.Array, params: dict[str, jax.Array], size: int
+) -> jax.Array:
+  """The DINO crop pipeline with fixed random choices.
+
+  Args:
+    image: uint8 [C, C, 3] canvas, the image top-left.
+    params: from ``sample_params``.
+    size: output size.
+
+  Returns:
+    float32 [size, size, 3], normalized.
+  """
+  x = resized_crop(image, params['box'], size)
+  x = jnp.where(params['flip'], x[:, ::-1], x)
+  jittered = x
+  ops = jitter_ops(params['factors'])
+  for i in range(4):
+    jittered = jax.lax.switch(params['order'][i], ops, jittered)
+  x = jnp.where(params['jitter'], jittered, x)
+  x = jnp.where(params['gray'], jnp.broadcast_to(gray(x), x.shape), x)
+  blurred = jnp.clip(gaussian_blur(x, params['sigma']), 0.0, 255.0)
+  x = jnp.where(params['blur'], blurred, x)
+  x = jnp.where(params['solarize'], solarize(x), x)
+  return normalize(x)
+
+
+def augment_crop(
+  key: jax.Array, image: jax.Array, size_hw: jax.Array, spec: CropSpec
+) -> jax.Array:
+  """One DINO crop of one image: [spec.size, spec.size, 3] normalized.
+
+  Args:
+    key: PRNG key for this (image, crop).
+    image: uint8 [C, C, 3] canvas, the image top-left.
+    size_hw: int32 [2] true (height, width).
+    spec: the crop type.
+  """
+  return apply_params(image, sample_params(key, size_hw, spec), spec.size)
+
+
+def _crops_of_one_type(key, images, sizes, spec, n):
+  """n crops of one spec for the whole batch: [n, B, S, S, 3]."""
+  b = images.shape[0]
+  keys = jax.random.split(key, (n, b))
+  per_image = jax.vmap(lambda k, im, hw: augment_crop(k, im, hw, spec))
+  return jax.vmap(lambda ks: per_image(ks, images, sizes))(keys)
+
+
+def make_multicrop(crops: ml_collections.ConfigDict):
+  """``augment(key, batch) -> {'global_crops', 'local_crops'}`` for the step.
+
+  Keys depend only on (key, crop index, index in the global batch), so the
+  crops do not depend on how the batch is sharded.
+  """
+  global_specs, local_specs = crop_specs(crops)
+
+  def augment(key: jax.Array, batch: dict[str, jax.Array]):
+    images, sizes = batch['image'], batch['size']
+    k_globals, k_locals = jax.random.split(key)
+    g_keys = jax.random.split(k_globals, len(global_specs))
+    global_crops = jnp.concatenate(
+      [
+        _crops_of_one_type(k, images, sizes, spec, 1)
+        for k, spec in zip(g_keys, global_specs, strict=True)
+      ]
+    )
+    out = {'global_crops': global_crops}
+    if local_specs:
+      out['local_crops'] = _crops_of_one_type(
+        k_locals, images, sizes, local_specs[0], len(local_specs)
+      )
+    return out
+
+  return augment

@@ -1,0 +1,276 @@
+"""On-device DINO multi-crop against closed forms, PIL, and its rates."""
+
+import math
+import random
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import reference
+from absl.testing import absltest, parameterized
+from PIL import Image, ImageEnhance, ImageFilter
+
+from dino_jax.data import multicrop
+
+
+def smooth_image(seed, h, w):
+  rs = np.random.RandomState(seed)
+  arr = rs.randint(0, 256, (h, w, 3)).astype(np.uint8)
+  return np.asarray(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(1)))
+
+
+def on_canvas(arr, canvas=128):
+  out = np.zeros((canvas, canvas, 3), np.uint8)
+  out[: arr.shape[0], : arr.shape[1]] = arr
+  return jnp.asarray(out)
+
+
+SPEC = multicrop.CropSpec(
+  size=32, scale=(0.05, 0.4), blur_prob=0.5, solarize_prob=0.2
+)
+
+
+class CropBoxTest(parameterized.TestCase):
+  @parameterized.parameters(((0.4, 1.0), 300, 400), ((0.05, 0.4), 480, 360))
+  def test_area_and_aspect_distribution(self, scale, h, w):
+    keys = jax.random.split(jax.random.key(0), 4000)
+    boxes = np.asarray(
+      jax.vmap(
+        lambda k: multicrop.sample_crop_box(
+          k, jnp.int32(h), jnp.int32(w), scale
+        )
+      )(keys)
+    )
+    top, left, ch, cw = boxes.T
+    self.assertTrue(np.all(top >= 0) and np.all(left >= 0))
+    self.assertTrue(np.all(top + ch <= h) and np.all(left + cw <= w))
+    area = ch * cw / (h * w)
+    # rounding of w and h moves the area by at most ~1 pixel per side
+    slack = (ch + cw + 1) / (h * w)
+    self.assertTrue(np.all(area >= scale[0] - slack))
+    self.assertTrue(np.all(area <= scale[1] + slack))
+    log_ratio = np.log(cw / ch)
+    self.assertLess(log_ratio.max(), math.log(4 / 3) + 0.02)
+    self.assertGreater(log_ratio.min(), math.log(3 / 4) - 0.02)
+    # Same distributions as torchvision's algorithm (KS, n = 4000 each;
+    # 0.045 is the 0.1% critical value). A uniform (not log-uniform) aspect
+    # or a scale relative to the canvas fails this.
+    rng = random.Random(0)
+    ref = np.array(
+      [reference.random_resized_crop_box(rng, h, w, scale) for _ in range(4000)]
+    )
+    self.assertLess(
+      reference.ks_statistic(area, ref[:, 2] * ref[:, 3] / (h * w)), 0.045
+    )
+    self.assertLess(
+      reference.ks_statistic(log_ratio, np.log(ref[:, 3] / ref[:, 2])),
+      0.045,
+    )
+    self.assertLess(reference.ks_statistic(top / h, ref[:, 0] / h), 0.045)
+    # Top-left offsets cover the whole valid range.
+    self.assertEqual(int(top.min()), 0)
+
+  def test_fallback_central_crop(self):
+    # 2 x 60: no sampled box fits at scale >= 0.5, aspect 30 > 4/3.
+    box = multicrop.sample_crop_box(
+      jax.random.key(1), jnp.int32(2), jnp.int32(60), (0.5, 1.0)
+    )
+    # h = 2, w = round(2 * 4/3) = 3, top = 0, left = (60 - 3) // 2 = 28
+    np.testing.assert_array_equal(box, [0, 28, 2, 3])
+    box = multicrop.sample_crop_box(
+      jax.random.key(1), jnp.int32(60), jnp.int32(2), (0.5, 1.0)
+    )
+    np.testing.assert_array_equal(box, [28, 0, 3, 2])
+
+  def test_small_image_upscales(self):
+    params = multicrop.sample_crop_box(
+      jax.random.key(2), jnp.int32(8), jnp.int32(8), (0.4, 1.0)
+    )
+    self.assertTrue(np.all(np.asarray(params)[2:] <= 8))
+
+
+class ResampleTest(parameterized.TestCase):
+  def test_full_crop_at_same_size_is_identity(self):
+    arr = smooth_image(0, 40, 40)
+    out = multicrop.resized_crop(on_canvas(arr), jnp.array([0, 0, 40, 40]), 40)
+    np.testing.assert_allclose(out, arr, atol=1e-3)
+
+  @parameterized.parameters(
+    (60, 80, 32, (0, 0, 60, 80)),
+    (20, 30, 64, (0, 0, 20, 30)),
+    (100, 90, 40, (10, 5, 50, 70)),
+    (50, 50, 96, (3, 7, 20, 25)),
+  )
+  def test_matches_pil_bicubic(self, h, w, size, box):
+    arr = smooth_image(1, h, w)
+    top, left, ch, cw = box
+    pil = Image.fromarray(arr).crop((left, top, left + cw, top + ch))
+    pil = np.asarray(pil.resize((size, size), Image.BICUBIC), np.float64)
+    ours = multicrop.resized_crop(on_canvas(arr), jnp.array(box), size)
+    # PIL rounds to uint8: at most one level apart.
+    self.assertLess(np.abs(np.asarray(ours) - pil).max(), 1.1)
+
+  def test_canvas_padding_never_bleeds(self):
+    arr = np.full((30, 20, 3), 200, np.uint8)  # canvas outside is 0
+    out = multicrop.resized_crop(on_canvas(arr), jnp.array([0, 0, 30, 20]), 64)
+    np.testing.assert_allclose(out, 200.0, atol=1e-3)
+
+
+class PhotometricTest(parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.arr = smooth_image(2, 24, 24)
+    self.x = jnp.asarray(self.arr, jnp.float32)
+
+  @parameterized.parameters(
+    ('brightness', multicrop.adjust_brightness, ImageEnhance.Brightness),
+    ('contrast', multicrop.adjust_contrast, ImageEnhance.Contrast),
+    ('saturation', multicrop.adjust_saturation, ImageEnhance.Color),
+  )
+  def test_matches_pil_enhance(self, _, ours, pil_enhance):
+    for factor in (0.6, 1.3):
+      pil = pil_enhance(Image.fromarray(self.arr)).enhance(factor)
+      got = ours(self.x, jnp.float32(factor))
+      self.assertLess(np.abs(np.asarray(got) - np.asarray(pil)).max(), 1.6)
+
+  def test_gray_weights(self):
+    x = jnp.array([[[255.0, 0.0, 0.0], [0.0, 255.0, 0.0], [0.0, 0.0, 255.0]]])
+    np.testing.assert_allclose(
+      multicrop.gray(x)[0, :, 0], [76.245, 149.685, 29.07], rtol=1e-6
+    )
+
+  def test_solarize_threshold(self):
+    x = jnp.array([0.0, 127.0, 127.9, 128.0, 200.0, 255.0])
+    np.testing.assert_allclose(
+      multicrop.solarize(x), [0, 127, 127.9, 127, 55, 0], rtol=1e-6
+    )
+
+  def test_normalize(self):
+    x = jnp.full((1, 1, 3), 255.0)
+    expected = (1 - np.array(multicrop.MEAN)) / np.array(multicrop.STD)
+    np.testing.assert_allclose(
+      multicrop.normalize(x)[0, 0], expected, rtol=1e-6
+    )
+
+  def test_hue_rotation(self):
+    red = jnp.array([[[200.0, 0.0, 0.0]]])
+    # One third of a turn takes pure red to pure green.
+    np.testing.assert_allclose(
+      multicrop.adjust_hue(red, 1 / 3)[0, 0], [0, 200, 0], atol=1e-3
+    )
+
+  def test_blur(self):
+    const = jnp.full((32, 32, 3), 77.0)
+    np.testing.assert_allclose(
+      multicrop.gaussian_blur(const, 1.7), 77.0, rtol=1e-6
+    )  # edges replicated, not zero-padded
+    arr = smooth_image(3, 48, 48)
+    for sigma in (0.5, 1.0, 2.0):
+      pil = np.asarray(
+        Image.fromarray(arr).filter(ImageFilter.GaussianBlur(sigma)), np.float64
+      )
+      ours = multicrop.gaussian_blur(jnp.asarray(arr, jnp.float32), sigma)
+      self.assertLess(np.abs(np.asarray(ours) - pil).mean(), 1.0)
+
+
+class PipelineTest(parameterized.TestCase):
+  def test_flip_exact(self):
+    arr = smooth_image(4, 16, 16)
+    params = multicrop.sample_params(
+      jax.random.key(0), jnp.array([16, 16]), SPEC
+    )
+    params = dict(
+      params,
+      box=jnp.array([0, 0, 16, 16]),
+      jitter=False,
+      gray=False,
+      blur=False,
+      solarize=False,
+    )
+    plain = multicrop.apply_params(on_canvas(arr), dict(params, flip=False), 16)
+    flipped = multicrop.apply_params(
+      on_canvas(arr), dict(params, flip=True), 16
+    )
+    np.testing.assert_allclose(flipped, plain[:, ::-1], atol=1e-6)
+    np.testing.assert_allclose(
+      plain, multicrop.normalize(jnp.asarray(arr, jnp.float32)), atol=1e-4
+    )
+
+  def test_op_rates(self):
+    keys = jax.random.split(jax.random.key(0), 20000)
+    for spec in (
+      SPEC,
+      multicrop.CropSpec(32, (0.4, 1.0), blur_prob=1.0, solarize_prob=0.0),
+      multicrop.CropSpec(32, (0.4, 1.0), blur_prob=0.1, solarize_prob=0.2),
+    ):
+      p = jax.vmap(
+        lambda k, spec=spec: multicrop.sample_params(
+          k, jnp.array([100, 100]), spec
+        )
+      )(keys)
+      for name, rate in (
+        ('flip', 0.5),
+        ('jitter', 0.8),
+        ('gray', 0.2),
+        ('blur', spec.blur_prob),
+        ('solarize', spec.solarize_prob),
+      ):
+        self.assertAlmostEqual(
+          float(np.mean(p[name])), rate, delta=0.012, msg=name
+        )
+      factors = np.asarray(p['factors'])
+      np.testing.assert_allclose(
+        factors.min(0), [0.6, 0.6, 0.8, -0.1], atol=2e-3
+      )
+      np.testing.assert_allclose(
+        factors.max(0), [1.4, 1.4, 1.2, 0.1], atol=2e-3
+      )
+      orders = {tuple(o) for o in np.asarray(p['order'][:2000])}
+      self.assertLen(orders, 24)  # every permutation of the 4 ops occurs
+      sigma = np.asarray(p['sigma'])
+      self.assertTrue(0.1 <= sigma.min() and sigma.max() <= 2.0)
+
+  def make_batch(self, n=4, canvas=64):
+    rs = np.random.RandomState(5)
+    images = rs.randint(0, 256, (n, canvas, canvas, 3)).astype(np.uint8)
+    sizes = np.array([[64, 64], [40, 60], [10, 10], [64, 30]][:n], np.int32)
+    return {'image': jnp.asarray(images), 'size': jnp.asarray(sizes)}
+
+  def test_layout_determinism_and_no_retrace(self):
+    crops = ml_collections.ConfigDict(
+      dict(
+        global_size=32,
+        global_scale=(0.4, 1.0),
+        local_number=3,
+        local_size=16,
+        local_scale=(0.05, 0.4),
+      )
+    )
+    augment = jax.jit(
+      chex.assert_max_traces(multicrop.make_multicrop(crops), n=1)
+    )
+    batch = self.make_batch()
+    a = augment(jax.random.key(0), batch)
+    chex.assert_shape(a['global_crops'], (2, 4, 32, 32, 3))
+    chex.assert_shape(a['local_crops'], (3, 4, 16, 16, 3))
+    chex.assert_type(a['global_crops'], jnp.float32)
+    b = augment(jax.random.key(0), batch)
+    chex.assert_trees_all_equal(a, b)
+    c = augment(jax.random.key(1), self.make_batch())
+    self.assertFalse(np.allclose(a['global_crops'], c['global_crops']))
+    # Crops of one image differ from each other (independent keys).
+    self.assertFalse(
+      np.allclose(a['local_crops'][0, 0], a['local_crops'][1, 0])
+    )
+    # Within the normalized 0..255 range.
+    lo = (0 - np.array(multicrop.MEAN)) / np.array(multicrop.STD)
+    hi = (1 - np.array(multicrop.MEAN)) / np.array(multicrop.STD)
+    for crops_ in a.values():
+      self.assertTrue(np.all(np.asarray(crops_) >= lo - 1e-5))
+      self.assertTrue(np.all(np.asarray(crops_) <= hi + 1e-5))
+
+
+if __name__ == '__main__':
+  absltest.main()
