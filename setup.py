@@ -3,30 +3,30 @@
 from setuptools import find_packages, setup
 
 setup(
-    name='dino_jax',
-    version='0.1.0',
-    description='DINO (self-distillation with no labels) in JAX/Flax',
-    packages=find_packages(include=['dino_jax', 'dino_jax.*']),
-    python_requires='>=3.10',
-    install_requires=[
-        'jax>=0.7',
-        'flax>=0.11',
-        'optax>=0.2.5',
-        'orbax-checkpoint>=0.11',
-        'grain>=0.2.10',
-        'tensorflow-datasets>=4.9.9',
-        'ml_collections>=1.0',
-        'chex>=0.1.89',
-        'absl-py>=2.1',
-        'numpy>=1.26',
-        'pillow>=10.0',
-        'tensorboardX>=2.6',
-        'dm-pix>=0.4',
-    ],
-    extras_require={
-        # torch: the CPU build, for parity tests against PyTorch and for
-        # reading .pth files; never needed at run time otherwise.
-        'torch': ['torch==2.13.0'],
-        'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0'],
-    },
+  name='dino_jax',
+  version='0.1.0',
+  description='DINO (self-distillation with no labels) in JAX/Flax',
+  packages=find_packages(include=['dino_jax', 'dino_jax.*']),
+  python_requires='>=3.10',
+  install_requires=[
+    'jax>=0.7',
+    'flax>=0.11',
+    'optax>=0.2.5',
+    'orbax-checkpoint>=0.11',
+    'grain>=0.2.10',
+    'tensorflow-datasets>=4.9.9',
+    'ml_collections>=1.0',
+    'chex>=0.1.89',
+    'absl-py>=2.1',
+    'numpy>=1.26',
+    'pillow>=10.0',
+    'tensorboardX>=2.6',
+    'dm-pix>=0.4',
+  ],
+  extras_require={
+    # torch: the CPU build, for parity tests against PyTorch and for
+    # reading .pth files; never needed at run time otherwise.
+    'torch': ['torch==2.13.0'],
+    'test': ['pytest>=8', 'ruff>=0.6', 'torch==2.13.0'],
+  },
 )

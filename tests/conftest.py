@@ -10,3 +10,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 
 jax.config.update('jax_threefry_partitionable', True)
+
+from absl import flags  # noqa: E402
+
+# absltest helpers and grain workers read absl flags; pytest never parses them.
+flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,1 @@
+"""Data: random-access sources, the grain host pipeline, on-device crops."""

@@ -1,0 +1,216 @@
+"""Random-access data sources: ``len(source)`` and ``source[i] -> dict``.
+
+Records hold one of ``path`` (a file to decode), ``image`` (uint8 array) or
+``bytes`` (encoded image), and ``label`` (int; -1 when the data has none).
+Labels are only used by evaluation.
+"""
+
+import gzip
+import os
+import struct
+
+import ml_collections
+import numpy as np
+
+# torchvision's IMG_EXTENSIONS.
+IMG_EXTENSIONS = (
+  '.jpg',
+  '.jpeg',
+  '.png',
+  '.ppm',
+  '.bmp',
+  '.pgm',
+  '.tif',
+  '.tiff',
+  '.webp',
+)
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_CLASSES = (
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
+)
+
+
+class DataError(ValueError):
+  """A data source cannot be opened; the message says what to do."""
+
+
+class ImageFolderSource:
+  """``root/class/xxx.jpg`` (classes sorted, as torchvision) or a flat folder.
+
+  With class subfolders, labels are the sorted class indices; a folder of
+  images with no subfolders is accepted too (labels -1). Files without an
+  image extension are skipped and counted in ``skipped``.
+  """
+
+  def __init__(self, root: str):
+    if not os.path.isdir(root):
+      raise DataError(f'ImageFolder root {root!r} is not a directory')
+    entries = sorted(os.listdir(root))
+    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    self.classes = classes
+    self.skipped = 0
+    self.samples: list[tuple[str, int]] = []
+    if classes:
+      for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in sorted(
+          os.walk(os.path.join(root, name), followlinks=True)
+        ):
+          dirnames.sort()
+          self._add(dirpath, sorted(filenames), label)
+    else:
+      self._add(root, entries, -1)
+    if not self.samples:
+      raise DataError(
+        f'no images found in {root!r} (looked for {IMG_EXTENSIONS} in '
+        f'{len(classes)} class folders'
+        f'{" " + str(classes[:5]) if classes else ""} or at the top level)'
+      )
+
+  def _add(self, dirpath, filenames, label):
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      if not os.path.isfile(path):
+        continue
+      if name.lower().endswith(IMG_EXTENSIONS):
+        self.samples.append((path, label))
+      else:
+        self.skipped += 1
+
+  def __len__(self) -> int:
+    return len(self.samples)
+
+  def __getitem__(self, index: int) -> dict:
+    path, label = self.samples[index]
+    return {'path': path, 'label': label}
+
+  def __repr__(self):
+    return (
+      f'ImageFolderSource({len(self)} images, {len(self.classes)} classes, '
+      f'{self.skipped} non-image files skipped)'
+    )
+
+
+def _read_idx(path: str) -> np.ndarray:
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
+  if zero != 0 or dtype_code != 0x08:
+    raise DataError(f'{path!r} is not an IDX file of uint8')
+  shape = struct.unpack('>' + 'I' * ndim, data[4 : 4 + 4 * ndim])
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  return array.reshape(shape)
+
+
+class FashionMNISTSource:
+  """Fashion-MNIST from its IDX files (Debian ``dataset-fashion-mnist``)."""
+
+  FILES = {
+    'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
+  }
+
+  def __init__(self, split: str = 'train', path: str = ''):
+    root = path or FASHION_MNIST_DIR
+    if split not in self.FILES:
+      raise DataError(
+        f'Fashion-MNIST split {split!r} unknown; use one of {tuple(self.FILES)}'
+      )
+    found = []
+    for stem in self.FILES[split]:
+      candidates = [os.path.join(root, stem + ext) for ext in ('.gz', '')]
+      existing = [c for c in candidates if os.path.exists(c)]
+      if not existing:
+        raise DataError(
+          f'Fashion-MNIST file {stem}(.gz) not found in {root!r}. Install '
+          'it with `apt-get install dataset-fashion-mnist` or point '
+          'data.path at a folder holding the IDX files.'
+        )
+      found.append(existing[0])
+    self.images = _read_idx(found[0])  # [N, 28, 28]
+    self.labels = _read_idx(found[1]).astype(np.int64)
+    self.classes = FASHION_MNIST_CLASSES
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict:
+    return {'image': self.images[index], 'label': int(self.labels[index])}
+
+
+class TFDSSource:
+  """Any TFDS image dataset through ``tfds.data_source`` (ArrayRecord)."""
+
+  def __init__(self, name: str, split: str = 'train', data_dir: str = ''):
+    import tensorflow_datasets as tfds  # heavy import, only when used
+
+    try:
+      self.source = tfds.data_source(
+        name, split=split, data_dir=data_dir or None
+      )
+    except Exception as e:  # tfds raises many types; all mean "can't open"
+      raise DataError(
+        f'cannot open TFDS dataset {name!r} split {split!r} '
+        f'(data_dir={data_dir or "default"}): {e}. Prepare it first, e.g. '
+        f'`tfds build {name} --file_format=array_record`.'
+      ) from e
+    info = getattr(self.source, 'dataset_info', None)
+    self.classes = ()
+    if info is not None and 'label' in info.features:
+      self.classes = tuple(info.features['label'].names)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self.source[index]
+    return {'image': record['image'], 'label': int(record.get('label', -1))}
+
+
+class SyntheticSource:
+  """Deterministic random images, for benchmarks and tests."""
+
+  def __init__(self, size: int = 1024, image_size: int = 64, seed: int = 0):
+    self.size, self.image_size, self.seed = size, image_size, seed
+    self.classes = tuple(str(i) for i in range(10))
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> dict:
+    rs = np.random.RandomState((self.seed * 1_000_003 + index) % 2**32)
+    image = rs.randint(0, 256, (self.image_size, self.image_size, 3))
+    return {'image': image.astype(np.uint8), 'label': index % 10}
+
+
+def make_source(data: ml_collections.ConfigDict, split: str | None = None):
+  """The source named by the ``data`` config group."""
+  split = split or data.split
+  if data.source == 'imagefolder':
+    root = (
+      os.path.join(data.path, split)
+      if os.path.isdir(os.path.join(data.path, split))
+      else data.path
+    )
+    if not data.path:
+      raise DataError('data.source=imagefolder needs data.path=/path/to/root')
+    return ImageFolderSource(root)
+  if data.source == 'fashion_mnist':
+    return FashionMNISTSource(split, data.path)
+  if data.source == 'tfds':
+    return TFDSSource(data.name, split, data.path)
+  if data.source == 'synthetic':
+    return SyntheticSource(data.synthetic_size, min(data.canvas_size, 64))
+  raise DataError(
+    f"data.source={data.source!r} unknown; use 'tfds', 'imagefolder', "
+    "'fashion_mnist' or 'synthetic'"
+  )

@@ -1,0 +1,240 @@
+"""Sources and the grain pipeline: bad files, shards, exact restore."""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl.testing import absltest, parameterized
+from PIL import Image
+
+from dino_jax import config as config_lib
+from dino_jax.data import pipeline, sources
+
+
+class IndexSource:
+  """label == index, to check coverage."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return {'image': np.full((4, 5, 3), i % 256, np.uint8), 'label': i}
+
+
+def write_idx(path, array):
+  header = struct.pack('>HBB', 0, 0x08, array.ndim)
+  header += struct.pack('>' + 'I' * array.ndim, *array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_bad_folder(root):
+  rs = np.random.RandomState(0)
+  rgb = rs.randint(0, 256, (40, 30, 3)).astype(np.uint8)
+  os.makedirs(os.path.join(root, 'cats'))
+  os.makedirs(os.path.join(root, 'dogs', 'nested'))
+  good = {
+    'cats/rgb.jpg': Image.fromarray(rgb),
+    'cats/gray.png': Image.fromarray(rgb[..., 0]),  # mode L
+    'cats/rgba.png': Image.fromarray(
+      np.concatenate([rgb, np.full((40, 30, 1), 7, np.uint8)], -1)
+    ),
+    'cats/palette.png': Image.fromarray(rgb).convert('P'),
+    'dogs/cmyk.jpg': Image.fromarray(rgb).convert('CMYK'),
+    'dogs/tiny.png': Image.fromarray(rgb[:3, :2]),  # smaller than a crop
+    'dogs/nested/big.png': Image.fromarray(
+      rs.randint(0, 256, (90, 45, 3)).astype(np.uint8)
+    ),  # larger than the canvas
+  }
+  for name, image in good.items():
+    image.save(os.path.join(root, name))
+  open(os.path.join(root, 'dogs/empty.jpg'), 'wb').close()
+  with open(os.path.join(root, 'cats/rgb.jpg'), 'rb') as f:
+    data = f.read()
+  with open(os.path.join(root, 'dogs/truncated.jpg'), 'wb') as f:
+    f.write(data[:60])
+  with open(os.path.join(root, 'dogs/garbage.png'), 'wb') as f:
+    f.write(b'this is not a png at all')
+  with open(os.path.join(root, 'dogs/notes.txt'), 'w') as f:
+    f.write('not an image')
+  return rgb
+
+
+class ImageFolderTest(absltest.TestCase):
+  def test_bad_files_are_converted_or_skipped(self):
+    root = self.create_tempdir().full_path
+    rgb = make_bad_folder(root)
+    src = sources.ImageFolderSource(root)
+    self.assertEqual(src.classes, ['cats', 'dogs'])
+    self.assertLen(src, 10)  # 7 good + 3 undecodable; .txt not listed
+    self.assertEqual(src.skipped, 1)
+    labels = sorted(src[i]['label'] for i in range(len(src)))
+    self.assertEqual(labels, [0] * 4 + [1] * 6)
+    decoder = pipeline.CanvasDecoder(64)
+    out = [decoder.map(src[i]) for i in range(len(src))]
+    valid = [o for o in out if o['valid']]
+    self.assertLen(valid, 7)
+    self.assertEqual(decoder.bad, 3)
+    self.assertEqual(decoder.downscaled, 1)
+    by_path = {
+      os.path.relpath(src[i]['path'], root): o for i, o in enumerate(out)
+    }
+    gray = by_path['cats/gray.png']
+    np.testing.assert_array_equal(gray['size'], [40, 30])
+    np.testing.assert_array_equal(gray['image'][:40, :30, 1], rgb[..., 0])
+    np.testing.assert_array_equal(gray['image'][:40, :30, 2], rgb[..., 0])
+    np.testing.assert_array_equal(gray['image'][40:], 0)  # canvas padding
+    rgba = by_path['cats/rgba.png']
+    np.testing.assert_array_equal(rgba['image'][:40, :30], rgb)
+    np.testing.assert_array_equal(by_path['dogs/tiny.png']['size'], [3, 2])
+    big = by_path['dogs/nested/big.png']
+    np.testing.assert_array_equal(big['size'], [64, 32])  # aspect kept
+    for bad in ('dogs/empty.jpg', 'dogs/truncated.jpg', 'dogs/garbage.png'):
+      self.assertFalse(by_path[bad]['valid'], bad)
+    # Through the pipeline only the 7 good images come out.
+    it = iter(
+      pipeline.train_dataset(
+        src,
+        batch_size=7,
+        canvas_size=64,
+        seed=0,
+        process_index=0,
+        process_count=1,
+      )
+    )
+    batch = next(it)
+    self.assertEqual(batch['image'].shape, (7, 64, 64, 3))
+    self.assertNotIn('valid', batch)
+    self.assertTrue(np.all(batch['size'] > 1))
+
+  def test_flat_folder_and_errors(self):
+    root = self.create_tempdir().full_path
+    for i in range(3):
+      Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(
+        os.path.join(root, f'{i}.png')
+      )
+    src = sources.ImageFolderSource(root)
+    self.assertLen(src, 3)
+    self.assertEqual(src[0]['label'], -1)
+    empty = self.create_tempdir().full_path
+    with self.assertRaisesRegex(sources.DataError, 'no images found'):
+      sources.ImageFolderSource(empty)
+    with self.assertRaisesRegex(sources.DataError, 'not a directory'):
+      sources.ImageFolderSource(os.path.join(empty, 'missing'))
+
+  def test_make_source_errors(self):
+    data = config_lib.default_config().data
+    data.source = 'imagefolder'
+    data.path = ''
+    with self.assertRaisesRegex(sources.DataError, 'data.path'):
+      sources.make_source(data)
+    data.source = 'tfds'
+    data.name = 'no_such_dataset_xyz'
+    with self.assertRaisesRegex(sources.DataError, 'no_such_dataset_xyz'):
+      sources.make_source(data)
+
+
+class OtherSourcesTest(absltest.TestCase):
+  def test_fashion_mnist_idx(self):
+    root = self.create_tempdir().full_path
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    write_idx(os.path.join(root, 't10k-images-idx3-ubyte.gz'), images)
+    write_idx(
+      os.path.join(root, 't10k-labels-idx1-ubyte.gz'), np.array([4, 1, 9])
+    )
+    src = sources.FashionMNISTSource('test', root)
+    self.assertLen(src, 3)
+    np.testing.assert_array_equal(src[1]['image'], images[1])
+    self.assertEqual(src[2]['label'], 9)
+    out = pipeline.CanvasDecoder(32).map(src[1])
+    np.testing.assert_array_equal(out['size'], [28, 28])
+    np.testing.assert_array_equal(out['image'][:28, :28, 0], images[1])
+    with self.assertRaisesRegex(sources.DataError, 'dataset-fashion-mnist'):
+      sources.FashionMNISTSource('train', root)
+
+  def test_tfds_mock(self):
+    with tfds.testing.mock_data(
+      num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE
+    ):
+      src = sources.TFDSSource('cifar10', 'train')
+      self.assertLen(src, 12)
+      it = iter(
+        pipeline.train_dataset(
+          src,
+          batch_size=4,
+          canvas_size=40,
+          seed=0,
+          process_index=0,
+          process_count=1,
+        )
+      )
+      batch = next(it)
+    self.assertEqual(batch['image'].shape, (4, 40, 40, 3))
+    np.testing.assert_array_equal(batch['size'], [[32, 32]] * 4)
+    self.assertTrue(np.all((batch['label'] >= 0) & (batch['label'] < 10)))
+
+
+class PipelineTest(parameterized.TestCase):
+  def test_shards_cover_without_overlap_and_reshuffle(self):
+    n, count = 24, 3
+    epochs = []
+    for index in range(count):
+      it = iter(
+        pipeline.train_dataset(
+          IndexSource(n),
+          batch_size=4,
+          canvas_size=8,
+          seed=3,
+          process_index=index,
+          process_count=count,
+        )
+      )
+      labels = np.concatenate([next(it)['label'] for _ in range(4)])
+      epochs.append(labels)
+    firsts = [set(e[:8].tolist()) for e in epochs]
+    self.assertEqual(set.union(*firsts), set(range(n)))
+    self.assertEqual(sum(len(f) for f in firsts), n)  # disjoint
+    # The second epoch is a different permutation of the same shard.
+    self.assertEqual(set(epochs[0][8:].tolist()), firsts[0])
+    self.assertFalse(np.array_equal(epochs[0][8:], epochs[0][:8]))
+
+  @parameterized.parameters(0, 2)
+  def test_restored_iterator_yields_same_batches(self, workers):
+    ds = pipeline.train_dataset(
+      IndexSource(50),
+      batch_size=4,
+      canvas_size=8,
+      seed=1,
+      num_workers=workers,
+      process_index=0,
+      process_count=1,
+    )
+    it = iter(ds)
+    for _ in range(5):
+      next(it)
+    state = it.get_state()
+    expected = [next(it)['label'] for _ in range(20)]  # crosses an epoch
+    fresh = iter(ds)
+    fresh.set_state(state)
+    got = [next(fresh)['label'] for _ in range(20)]
+    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+
+  def test_too_small_dataset(self):
+    with self.assertRaisesRegex(ValueError, 'fewer than one global batch'):
+      pipeline.train_dataset(
+        IndexSource(3),
+        batch_size=4,
+        canvas_size=8,
+        seed=0,
+        process_index=0,
+        process_count=1,
+      )
+
+
+if __name__ == '__main__':
+  absltest.main()
