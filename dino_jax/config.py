@@ -85,6 +85,32 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 2  # grain decode worker processes
   c.data.synthetic_size = 1024  # images in the synthetic source
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.knn = True  # weighted k-NN at the end (and every eval_every_steps)
+  c.eval.train_split = 'train'  # k-NN memory
+  c.eval.test_split = 'validation'  # k-NN queries
+  c.eval.ks = (10, 20, 100, 200)
+  c.eval.temperature = 0.07
+  c.eval.resize_size = 256  # shorter side, bicubic
+  c.eval.crop_size = 224  # centre crop
+  c.eval.batch_size = 256  # global
+  c.eval.max_train_images = -1  # -1: all
+  c.eval.max_test_images = -1
+  c.eval.baselines = False  # also score random init and raw pixels
+  c.eval.attention_images = 0  # test images to draw attention maps for
+  c.eval.attention_threshold = 0.6  # mask keeps this much attention mass
+
+  c.linear = ml_collections.ConfigDict()  # linear probe (SPEC §7.2)
+  c.linear.epochs = 100
+  c.linear.lr = 0.001  # per 256 images
+  c.linear.batch_size = 1024  # global
+  c.linear.n_last_blocks = 4  # ViT-S: 4; ViT-B: 1 with avgpool
+  c.linear.avgpool = False  # interleave [CLS, mean patch] (n_last_blocks 1)
+  # True: official per-epoch RandomResizedCrop(0.08, 1) + flip through the
+  # frozen backbone; False: features of centre crops extracted once (fast).
+  c.linear.augment = True
+  c.linear.max_train_images = -1
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis (-1: the rest)
   c.mesh.fsdp = 1  # devices on the parameter-sharding axis

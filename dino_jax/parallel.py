@@ -80,3 +80,26 @@ def jit_init(init_fn: Callable, mesh: Mesh) -> Callable:
   """jit an init so the state is created already laid out on the mesh."""
   shape = jax.eval_shape(init_fn)
   return jax.jit(init_fn, out_shardings=state_sharding(mesh, shape))
+
+
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """``jax.distributed.initialize`` when the run spans several processes.
+
+  Explicit coordinator flags win; otherwise JAX auto-detects Cloud TPU pods
+  and SLURM. A single process on one machine needs nothing.
+  """
+  import os
+
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif (
+    'SLURM_JOB_ID' in os.environ
+    and int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  ):
+    jax.distributed.initialize()
+  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+    jax.distributed.initialize()

@@ -135,8 +135,20 @@ def _pil_bicubic(x: jax.Array) -> jax.Array:
   return jnp.where(x < 1, near, jnp.where(x < 2, far, 0.0))
 
 
+def _triangle(x: jax.Array) -> jax.Array:
+  """PIL's bilinear kernel, support 1."""
+  return jnp.maximum(1.0 - jnp.abs(x), 0.0)
+
+
+KERNELS = {'bicubic': _pil_bicubic, 'bilinear': _triangle}
+
+
 def resample_matrix(
-  start: jax.Array, length: jax.Array, out_size: int, canvas: int
+  start: jax.Array,
+  length: jax.Array,
+  out_size: int,
+  canvas: int,
+  kernel: str = 'bicubic',
 ) -> jax.Array:
   """Weights [out_size, canvas] resizing [start, start + length) to out_size.
 
@@ -150,17 +162,22 @@ def resample_matrix(
   support = jnp.maximum(step, 1.0)
   centers = start + (jnp.arange(out_size) + 0.5) * step  # [out]
   pixels = jnp.arange(canvas) + 0.5  # [canvas] pixel centres
-  weights = _pil_bicubic((pixels[None, :] - centers[:, None]) / support)
+  weights = KERNELS[kernel]((pixels[None, :] - centers[:, None]) / support)
   inside = (pixels >= start) & (pixels < start + length)
   weights = jnp.where(inside[None, :], weights, 0.0)
   return weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
-def resized_crop(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
-  """Crop ``box`` of ``image`` [C, C, 3] and resize to [size, size, 3]."""
+def resized_crop(
+  image: jax.Array, box: jax.Array, size: int, kernel: str = 'bicubic'
+) -> jax.Array:
+  """Crop ``box`` of ``image`` [C, C, 3] and resize to [size, size, 3].
+
+  ``kernel``: 'bicubic' (DINO crops) or 'bilinear' (linear-probe crops).
+  """
   canvas = image.shape[0]
-  wy = resample_matrix(box[0], box[2], size, canvas)
-  wx = resample_matrix(box[1], box[3], size, canvas)
+  wy = resample_matrix(box[0], box[2], size, canvas, kernel)
+  wx = resample_matrix(box[1], box[3], size, canvas, kernel)
   out = jnp.einsum(
     'oi,ijc,pj->opc',
     wy,

@@ -139,6 +139,10 @@ class FashionMNISTSource:
     self.images = _read_idx(found[0])  # [N, 28, 28]
     self.labels = _read_idx(found[1]).astype(np.int64)
     self.classes = FASHION_MNIST_CLASSES
+    self.root = root
+
+  def __repr__(self):
+    return f'FashionMNISTSource({len(self)} images from {self.root})'
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -190,6 +194,9 @@ class SyntheticSource:
     rs = np.random.RandomState((self.seed * 1_000_003 + index) % 2**32)
     image = rs.randint(0, 256, (self.image_size, self.image_size, 3))
     return {'image': image.astype(np.uint8), 'label': index % 10}
+
+  def __repr__(self):
+    return f'SyntheticSource({self.size} images of {self.image_size}px)'
 
 
 def make_source(data: ml_collections.ConfigDict, split: str | None = None):

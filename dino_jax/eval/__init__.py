@@ -1,0 +1,1 @@
+"""Evaluation protocols: weighted k-NN, linear probe, attention maps."""

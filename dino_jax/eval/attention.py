@@ -1,0 +1,209 @@
+"""CLS attention maps and masks (SPEC §7.3).
+
+CLI: ``python -m dino_jax.eval.attention --workdir=DIR --image=PATH``.
+
+Per head: the last block's CLS -> patch attention, reshaped to the patch
+grid; the mask keeps the highest-attention patches holding ``threshold`` of
+the mass. Maps are upsampled by nearest with factor p and written as PNGs.
+"""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from dino_jax.data import multicrop
+
+# A small perceptual colour map (dark blue -> magenta -> orange -> yellow).
+_ANCHORS = np.array(
+  [[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]],
+  np.float64,
+)
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+  """[H, W] in [0, 1] -> uint8 [H, W, 3]."""
+  pos = np.clip(values, 0, 1) * (len(_ANCHORS) - 1)
+  lo = np.floor(pos).astype(int).clip(0, len(_ANCHORS) - 2)
+  t = (pos - lo)[..., None]
+  return ((1 - t) * _ANCHORS[lo] + t * _ANCHORS[lo + 1]).astype(np.uint8)
+
+
+def cls_attention(model, params, image: np.ndarray, patch_size: int):
+  """Per-head CLS attention over the patch grid.
+
+  Args:
+    model: the ViT backbone module.
+    params: its params.
+    image: float32 [H, W, 3] normalized; cropped to a multiple of p here.
+    patch_size: p.
+
+  Returns:
+    float32 [heads, H // p, W // p], each head summing to <= 1.
+  """
+  h, w = image.shape[0] // patch_size, image.shape[1] // patch_size
+  image = image[: h * patch_size, : w * patch_size]
+  attn = model.apply(
+    {'params': params},
+    jnp.asarray(image)[None],
+    method='last_self_attention',
+  )  # [1, heads, 1 + N, 1 + N]
+  return np.asarray(attn[0, :, 0, 1:]).reshape(-1, h, w)
+
+
+def attention_mask(attn: np.ndarray, threshold: float) -> np.ndarray:
+  """Keep the top patches holding ``threshold`` of each head's mass.
+
+  Args:
+    attn: [heads, h, w] non-negative.
+    threshold: fraction of the attention mass to keep (paper: 0.6).
+
+  Returns:
+    bool [heads, h, w].
+  """
+  heads = attn.shape[0]
+  flat = attn.reshape(heads, -1)
+  order = np.argsort(flat, axis=1)  # ascending
+  sorted_vals = np.take_along_axis(flat, order, axis=1)
+  cum = np.cumsum(sorted_vals / sorted_vals.sum(axis=1, keepdims=True), axis=1)
+  keep_sorted = cum > 1 - threshold
+  keep = np.zeros_like(keep_sorted)
+  np.put_along_axis(keep, order, keep_sorted, axis=1)
+  return keep.reshape(attn.shape)
+
+
+def denormalize(image: np.ndarray) -> np.ndarray:
+  """Normalized float [H, W, 3] -> uint8."""
+  x = image * np.array(multicrop.STD) + np.array(multicrop.MEAN)
+  return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_maps(
+  image: np.ndarray,
+  attn: np.ndarray,
+  mask: np.ndarray,
+  patch_size: int,
+  out_dir: str,
+  prefix: str = 'attn',
+) -> list[str]:
+  """Writes one PNG per head (map and masked image) and an overview.
+
+  Args:
+    image: uint8 [H, W, 3] (H, W multiples of p).
+    attn: [heads, h, w].
+    mask: bool [heads, h, w].
+    patch_size: nearest upsampling factor p.
+    out_dir: output directory.
+    prefix: file name prefix.
+
+  Returns:
+    paths written; the last is ``{prefix}-overview.png``.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  up = lambda a: np.repeat(np.repeat(a, patch_size, -2), patch_size, -1)
+  h, w = attn.shape[1] * patch_size, attn.shape[2] * patch_size
+  image = image[:h, :w]
+  paths, tiles, masked_tiles = [], [image], [image]
+  for i, (a, m) in enumerate(zip(attn, mask, strict=True)):
+    heat = colorize(up(a / max(a.max(), 1e-12)))
+    overlay = image.astype(np.float64)
+    color = np.array([255.0, 64.0, 32.0])
+    overlay = np.where(
+      up(m)[..., None], 0.45 * overlay + 0.55 * color, 0.6 * overlay
+    ).astype(np.uint8)
+    for name, pic in (('head', heat), ('mask', overlay)):
+      path = os.path.join(out_dir, f'{prefix}-{name}{i}.png')
+      Image.fromarray(pic).save(path)
+      paths.append(path)
+    tiles.append(heat)
+    masked_tiles.append(overlay)
+  overview = np.concatenate(
+    [np.concatenate(tiles, 1), np.concatenate(masked_tiles, 1)], 0
+  )
+  scale = max(1, 96 // h)  # small images are enlarged to stay visible
+  overview = np.repeat(np.repeat(overview, scale, 0), scale, 1)
+  path = os.path.join(out_dir, f'{prefix}-overview.png')
+  Image.fromarray(overview).save(path)
+  paths.append(path)
+  return paths
+
+
+def attention_for_image(
+  model,
+  params,
+  image: np.ndarray,
+  patch_size: int,
+  threshold: float,
+  out_dir: str,
+  prefix: str,
+) -> list[str]:
+  """Maps and masks for one normalized image [H, W, 3]; returns the paths."""
+  attn = cls_attention(model, params, image, patch_size)
+  mask = attention_mask(attn, threshold)
+  return save_maps(denormalize(image), attn, mask, patch_size, out_dir, prefix)
+
+
+def load_image(path: str, image_size: int, patch_size: int) -> np.ndarray:
+  """File -> normalized float32 [S', S', 3], resized to image_size square,
+  cropped to a multiple of p (visualize_attention.py defaults)."""
+  image = (
+    Image.open(path)
+    .convert('RGB')
+    .resize((image_size, image_size), Image.BICUBIC)
+  )
+  x = (np.asarray(image, np.float32) / 255.0 - np.array(multicrop.MEAN)) / (
+    np.array(multicrop.STD)
+  )
+  s = image_size - image_size % patch_size
+  return x[:s, :s].astype(np.float32)
+
+
+def attention_from_workdir(
+  workdir: str,
+  image_path: str,
+  image_size: int = 480,
+  threshold: float = 0.6,
+  output_dir: str | None = None,
+) -> list[str]:
+  """Maps of the teacher backbone in ``workdir`` for one image file."""
+  from dino_jax import step as step_lib
+  from dino_jax.eval import run
+
+  config, _, state, _ = run.load_workdir(workdir)
+  _, teacher = step_lib.build_models(config)
+  p = config.model.patch_size
+  image = load_image(image_path, image_size, p)
+  out = output_dir or os.path.join(workdir, 'eval', 'attention')
+  stem = os.path.splitext(os.path.basename(image_path))[0]
+  return attention_for_image(
+    teacher.backbone, state.teacher['backbone'], image, p, threshold, out, stem
+  )
+
+
+def _main():
+  from absl import app, flags
+
+  flags.DEFINE_string('workdir', None, 'Training workdir (its checkpoint).')
+  flags.DEFINE_string('image', None, 'Image file.')
+  flags.DEFINE_integer('image_size', 480, 'Resize to this square size.')
+  flags.DEFINE_float('threshold', 0.6, 'Attention mass kept by the masks.')
+  flags.DEFINE_string('output_dir', None, 'Default WORKDIR/eval/attention.')
+  flags.mark_flags_as_required(['workdir', 'image'])
+
+  def main(argv):
+    del argv
+    import logging
+
+    logging.getLogger('absl').setLevel(logging.WARNING)
+    f = flags.FLAGS
+    paths = attention_from_workdir(
+      f.workdir, f.image, f.image_size, f.threshold, f.output_dir
+    )
+    print('\n'.join(paths))
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()

@@ -1,0 +1,291 @@
+"""Official PyTorch DINO checkpoints <-> dino_jax variables (SPEC §6, §2.8).
+
+``from_pytorch(state_dict_or_path, module)`` and ``to_pytorch(variables,
+module)`` for ``VisionTransformer`` backbones and ``DINOHead`` heads. Keys
+follow the official code (``blocks.0.attn.qkv.weight``, ``mlp.0.weight``,
+``last_layer.weight_g`` ...), with or without ``module.`` / ``backbone.`` /
+``head.`` prefixes. ``.pth`` files are read with ``torch.load(...,
+weights_only=True)``: tensors only, never arbitrary pickled objects.
+
+CLI:
+  python -m dino_jax.interop import IN.pth OUT_WORKDIR --config=CONFIG
+  python -m dino_jax.interop export WORKDIR OUT.pth
+"""
+
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dino_jax.models import DINOHead, VisionTransformer
+
+_PREFIXES = ('module.', 'backbone.')
+
+
+class InteropError(ValueError):
+  """A checkpoint does not fit the module; the message lists the keys."""
+
+
+def load_pth(path: str, checkpoint_key: str = 'teacher') -> dict:
+  """Tensors of a .pth file as numpy arrays (official key names).
+
+  A training checkpoint (``student``/``teacher`` dicts) yields the
+  ``checkpoint_key`` entry; a linear-probe file its ``state_dict``.
+  """
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+      'reading .pth files needs PyTorch: pip install "dino_jax[torch]" '
+      '(or pip install torch==2.13.0 for the CPU build)'
+    ) from e
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: BLE001 - pickled non-tensor objects
+    raise InteropError(
+      f'{path}: not a tensor-only checkpoint ({type(e).__name__}: '
+      f'{str(e).splitlines()[0][:200]}). Full training checkpoints hold a '
+      'pickled argparse.Namespace; re-save their state dicts with torch.'
+    ) from e
+  return _to_numpy(_select(obj, checkpoint_key))
+
+
+def _select(obj, checkpoint_key):
+  if isinstance(obj, dict) and checkpoint_key in obj:
+    return obj[checkpoint_key]
+  if isinstance(obj, dict) and 'state_dict' in obj:
+    return obj['state_dict']
+  return obj
+
+
+def _to_numpy(tree) -> dict:
+  out = {}
+  for key, value in tree.items():
+    if hasattr(value, 'detach'):
+      value = value.detach().cpu().float().numpy()
+    out[key] = np.asarray(value)
+  return out
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+  """Drops ``module.`` and ``backbone.`` (official eval scripts do the same)."""
+  out = {}
+  for key, value in state_dict.items():
+    for prefix in _PREFIXES:
+      key = key.replace(prefix, '') if key.startswith(prefix) else key
+    out[key] = value
+  return out
+
+
+# (flax path regex, torch key template, transform to torch)
+_T = lambda x: np.transpose(x)  # Linear: [in, out] -> [out, in]
+_VIT_RULES = [
+  (r'cls_token', 'cls_token', None),
+  (r'pos_embed', 'pos_embed', None),
+  (
+    r'patch_embed/kernel',
+    'patch_embed.proj.weight',
+    lambda x: np.transpose(x, (3, 2, 0, 1)),
+  ),  # HWIO -> OIHW
+  (r'patch_embed/bias', 'patch_embed.proj.bias', None),
+  (r'blocks_(\d+)/(norm1|norm2)/scale', 'blocks.{0}.{1}.weight', None),
+  (r'blocks_(\d+)/(norm1|norm2)/bias', 'blocks.{0}.{1}.bias', None),
+  (
+    r'blocks_(\d+)/(attn|mlp)/(qkv|proj|fc1|fc2)/kernel',
+    'blocks.{0}.{1}.{2}.weight',
+    _T,
+  ),
+  (
+    r'blocks_(\d+)/(attn|mlp)/(qkv|proj|fc1|fc2)/bias',
+    'blocks.{0}.{1}.{2}.bias',
+    None,
+  ),
+  (r'norm/scale', 'norm.weight', None),
+  (r'norm/bias', 'norm.bias', None),
+]
+_HEAD_RULES = [
+  (r'mlp_(\d+)/kernel', 'mlp.{0}.weight', _T),
+  (r'mlp_(\d+)/bias', 'mlp.{0}.bias', None),
+  (r'mlp_(\d+)/scale', 'mlp.{0}.weight', None),  # BatchNorm
+  (r'mean', 'mlp.{0}.running_mean', None),
+  (r'var', 'mlp.{0}.running_var', None),
+  (r'last_layer/weight_v', 'last_layer.weight_v', _T),
+  (r'last_layer/weight_g', 'last_layer.weight_g', _T),
+]
+
+
+def _inverse(transform, array):
+  if transform is None:
+    return array
+  if transform is _T:
+    return np.transpose(array)
+  return np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {
+    '/'.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()
+  }
+
+
+def _torch_key(path: str, rules, collection: str = 'params'):
+  if collection == 'batch_stats':  # path like mlp_1/mean
+    layer, stat = path.split('/')
+    index = layer.split('_')[1]
+    name = {'mean': 'running_mean', 'var': 'running_var'}[stat]
+    return f'mlp.{index}.{name}', None
+  for pattern, template, transform in rules:
+    match = re.fullmatch(pattern, path)
+    if match:
+      return template.format(*match.groups()), transform
+  raise InteropError(f'no PyTorch name for parameter {path!r}')
+
+
+def _abstract_variables(module, state_dict=None):
+  if isinstance(module, VisionTransformer):
+    x = jnp.zeros((1, module.img_size, module.img_size, 3))
+    return jax.eval_shape(module.init, jax.random.key(0), x), _VIT_RULES
+  if isinstance(module, DINOHead):
+    dim = None
+    if state_dict is not None:
+      first = 'mlp.0.weight' if 'mlp.0.weight' in state_dict else None
+      dim = state_dict[first].shape[1] if first else None
+    dim = dim or 384
+    x = jnp.zeros((2, dim))
+    return jax.eval_shape(module.init, jax.random.key(0), x), _HEAD_RULES
+  raise TypeError(
+    f'interop supports VisionTransformer and DINOHead, not '
+    f'{type(module).__name__}'
+  )
+
+
+def _head_keys(state_dict: dict, module) -> dict:
+  """Selects head keys: drops 'head.', maps parametrized weight norm."""
+  has_head = any(k.startswith('head.') for k in state_dict)
+  out = {}
+  for key, value in state_dict.items():
+    if has_head:
+      if not key.startswith('head.'):
+        continue
+      key = key[len('head.') :]
+    key = key.replace(
+      'last_layer.parametrizations.weight.original0', 'last_layer.weight_g'
+    )
+    key = key.replace(
+      'last_layer.parametrizations.weight.original1', 'last_layer.weight_v'
+    )
+    out[key] = value
+  del module
+  return out
+
+
+def from_pytorch(state_dict_or_path, module) -> dict:
+  """Flax variables for ``module`` from an official state dict or .pth path.
+
+  Args:
+    state_dict_or_path: a dict of arrays/tensors with official key names
+      (backbone or head; prefixes ``module.``/``backbone.``/``head.`` ok), a
+      training checkpoint dict (its ``teacher`` is used), or a .pth path.
+    module: a ``VisionTransformer`` or ``DINOHead``.
+
+  Returns:
+    ``{'params': ...}`` (plus ``batch_stats`` for a BN head).
+
+  Raises:
+    InteropError: listing missing, unexpected or mis-shaped keys.
+  """
+  if isinstance(state_dict_or_path, str):
+    state_dict = load_pth(state_dict_or_path)
+  else:
+    state_dict = _to_numpy(_select(state_dict_or_path, 'teacher'))
+  state_dict = strip_prefixes(state_dict)
+  if isinstance(module, DINOHead):
+    state_dict = _head_keys(state_dict, module)
+    state_dict.pop('last_layer.weight', None)  # computed, never stored
+    state_dict = {
+      k: v
+      for k, v in state_dict.items()
+      if not k.endswith('num_batches_tracked')
+    }
+  else:
+    state_dict = {
+      k: v for k, v in state_dict.items() if not k.startswith('head.')
+    }
+  abstract, rules = _abstract_variables(module, state_dict)
+  used, missing, bad_shape, out = set(), [], [], {}
+  for collection, tree in abstract.items():
+    flat = {}
+    for path, leaf in _flat(tree).items():
+      key, transform = _torch_key(path, rules, collection)
+      if key not in state_dict:
+        missing.append(key)
+        continue
+      value = _inverse(transform, np.asarray(state_dict[key]))
+      used.add(key)
+      if value.shape != leaf.shape:
+        bad_shape.append(
+          f'{key}: checkpoint {tuple(state_dict[key].shape)}'
+          f', module expects {_torch_shape(transform, leaf)}'
+        )
+        continue
+      flat[tuple(path.split('/'))] = jnp.asarray(value, leaf.dtype)
+    out[collection] = flax.traverse_util.unflatten_dict(flat)
+  unexpected = sorted(set(state_dict) - used)
+  if isinstance(module, DINOHead) and module.norm_last_layer:
+    g = state_dict.get('last_layer.weight_g')
+    if g is not None:
+      used.add('last_layer.weight_g')
+      unexpected = [k for k in unexpected if k != 'last_layer.weight_g']
+      if not np.allclose(g, 1.0):
+        raise InteropError(
+          'the checkpoint has a trained last_layer.weight_g (not all 1): '
+          'build the head with norm_last_layer=False'
+        )
+  if missing or unexpected or bad_shape:
+    parts = []
+    for name, keys in (
+      ('missing', missing),
+      ('unexpected', unexpected),
+      ('mis-shaped', bad_shape),
+    ):
+      if keys:
+        parts.append(
+          f'{name} ({len(keys)}): '
+          + ', '.join(keys[:20])
+          + (' ...' if len(keys) > 20 else '')
+        )
+    raise InteropError(
+      f'checkpoint does not fit {type(module).__name__}: ' + '; '.join(parts)
+    )
+  return out
+
+
+def _torch_shape(transform, leaf):
+  shape = leaf.shape
+  if transform is _T:
+    return tuple(reversed(shape))
+  if transform is not None:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+def to_pytorch(variables: dict, module) -> dict[str, np.ndarray]:
+  """Official-name numpy arrays for ``module``'s variables.
+
+  A head with ``norm_last_layer`` exports ``last_layer.weight_g`` as ones
+  [K, 1]; ``weight_v`` is exported as stored (unnormalized).
+  """
+  _, rules = _abstract_variables(module)
+  out = {}
+  for collection, tree in variables.items():
+    for path, value in _flat(tree).items():
+      key, transform = _torch_key(path, rules, collection)
+      value = np.asarray(value, np.float32)
+      out[key] = transform(value) if transform is not None else value
+  if isinstance(module, DINOHead) and 'last_layer.weight_g' not in out:
+    k = out['last_layer.weight_v'].shape[0]
+    out['last_layer.weight_g'] = np.ones((k, 1), np.float32)
+  return out

@@ -1,0 +1,67 @@
+"""``python -m dino_jax.main --config=configs/vit_s16.py --workdir=DIR``.
+
+The same command on a laptop CPU, one GPU, or every host of a TPU pod.
+"""
+
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and evaluations.')
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0 for multi-process runs without TPU/SLURM '
+  'auto-detection (with --num_processes and --process_id).',
+)
+flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+flags.DEFINE_integer('process_id', None, 'This process.')
+config_flags.DEFINE_config_file(
+  'config', None, 'Training config file.', lock_config=True
+)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from dino_jax import parallel, train  # after flags: keeps --help fast
+  from dino_jax.checkpoint import IncompatibleCheckpointError
+  from dino_jax.config import ConfigError
+  from dino_jax.data.sources import DataError
+  from dino_jax.metrics import NonFiniteLossError
+
+  # Libraries (orbax, grain) log every step of a save through absl at INFO;
+  # keep those to warnings so the progress lines stay readable.
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  parallel.initialize_distributed(
+    flags.FLAGS.coordinator_address,
+    flags.FLAGS.num_processes,
+    flags.FLAGS.process_id,
+  )
+  logging.info(
+    'process %d/%d, %d local devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.local_devices(),
+  )
+  try:
+    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (
+    ConfigError,
+    DataError,
+    IncompatibleCheckpointError,
+    NonFiniteLossError,
+  ) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  jax.config.update('jax_threefry_partitionable', True)
+  app.run(main)

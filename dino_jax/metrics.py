@@ -1,0 +1,125 @@
+"""Metrics: JSON lines, TensorBoard, progress lines with ETA, health checks.
+
+Only process 0 writes files. ``check_health`` turns SPEC §1's collapse
+signatures into warnings and a non-finite loss into an error.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or inf; the state is not saved."""
+
+
+class MetricWriter:
+  """Writes ``metrics.jsonl`` and TensorBoard events under ``workdir``."""
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(self.path):
+      # Rows past the restored step came from a run that died before its
+      # next checkpoint; they are recomputed, so drop them.
+      with open(self.path) as f:
+        rows = [line for line in f if line.strip()]
+      keep = [r for r in rows if json.loads(r).get('step', 0) <= resume_step]
+      with open(self.path, 'w') as f:
+        f.writelines(keep)
+    from tensorboardX import SummaryWriter  # light, but only on process 0
+
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.active:
+      return
+    row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    for name, value in row.items():
+      if name != 'step' and isinstance(value, (int, float)):
+        self._tb.add_scalar(f'train/{name}', value, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value):
+  value = np.asarray(value).item() if np.ndim(value) == 0 else value
+  return float(value) if isinstance(value, (float, np.floating)) else value
+
+
+class Progress:
+  """Images/s and ETA between log steps."""
+
+  def __init__(self, start_step: int, total_steps: int, batch_size: int):
+    self.total = total_steps
+    self.batch_size = batch_size
+    self.last_step, self.last_time = start_step, time.time()
+    self.start_step, self.start_time = start_step, self.last_time
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.time()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    overall = (step - self.start_step) / max(now - self.start_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / max(overall, 1e-9)
+    return {
+      'steps_per_sec': rate,
+      'images_per_sec': rate * self.batch_size,
+      'eta_sec': eta,
+    }
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def check_health(
+  step: int, scalars: dict[str, float], out_dim: int, last_checkpoint
+) -> list[str]:
+  """Raises on a non-finite loss; returns collapse warnings (SPEC §1)."""
+  loss = scalars['loss']
+  if not math.isfinite(loss):
+    where = (
+      f'the last good checkpoint is step {last_checkpoint}'
+      if last_checkpoint is not None
+      else 'no checkpoint was saved yet'
+    )
+    raise NonFiniteLossError(
+      f'loss is {loss} at step {step}; stopping without saving ({where}). '
+      'Try a lower lr, a lower teacher_temp, or model.dtype=float32.'
+    )
+  warnings = []
+  log_k = math.log(out_dim)
+  entropy = scalars.get('teacher_entropy', float('nan'))
+  if abs(loss - log_k) < 1e-3:
+    warnings.append(
+      f'loss {loss:.4f} equals ln(K) = {log_k:.4f}: the student outputs '
+      'are uniform (collapse). Lower teacher_temp or raise momentum.'
+    )
+  if entropy > 0.98 * log_k:
+    warnings.append(
+      f'teacher entropy {entropy:.3f} is near ln(K) = {log_k:.3f}: the '
+      'teacher is uniform (collapse to uniform).'
+    )
+  if entropy < 0.05 and scalars.get('teacher_prototypes', 2) <= 1:
+    warnings.append(
+      f'teacher entropy {entropy:.4f} with one prototype in use: '
+      'collapse to one dimension.'
+    )
+  return warnings

@@ -1,0 +1,271 @@
+"""dino_jax.main end to end: outputs, exact resume, SIGTERM, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import absltest
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'tests', 'tiny_config.py')
+
+
+def env(devices: int = 1):
+  e = dict(os.environ)
+  e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  e['JAX_PLATFORMS'] = 'cpu'
+  e['PYTHONPATH'] = ROOT + os.pathsep + e.get('PYTHONPATH', '')
+  return e
+
+
+def command(workdir, *overrides, config=TINY):
+  return [
+    sys.executable,
+    '-m',
+    'dino_jax.main',
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *overrides,
+  ]
+
+
+def run(workdir, *overrides, devices=1, config=TINY, timeout=600):
+  return subprocess.run(
+    command(workdir, *overrides, config=config),
+    env=env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=ROOT,
+  )
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def checkpoints(workdir):
+  path = os.path.join(workdir, 'checkpoints')
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+class ConfigTest(absltest.TestCase):
+  def parse(self, *args):
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+      'config', None, flag_values=values, lock_config=True
+    )
+    values(['prog', *args])
+    return values.config
+
+  def test_overrides_and_variants(self):
+    config = self.parse(
+      f'--config={ROOT}/configs/vit_s16.py',
+      '--config.optim.lr=0.001',
+      '--config.model.depth=6',
+    )
+    self.assertEqual(config.optim.lr, 0.001)
+    self.assertEqual(config.model.depth, 6)
+    self.assertEqual(config.batch_size, 1024)
+    self.assertEqual(config.model.out_dim, 65536)
+    smoke = self.parse(f'--config={ROOT}/configs/vit_s16.py:smoke')
+    self.assertEqual(smoke.data.source, 'synthetic')
+    b16 = self.parse(f'--config={ROOT}/configs/vit_b16.py')
+    self.assertEqual(b16.model.arch, 'vit_base')
+    self.assertEqual(b16.optim.clip_grad, 0.3)
+
+  def test_unknown_field_rejected(self):
+    with self.assertRaises(flags.IllegalFlagValueError):
+      self.parse(f'--config={ROOT}/configs/vit_s16.py', '--config.optim.lrr=1')
+
+
+@pytest.mark.slow
+class EndToEndTest(absltest.TestCase):
+  def test_train_writes_metrics_checkpoints_and_eval(self):
+    workdir = self.create_tempdir().full_path
+    result = run(workdir, '--config.total_steps=4')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    rows = read_metrics(workdir)
+    self.assertEqual([r['step'] for r in rows], [1, 2, 3, 4])
+    for key in (
+      'loss',
+      'lr',
+      'wd',
+      'momentum',
+      'teacher_temp',
+      'teacher_entropy',
+      'images_per_sec',
+      'eta_sec',
+    ):
+      self.assertIn(key, rows[-1])
+    self.assertEqual(rows[0]['lr'], 0.0)
+    self.assertEqual(checkpoints(workdir), [2, 4])
+    with open(os.path.join(workdir, 'eval', 'knn.json')) as f:
+      knn = json.load(f)
+    self.assertEqual(knn['step'], 4)
+    self.assertEqual(set(knn['trained']), {'2', '4'})
+    self.assertTrue(os.listdir(os.path.join(workdir, 'tensorboard')))
+    attention = os.listdir(os.path.join(workdir, 'eval', 'attention'))
+    self.assertIn('test0-overview.png', attention)
+    self.assertIn('k-NN trained', result.stdout)
+
+  def test_sigkill_resume_is_exact(self):
+    reference = self.create_tempdir().full_path
+    result = run(
+      reference,
+      '--config.total_steps=8',
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    expected = {r['step']: r['loss'] for r in read_metrics(reference)}
+    self.assertLen(expected, 8)
+
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(
+      command(
+        workdir,
+        '--config.total_steps=8',
+        '--config.eval.knn=False',
+        '--config.eval.attention_images=0',
+      ),
+      env=env(),
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
+    path = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if os.path.exists(path) and len(read_metrics(workdir)) >= 5:
+        break
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    self.assertTrue(checkpoints(workdir))
+    resumed_from = max(checkpoints(workdir))
+    self.assertLess(resumed_from, 8)
+    result = run(
+      workdir,
+      '--config.total_steps=8',
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn(f'resuming from step {resumed_from}', result.stderr)
+    rows = read_metrics(workdir)
+    self.assertEqual([r['step'] for r in rows], list(range(1, 9)))
+    for row in rows:  # bit-identical on CPU, before and after the kill
+      self.assertEqual(row['loss'], expected[row['step']], row['step'])
+
+  def test_sigterm_saves_and_exits_zero(self):
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(
+      command(
+        workdir,
+        '--config.total_steps=1000',
+        '--config.checkpoint_every_steps=1000',
+      ),
+      env=env(),
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    deadline = time.time() + 300
+    path = os.path.join(workdir, 'metrics.jsonl')
+    while time.time() < deadline:
+      if os.path.exists(path) and len(read_metrics(workdir)) >= 3:
+        break
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    self.assertEqual(proc.returncode, 0, stderr[-3000:])
+    last_logged = read_metrics(workdir)[-1]['step']
+    self.assertEqual(checkpoints(workdir), [last_logged])
+    self.assertIn('preempted', stderr)
+
+  def test_nonfinite_stops_without_saving(self):
+    workdir = self.create_tempdir().full_path
+    result = run(
+      workdir,
+      '--config.optim.lr=1e38',
+      '--config.optim.warmup_epochs=0',
+      '--config.checkpoint_every_steps=1',
+      '--config.optim.clip_grad=0',
+    )
+    self.assertEqual(result.returncode, 1)
+    self.assertIn('not finite at step 1', result.stderr)
+    self.assertIn('no checkpoint was saved yet', result.stderr)
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertEqual(checkpoints(workdir), [])
+
+
+@pytest.mark.slow
+class ErrorTest(absltest.TestCase):
+  def assert_error(self, result, pattern):
+    self.assertEqual(result.returncode, 1, result.stderr[-2000:])
+    self.assertRegex(result.stderr, pattern)
+    self.assertNotIn('Traceback', result.stderr)
+
+  def test_bad_values(self):
+    workdir = self.create_tempdir().full_path
+    self.assert_error(
+      run(workdir, '--config.crops.local_size=12'),
+      r'error: crops.local_size=12 is not divisible by '
+      r'model.patch_size=8',
+    )
+    self.assert_error(
+      run(workdir, '--config.batch_size=12', devices=8),
+      r'error: batch_size=12 is not divisible by the 8 '
+      r'devices',
+    )
+    self.assert_error(
+      run(
+        workdir,
+        '--config.data.source=imagefolder',
+        '--config.data.path=/no/such/dir',
+      ),
+      r"error: ImageFolder root '/no/such/dir' is not a directory",
+    )
+    self.assert_error(
+      run(workdir, '--config.model.arch=vit_huge'),
+      r"error: model.arch='vit_huge' unknown",
+    )
+
+  def test_unknown_field(self):
+    workdir = self.create_tempdir().full_path
+    result = run(workdir, '--config.optim.lrr=1')
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn('lrr', result.stderr)
+
+  def test_incompatible_checkpoint(self):
+    workdir = self.create_tempdir().full_path
+    first = run(
+      workdir,
+      '--config.total_steps=2',
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
+    )
+    self.assertEqual(first.returncode, 0, first.stderr[-2000:])
+    self.assert_error(
+      run(workdir, '--config.total_steps=4', '--config.model.embed_dim=48'),
+      r'holds a checkpoint of a different model:\s+model.embed_dim: '
+      r'checkpoint 32, config 48',
+    )
+
+
+def test_metrics_values_are_numbers():
+  # Guard for the JSON writer: numpy scalars become plain numbers.
+  from dino_jax import metrics
+
+  assert metrics._plain(np.float32(1.5)) == 1.5
+  assert isinstance(metrics._plain(np.float32(1.5)), float)

@@ -1,0 +1,197 @@
+"""Parity with a PyTorch DINO written from SPEC; import/export round trips."""
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch_dino
+from absl.testing import absltest, parameterized
+
+from dino_jax import interop, models
+
+
+class RunsCode:
+  """Unpickling this would call a function: must be refused."""
+
+  ran = False
+
+  def __reduce__(self):
+    return (_mark_ran, ())
+
+
+def _mark_ran():
+  RunsCode.ran = True
+
+
+def tiny_vit():
+  return models.VisionTransformer(
+    patch_size=16, embed_dim=64, depth=3, num_heads=4, img_size=224
+  )
+
+
+def torch_state(module):
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.abs(a - b).max() / np.abs(b).max()
+
+
+class ParityTest(parameterized.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    torch.manual_seed(0)
+    cls.torch_vit = torch_dino.ViT().eval()
+    cls.model = tiny_vit()
+    cls.variables = interop.from_pytorch(torch_state(cls.torch_vit), cls.model)
+
+  def images(self, h, w):
+    x = np.random.RandomState(h + w).randn(2, h, w, 3).astype(np.float32)
+    return x, torch.from_numpy(x).permute(0, 3, 1, 2)
+
+  @parameterized.parameters((224, 224), (96, 96), (224, 160))
+  def test_cls_attention_and_intermediate(self, h, w):
+    x, xt = self.images(h, w)
+    with torch.no_grad():
+      ref_cls = self.torch_vit(xt).numpy()
+      ref_attn = self.torch_vit.last_self_attention(xt).numpy()
+      ref_layers = [
+        t.numpy() for t in self.torch_vit.intermediate_layers(xt, 2)
+      ]
+    cls = self.model.apply(self.variables, x)
+    attn = self.model.apply(self.variables, x, method='last_self_attention')
+    layers = self.model.apply(
+      self.variables, x, n=2, method='intermediate_layers'
+    )
+    self.assertLess(rel_err(cls, ref_cls), 1e-5)
+    self.assertLess(rel_err(attn, ref_attn), 1e-5)
+    self.assertLen(layers, 2)
+    for ours, ref in zip(layers, ref_layers, strict=True):
+      self.assertLess(rel_err(ours, ref), 1e-5)
+
+  def test_head(self):
+    torch.manual_seed(1)
+    head_t = torch_dino.Head(64, 100)
+    with torch.no_grad():  # a trained-looking g
+      head_t.last_layer.parametrizations.weight.original0.uniform_(0.5, 1.5)
+    head = models.DINOHead(
+      100, norm_last_layer=False, hidden_dim=48, bottleneck_dim=16
+    )
+    variables = interop.from_pytorch(torch_state(head_t), head)
+    x = np.random.RandomState(3).randn(5, 64).astype(np.float32)
+    with torch.no_grad():
+      ref = head_t(torch.from_numpy(x)).numpy()
+    self.assertLess(rel_err(head.apply(variables, x), ref), 1e-5)
+    # A head with norm_last_layer refuses a trained g.
+    frozen = models.DINOHead(100, hidden_dim=48, bottleneck_dim=16)
+    with self.assertRaisesRegex(interop.InteropError, 'weight_g'):
+      interop.from_pytorch(torch_state(head_t), frozen)
+
+  def test_export_then_import_is_exact(self):
+    exported = interop.to_pytorch(self.variables, self.model)
+    self.assertEqual(set(exported), set(self.torch_vit.state_dict()))
+    for key, value in self.torch_vit.state_dict().items():
+      np.testing.assert_array_equal(exported[key], value.numpy(), key)
+    again = interop.from_pytorch(exported, self.model)
+    jax.tree.map(np.testing.assert_array_equal, again, self.variables)
+    # Torch loads our export strictly.
+    clone = torch_dino.ViT()
+    clone.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()})
+
+
+class KeysTest(absltest.TestCase):
+  def test_vit_small_has_150_official_keys(self):
+    model = models.vit_small()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    exported = interop.to_pytorch(variables, model)
+    self.assertLen(exported, 150)
+    self.assertEqual(
+      exported['patch_embed.proj.weight'].shape, (384, 3, 16, 16)
+    )
+    self.assertEqual(exported['blocks.11.attn.qkv.weight'].shape, (1152, 384))
+
+  def test_head_export_keys(self):
+    head = models.DINOHead(32, hidden_dim=24, bottleneck_dim=8)
+    variables = head.init(jax.random.key(0), jnp.zeros((1, 16)))
+    exported = interop.to_pytorch(variables, head)
+    self.assertEqual(
+      set(exported),
+      {
+        'mlp.0.weight',
+        'mlp.0.bias',
+        'mlp.2.weight',
+        'mlp.2.bias',
+        'mlp.4.weight',
+        'mlp.4.bias',
+        'last_layer.weight_g',
+        'last_layer.weight_v',
+      },
+    )
+    np.testing.assert_array_equal(
+      exported['last_layer.weight_g'], np.ones((32, 1))
+    )
+    np.testing.assert_array_equal(
+      exported['last_layer.weight_v'],
+      np.asarray(variables['params']['last_layer']['weight_v']).T,
+    )
+    # Old-style weight_norm keys load back.
+    again = interop.from_pytorch(exported, head)
+    jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+  def test_training_checkpoint_prefixes_and_bad_keys(self):
+    torch.manual_seed(2)
+    vit = torch_dino.ViT()
+    backbone = {f'module.backbone.{k}': v for k, v in vit.state_dict().items()}
+    head = {'module.head.mlp.0.weight': torch.zeros(3)}
+    ckpt = {
+      'teacher': {
+        **{k.replace('module.', ''): v for k, v in backbone.items()},
+        'head.mlp.0.bias': torch.zeros(3),
+      },
+      'student': {**backbone, **head},
+    }
+    model = tiny_vit()
+    from_teacher = interop.from_pytorch(ckpt, model)
+    from_student = interop.from_pytorch(ckpt['student'], model)
+    jax.tree.map(np.testing.assert_array_equal, from_teacher, from_student)
+    state = torch_state(vit)
+    broken = dict(state)
+    del broken['norm.bias']
+    broken['extra.weight'] = np.zeros(2)
+    broken['cls_token'] = np.zeros((1, 1, 65))
+    with self.assertRaises(interop.InteropError) as cm:
+      interop.from_pytorch(broken, model)
+    message = str(cm.exception)
+    self.assertIn('missing (1): norm.bias', message)
+    self.assertIn('unexpected (1): extra.weight', message)
+    self.assertIn('cls_token: checkpoint (1, 1, 65)', message)
+
+  def test_pth_files(self):
+    torch.manual_seed(3)
+    vit = torch_dino.ViT()
+    directory = self.create_tempdir().full_path
+    path = os.path.join(directory, 'backbone.pth')
+    torch.save(vit.state_dict(), path)
+    variables = interop.from_pytorch(path, tiny_vit())
+    np.testing.assert_array_equal(
+      variables['params']['cls_token'], vit.cls_token.detach().numpy()
+    )
+    unsafe = os.path.join(directory, 'full.pth')
+    torch.save(
+      {
+        'teacher': vit.state_dict(),
+        'args': argparse.Namespace(arch='vit_small'),
+      },
+      unsafe,
+    )
+    with self.assertRaisesRegex(interop.InteropError, 'tensor-only'):
+      interop.from_pytorch(unsafe, tiny_vit())
+
+
+if __name__ == '__main__':
+  absltest.main()
