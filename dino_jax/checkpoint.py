@@ -8,6 +8,7 @@ killed mid-save resumes from the previous checkpoint.
 
 import json
 import logging
+import os
 
 import grain
 import jax
@@ -28,6 +29,7 @@ class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for the DINO run."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = directory
     self.manager = ocp.CheckpointManager(
       directory,
       options=ocp.CheckpointManagerOptions(
@@ -46,15 +48,18 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter, config) -> None:
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        iter=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(json.loads(config.to_json())),
-      ),
-      force=True,
-    )
+    """Saves asynchronously; ``data_iter`` None saves no iterator state."""
+    items = {
+      'state': ocp.args.StandardSave(state),
+      'config': ocp.args.JsonSave(json.loads(config.to_json())),
+    }
+    if data_iter is not None:
+      items['iter'] = grain.checkpoint.CheckpointSave(data_iter)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def has_iterator(self, step: int) -> bool:
+    """False for a checkpoint written without data position (an import)."""
+    return os.path.isdir(os.path.join(self.directory, str(step), 'iter'))
 
   def saved_config(self, step: int) -> dict:
     restored = self.manager.restore(
@@ -75,7 +80,7 @@ class Checkpointer:
       The restored state.
     """
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
+    if data_iter is not None and self.has_iterator(step):
       items['iter'] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored['state']

@@ -114,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis (-1: the rest)
   c.mesh.fsdp = 1  # devices on the parameter-sharding axis
+  c.mesh.fsdp_min_size = 2**18  # fsdp-shard state tensors this large
   return c
 
 

@@ -12,6 +12,7 @@ CLI:
   python -m dino_jax.interop export WORKDIR OUT.pth
 """
 
+import argparse
 import re
 from typing import Any
 
@@ -29,11 +30,11 @@ class InteropError(ValueError):
   """A checkpoint does not fit the module; the message lists the keys."""
 
 
-def load_pth(path: str, checkpoint_key: str = 'teacher') -> dict:
-  """Tensors of a .pth file as numpy arrays (official key names).
+def _torch_load(path: str):
+  """torch.load with weights_only: tensors and plain containers only.
 
-  A training checkpoint (``student``/``teacher`` dicts) yields the
-  ``checkpoint_key`` entry; a linear-probe file its ``state_dict``.
+  Official full checkpoints also hold their argparse.Namespace ('args'), a
+  plain attribute bag: the one other object allowed.
   """
   try:
     import torch
@@ -43,14 +44,22 @@ def load_pth(path: str, checkpoint_key: str = 'teacher') -> dict:
       '(or pip install torch==2.13.0 for the CPU build)'
     ) from e
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # noqa: BLE001 - pickled non-tensor objects
     raise InteropError(
       f'{path}: not a tensor-only checkpoint ({type(e).__name__}: '
-      f'{str(e).splitlines()[0][:200]}). Full training checkpoints hold a '
-      'pickled argparse.Namespace; re-save their state dicts with torch.'
+      f'{str(e).splitlines()[0][:200]}); refusing to unpickle it'
     ) from e
-  return _to_numpy(_select(obj, checkpoint_key))
+
+
+def load_pth(path: str, checkpoint_key: str = 'teacher') -> dict:
+  """Tensors of a .pth file as numpy arrays (official key names).
+
+  A training checkpoint (``student``/``teacher`` dicts) yields the
+  ``checkpoint_key`` entry; a linear-probe file its ``state_dict``.
+  """
+  return _to_numpy(_select(_torch_load(path), checkpoint_key))
 
 
 def _select(obj, checkpoint_key):
@@ -289,3 +298,159 @@ def to_pytorch(variables: dict, module) -> dict[str, np.ndarray]:
     k = out['last_layer.weight_v'].shape[0]
     out['last_layer.weight_g'] = np.ones((k, 1), np.float32)
   return out
+
+
+def import_checkpoint(path: str, workdir: str, config) -> int:
+  """Seeds a dino_jax workdir from an official .pth (full or backbone-only).
+
+  Student and teacher (backbone and head) and the loss center are imported;
+  a backbone-only file gives both networks that backbone and a fresh head.
+  The optimizer state starts fresh (AdamW moments are not converted). The
+  step is ``epoch * steps_per_epoch`` when the config fixes
+  ``steps_per_epoch``, else 0. Returns the step.
+  """
+  import logging
+
+  from dino_jax import checkpoint as checkpoint_lib
+  from dino_jax import optim
+  from dino_jax import step as step_lib
+
+  student_m, _ = step_lib.build_models(config)
+  raw = _torch_load(path)
+  full = isinstance(raw, dict) and 'teacher' in raw and 'student' in raw
+  steps_per_epoch = max(config.steps_per_epoch, 1)
+  sched = step_lib.Schedules.from_config(config, steps_per_epoch)
+  tx = step_lib.build_optimizer(config, sched)
+  state = step_lib.init_state(
+    jax.random.PRNGKey(config.seed),
+    student_m,
+    tx,
+    config.crops.global_size,
+    config.model.out_dim,
+  )
+  backbone_m, head_m = student_m.backbone, student_m.head
+
+  def params_of(state_dict):
+    state_dict = strip_prefixes(_to_numpy(state_dict))
+    out = {'backbone': from_pytorch(state_dict, backbone_m)['params']}
+    if any(k.startswith('head.') for k in state_dict):
+      out['head'] = from_pytorch(state_dict, head_m)['params']
+    return out
+
+  if full:
+    student = {**state.student, **params_of(raw['student'])}
+    teacher = {**state.teacher, **params_of(raw['teacher'])}
+    center = raw.get('dino_loss', {}).get('center')
+    center = (
+      jnp.asarray(center.numpy(), jnp.float32).reshape(1, -1)
+      if center is not None
+      else state.center
+    )
+    epoch = int(raw.get('epoch', 0))
+  else:
+    backbone = params_of(_select(raw, 'teacher'))['backbone']
+    student = {**state.student, 'backbone': backbone}
+    teacher = {**state.teacher, 'backbone': backbone}
+    center, epoch = state.center, 0
+  step = epoch * config.steps_per_epoch if config.steps_per_epoch > 0 else 0
+  state = state.replace(
+    step=jnp.asarray(step, jnp.int32),
+    student=student,
+    teacher=teacher,
+    center=center,
+    opt_state=optim.set_schedule_step(tx.init(student), step),
+  )
+  ckpt = checkpoint_lib.Checkpointer(f'{workdir}/checkpoints', async_save=False)
+  ckpt.save(step, state, None, config)
+  ckpt.wait()
+  ckpt.close()
+  logging.getLogger(__name__).info(
+    'imported %s (%s) into %s at step %d',
+    path,
+    'full checkpoint' if full else 'backbone',
+    workdir,
+    step,
+  )
+  return step
+
+
+def export_checkpoint(workdir: str, path: str, what: str = 'backbone') -> dict:
+  """Writes the teacher backbone (as released) or the full networks to .pth.
+
+  ``what='backbone'``: the teacher backbone's 150 official keys (the released
+  "backbone only" files). ``what='full'``: ``{'student', 'teacher',
+  'dino_loss'}`` with the official prefixes.
+  """
+  import torch
+
+  from dino_jax import step as step_lib
+  from dino_jax.eval import run
+
+  config, _, state, step = run.load_workdir(workdir)
+  student_m, _ = step_lib.build_models(config)
+
+  def state_dict(params, prefix):
+    out = {}
+    for name, module in (
+      ('backbone', student_m.backbone),
+      ('head', student_m.head),
+    ):
+      for key, value in to_pytorch({'params': params[name]}, module).items():
+        out[f'{prefix}{name}.{key}'] = torch.from_numpy(np.array(value))
+    return out
+
+  if what == 'backbone':
+    payload = {
+      k[len('backbone.') :]: v
+      for k, v in state_dict(state.teacher, '').items()
+      if k.startswith('backbone.')
+    }
+  elif what == 'full':
+    payload = {
+      'student': state_dict(state.student, 'module.'),
+      'teacher': state_dict(state.teacher, ''),
+      'dino_loss': {'center': torch.from_numpy(np.array(state.center))},
+      'epoch': int(step) // max(config.steps_per_epoch, 1),
+    }
+  else:
+    raise ValueError(f"what={what!r}; use 'backbone' or 'full'")
+  torch.save(payload, path)
+  return payload
+
+
+def _main():
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file('config', None, 'Model config (import).')
+  flags.DEFINE_enum(
+    'what',
+    'backbone',
+    ['backbone', 'full'],
+    'export: teacher backbone only, or everything.',
+  )
+
+  def main(argv):
+    import logging
+
+    logging.getLogger('absl').setLevel(logging.WARNING)
+    usage = (
+      'usage: python -m dino_jax.interop import IN.pth OUT_WORKDIR '
+      '--config=CONFIG | export WORKDIR OUT.pth [--what=full]'
+    )
+    if len(argv) != 4 or argv[1] not in ('import', 'export'):
+      raise app.UsageError(usage)
+    if argv[1] == 'import':
+      if flags.FLAGS.config is None:
+        raise app.UsageError('import needs --config=configs/<model>.py')
+      step = import_checkpoint(argv[2], argv[3], flags.FLAGS.config)
+      print(f'imported {argv[2]} into {argv[3]} (step {step})')
+    else:
+      export_checkpoint(argv[2], argv[3], flags.FLAGS.what)
+      print(f'exported {argv[2]} to {argv[3]}')
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()

@@ -25,6 +25,25 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with one clear line for a bad flag or config field."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}\nPass --helpfull to see the flags.', file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # --config.unknown.field=...
+    reason = e
+    while isinstance(reason, Exception) and reason.args:
+      reason = reason.args[0]  # AttributeError(KeyError(message))
+    reason = ' '.join(str(reason).split())
+    bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    print(
+      f'error: unknown config field in {" ".join(bad)}: {reason}',
+      file=sys.stderr,
+    )
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -64,4 +83,4 @@ def main(argv):
 
 if __name__ == '__main__':
   jax.config.update('jax_threefry_partitionable', True)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

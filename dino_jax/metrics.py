@@ -94,14 +94,18 @@ def check_health(
 ) -> list[str]:
   """Raises on a non-finite loss; returns collapse warnings (SPEC §1)."""
   loss = scalars['loss']
-  if not math.isfinite(loss):
+  state_finite = scalars.get('state_finite', 1.0) >= 1.0
+  if not math.isfinite(loss) or not state_finite:
     where = (
       f'the last good checkpoint is step {last_checkpoint}'
       if last_checkpoint is not None
       else 'no checkpoint was saved yet'
     )
+    what = (
+      f'loss is {loss}:' if not math.isfinite(loss) else 'updated parameters'
+    )
     raise NonFiniteLossError(
-      f'loss is {loss} at step {step}; stopping without saving ({where}). '
+      f'{what} not finite at step {step}; stopping without saving ({where}). '
       'Try a lower lr, a lower teacher_temp, or model.dtype=float32.'
     )
   warnings = []

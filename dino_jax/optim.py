@@ -148,3 +148,18 @@ def make_optimizer(
     learning_rate=_indexer(lr_schedule),
     weight_decay=_indexer(wd_schedule),
   )
+
+
+def set_schedule_step(opt_state, step: int):
+  """Puts the schedule and freeze counters of a fresh state at ``step``.
+
+  For a state seeded mid-run (e.g. imported from PyTorch): lr and weight
+  decay continue from ``step`` and the last-layer freeze is judged from it,
+  while fresh Adam moments keep their own bias-correction count.
+  """
+  step = jnp.asarray(step, jnp.int32)
+  opt_state = opt_state._replace(count=step)  # InjectHyperparamsState
+  try:
+    return optax.tree.set(opt_state, step=step)  # ConditionallyMaskState
+  except KeyError:  # no frozen last layer in this optimizer
+    return opt_state

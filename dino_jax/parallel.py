@@ -1,7 +1,10 @@
 """Device mesh and shardings: one place for every PartitionSpec.
 
-The mesh has axes ('data', 'fsdp'); the batch is split over both, parameters
-are replicated (fsdp rules come with the scale-out work, issue 9).
+The mesh has axes ('data', 'fsdp'). The batch is split over both. Parameters
+and optimizer moments with at least ``fsdp_min_size`` elements are split over
+'fsdp' along their largest dimension that the axis divides; everything else
+(and everything when fsdp = 1) is replicated. GSPMD inserts the gathers and
+reduce-scatters, so every mean in the step stays a global mean.
 """
 
 from collections.abc import Callable, Sequence
@@ -58,16 +61,42 @@ def tree_batch_sharding(mesh: Mesh, batch: Any) -> Any:
   return jax.tree_util.tree_map_with_path(spec, batch)
 
 
-def state_sharding(mesh: Mesh, state_shape: Any) -> Any:
-  """Shardings of the train state: replicated for now."""
-  return jax.tree.map(lambda _: replicated(mesh), state_shape)
+def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
+  """PartitionSpec of one state leaf (fsdp over its largest divisible dim)."""
+  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[dim] = 'fsdp'
+      return P(*spec)
+  return P()
+
+
+def state_sharding(
+  mesh: Mesh, state_shape: Any, fsdp_min_size: int = 2**18
+) -> Any:
+  """Shardings of the train state (params, teacher, optimizer moments)."""
+  fsdp = mesh.shape['fsdp']
+  return jax.tree.map(
+    lambda leaf: NamedSharding(
+      mesh, leaf_spec(tuple(leaf.shape), fsdp, fsdp_min_size)
+    ),
+    state_shape,
+  )
 
 
 def jit_train_step(
-  train_step: Callable, mesh: Mesh, state_shape: Any, batch_shape: Any
+  train_step: Callable, mesh: Mesh, state_sh: Any, batch_shape: Any
 ) -> Callable:
-  """jit with explicit in/out shardings and the state donated."""
-  state_sh = state_sharding(mesh, state_shape)
+  """jit with explicit in/out shardings and the state donated.
+
+  Args:
+    train_step: ``(state, batch) -> (state, metrics)``.
+    mesh: the device mesh.
+    state_sh: state shardings (``state_sharding``).
+    batch_shape: a batch (or its shapes), for the batch shardings.
+  """
   return jax.jit(
     train_step,
     in_shardings=(state_sh, tree_batch_sharding(mesh, batch_shape)),
@@ -76,10 +105,14 @@ def jit_train_step(
   )
 
 
-def jit_init(init_fn: Callable, mesh: Mesh) -> Callable:
+def jit_init(
+  init_fn: Callable, mesh: Mesh, fsdp_min_size: int = 2**18
+) -> Callable:
   """jit an init so the state is created already laid out on the mesh."""
   shape = jax.eval_shape(init_fn)
-  return jax.jit(init_fn, out_shardings=state_sharding(mesh, shape))
+  return jax.jit(
+    init_fn, out_shardings=state_sharding(mesh, shape, fsdp_min_size)
+  )
 
 
 def initialize_distributed(

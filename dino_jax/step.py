@@ -234,6 +234,14 @@ def make_train_step(
     prototypes = jnp.argmax(teacher_out, axis=-1).reshape(-1)
     metrics = {
       'loss': loss,
+      # 1.0 while every updated student parameter is finite; the loop never
+      # saves a state whose flag is 0 (a huge lr can overflow the weights
+      # while the loss, computed before the update, is still finite).
+      'state_finite': jnp.all(
+        jnp.stack(
+          [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_student)]
+        )
+      ).astype(jnp.float32),
       'teacher_entropy': aux['teacher_entropy'],
       'kl': aux['kl'],
       'lr': _lookup(sched.lr, step),

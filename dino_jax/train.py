@@ -123,7 +123,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config.model.out_dim,
   )
   state_shape = jax.eval_shape(init_fn)
-  state_sharding = parallel.state_sharding(mesh, state_shape)
+  state_sharding = parallel.state_sharding(
+    mesh, state_shape, config.mesh.fsdp_min_size
+  )
 
   dataset = pipeline.train_dataset(
     source,
@@ -156,7 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     'size': jax.ShapeDtypeStruct((config.batch_size, 2), np.int32),
     'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32),
   }
-  jitted = parallel.jit_train_step(train_step, mesh, state_shape, batch_shape)
+  jitted = parallel.jit_train_step(
+    train_step, mesh, state_sharding, batch_shape
+  )
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   progress = metrics_lib.Progress(start, total_steps, config.batch_size)
   scalars = {}
@@ -176,9 +180,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if log_now or save_now:
         scalars = jax.device_get(metrics)
         scalars = {k: float(v) for k, v in scalars.items()}
-        for warning in metrics_lib.check_health(
-          step, scalars, config.model.out_dim, last_saved
-        ):
+        try:
+          warnings = metrics_lib.check_health(
+            step, scalars, config.model.out_dim, last_saved
+          )
+        except metrics_lib.NonFiniteLossError:
+          _close(ckpt, writer, data_iter)  # finish the last good save
+          raise
+        for warning in warnings:
           logger.warning('step %d: %s', step, warning)
       if log_now:
         scalars.update(progress.update(step))

@@ -1,11 +1,21 @@
 """Test setup: 8 fake CPU devices, set before JAX starts."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 )
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for this test session, shared with the
+# CLI subprocesses (which inherit the environment): a second run of the same
+# config loads its executables instead of compiling them again.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache = tempfile.mkdtemp(prefix='dino_jax_test_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Parity with a PyTorch DINO written from SPEC; import/export round trips."""
 
 import argparse
+import fractions
 import os
 
 import jax
@@ -181,16 +182,92 @@ class KeysTest(absltest.TestCase):
     np.testing.assert_array_equal(
       variables['params']['cls_token'], vit.cls_token.detach().numpy()
     )
-    unsafe = os.path.join(directory, 'full.pth')
-    torch.save(
+    full = os.path.join(directory, 'full.pth')
+    torch.save(  # official full checkpoints pickle their argparse args
       {
         'teacher': vit.state_dict(),
         'args': argparse.Namespace(arch='vit_small'),
       },
-      unsafe,
+      full,
+    )
+    variables = interop.from_pytorch(full, tiny_vit())
+    np.testing.assert_array_equal(
+      variables['params']['pos_embed'], vit.pos_embed.detach().numpy()
+    )
+    unsafe = os.path.join(directory, 'unsafe.pth')
+    torch.save(
+      {'teacher': vit.state_dict(), 'args': fractions.Fraction(1, 3)}, unsafe
     )
     with self.assertRaisesRegex(interop.InteropError, 'tensor-only'):
       interop.from_pytorch(unsafe, tiny_vit())
+
+
+class CheckpointImportExportTest(absltest.TestCase):
+  def test_full_checkpoint_round_trip(self):
+    import tiny_config
+
+    from dino_jax.eval import run
+
+    config = tiny_config.get_config()
+    config.steps_per_epoch = 5
+    torch.manual_seed(4)
+    nets = {}
+    for name in ('student', 'teacher'):
+      vit = torch_dino.ViT(patch=8, dim=32, depth=2, heads=2, img_size=32)
+      head = torch_dino.Head(32, 64, hidden=64, bottleneck=16)
+      with torch.no_grad():  # norm_last_layer: g = 1
+        head.last_layer.parametrizations.weight.original0.fill_(1.0)
+      nets[name] = (vit, head)
+    prefix = {'student': 'module.', 'teacher': ''}
+    ckpt = {
+      name: {
+        **{
+          f'{prefix[name]}backbone.{k}': v for k, v in vit.state_dict().items()
+        },
+        **{f'{prefix[name]}head.{k}': v for k, v in head.state_dict().items()},
+      }
+      for name, (vit, head) in nets.items()
+    }
+    center = torch.randn(1, 64)
+    ckpt.update(
+      dino_loss={'center': center},
+      epoch=3,
+      args=argparse.Namespace(arch='vit_small'),
+    )
+    directory = self.create_tempdir().full_path
+    path = os.path.join(directory, 'checkpoint.pth')
+    torch.save(ckpt, path)
+    workdir = os.path.join(directory, 'work')
+    step = interop.import_checkpoint(path, workdir, config)
+    self.assertEqual(step, 15)
+    _, _, state, restored_step = run.load_workdir(workdir)
+    self.assertEqual(restored_step, 15)
+    np.testing.assert_array_equal(state.center, center.numpy())
+    np.testing.assert_array_equal(
+      state.teacher['backbone']['cls_token'],
+      nets['teacher'][0].cls_token.detach().numpy(),
+    )
+    np.testing.assert_array_equal(
+      state.student['backbone']['pos_embed'],
+      nets['student'][0].pos_embed.detach().numpy(),
+    )
+    self.assertEqual(int(state.opt_state.count), 15)  # schedules go on
+    out = os.path.join(directory, 'export.pth')
+    interop.export_checkpoint(workdir, out, what='full')
+    exported = torch.load(out, weights_only=True)
+    for name in ('student', 'teacher'):
+      for key, value in ckpt[name].items():
+        if 'parametrizations' in key:
+          key = key.replace('parametrizations.weight.original0', 'weight_g')
+          key = key.replace('parametrizations.weight.original1', 'weight_v')
+        np.testing.assert_array_equal(
+          exported[name][key].numpy(), value.numpy(), key
+        )
+    backbone = os.path.join(directory, 'backbone.pth')
+    interop.export_checkpoint(workdir, backbone)
+    released = torch.load(backbone, weights_only=True)
+    clone = torch_dino.ViT(patch=8, dim=32, depth=2, heads=2, img_size=32)
+    clone.load_state_dict(released)  # strict, like torch.hub
 
 
 if __name__ == '__main__':

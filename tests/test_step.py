@@ -4,6 +4,7 @@ import dataclasses
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 from tiny import crop_batch, tiny_config
@@ -28,17 +29,57 @@ def build(config, steps_per_epoch=5, sched=None):
   return student, teacher, state, fn, sched
 
 
-def run_on_mesh(config, mesh, batch, n_steps):
+def run_on_mesh(config, mesh, batch, n_steps, fsdp_min_size=2**18):
   _, _, state, fn, _ = build(config)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  jitted = parallel.jit_train_step(
-    fn, mesh, jax.eval_shape(lambda: state), batch
+  shardings = parallel.state_sharding(
+    mesh, jax.eval_shape(lambda: state), fsdp_min_size
   )
+  state = jax.device_put(state, shardings)
+  jitted = parallel.jit_train_step(fn, mesh, shardings, batch)
   losses = []
   for _ in range(n_steps):
     state, metrics = jitted(state, batch)
     losses.append(float(metrics['loss']))
   return jax.device_get(state), losses, jitted
+
+
+def run_steps_global(mesh, n_steps, seed=5):
+  """Train steps on a deterministic global batch; works across processes.
+
+  Every process builds the same global arrays and supplies the shards its
+  devices hold (``make_array_from_callback``).
+  """
+  config = tiny_config()
+  _, _, state, fn, _ = build(config)
+  shardings = parallel.state_sharding(mesh, jax.eval_shape(lambda: state))
+  state = jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(
+      x.shape, s, lambda idx, x=x: np.asarray(x)[idx]
+    ),
+    state,
+    shardings,
+  )
+  host_batch = jax.tree.map(np.asarray, crop_batch(seed))
+  batch_sh = parallel.tree_batch_sharding(mesh, host_batch)
+  batch = jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(
+      x.shape, s, lambda idx, x=x: x[idx]
+    ),
+    host_batch,
+    batch_sh,
+  )
+  jitted = parallel.jit_train_step(fn, mesh, shardings, batch)
+  losses = []
+  for _ in range(n_steps):
+    state, metrics = jitted(state, batch)
+    losses.append(float(metrics['loss']))
+  checksum = float(
+    jax.jit(
+      lambda t: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(t)),
+      out_shardings=parallel.replicated(mesh),
+    )(state.student)
+  )
+  return losses, checksum
 
 
 class StepTest(absltest.TestCase):
@@ -60,6 +101,51 @@ class StepTest(absltest.TestCase):
     )
     np.testing.assert_allclose(sharded.center, single.center, atol=1e-6)
     self.assertEqual(jitted._cache_size(), 1)  # no recompilation
+
+  def test_fsdp_equals_replicated(self):
+    config = tiny_config()
+    batch = crop_batch(3)
+    mesh = parallel.make_mesh(devices=jax.devices()[:8])
+    ref, ref_losses, _ = run_on_mesh(config, mesh, batch, 2)
+    fsdp_mesh = parallel.make_mesh(data=2, fsdp=4)
+    shardings = parallel.state_sharding(
+      fsdp_mesh, jax.eval_shape(lambda: ref), 256
+    )
+    specs = [s.spec for s in jax.tree.leaves(shardings)]
+    self.assertTrue(any('fsdp' in spec for spec in specs))  # really sharded
+    got, losses, _ = run_on_mesh(config, fsdp_mesh, batch, 2, 256)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    chex.assert_trees_all_close(got.student, ref.student, atol=1e-5)
+    chex.assert_trees_all_close(got.teacher, ref.teacher, atol=1e-5)
+
+  def test_leaf_spec_rule(self):
+    self.assertEqual(
+      parallel.leaf_spec((384, 1536), 4, 1000),
+      jax.sharding.PartitionSpec(None, 'fsdp'),
+    )
+    self.assertEqual(
+      parallel.leaf_spec((6, 10), 4, 1), jax.sharding.PartitionSpec()
+    )  # nothing divisible
+    self.assertEqual(
+      parallel.leaf_spec((384,), 4, 1000), jax.sharding.PartitionSpec()
+    )  # small: replicated
+    self.assertEqual(
+      parallel.leaf_spec((384, 1536), 1, 1), jax.sharding.PartitionSpec()
+    )
+
+  def test_bfloat16_step_close_to_float32(self):
+    batch = crop_batch(4)
+    config = tiny_config()
+    _, _, state, fn, _ = build(config)
+    _, ref = jax.jit(fn)(state, batch)
+    config.model.dtype = 'bfloat16'
+    _, _, state16, fn16, _ = build(config)
+    chex.assert_trees_all_equal(state16.student, state.student)  # fp32 params
+    new16, metrics = jax.jit(fn16)(state16, batch)
+    chex.assert_type(metrics['loss'], jnp.float32)
+    chex.assert_trees_all_equal_dtypes(new16.student, state.student)
+    np.testing.assert_allclose(metrics['loss'], ref['loss'], rtol=2e-2)
+    self.assertNotEqual(float(metrics['loss']), float(ref['loss']))
 
   def test_no_retrace_after_first_step(self):
     config = tiny_config()

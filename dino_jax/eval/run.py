@@ -201,7 +201,9 @@ def load_workdir(workdir: str, overrides: dict | None = None):
   shape = jax.eval_shape(init_fn)
   state = ckpt.restore(
     step,
-    checkpoint_lib.abstract_like(shape, parallel.state_sharding(mesh, shape)),
+    checkpoint_lib.abstract_like(
+      shape, parallel.state_sharding(mesh, shape, config.mesh.fsdp_min_size)
+    ),
   )
   ckpt.close()
   return config, mesh, state, step
