@@ -112,7 +112,7 @@ def jax_steps(args):
   shape = jax.eval_shape(init_fn)
   shardings = parallel.state_sharding(mesh, shape, c.mesh.fsdp_min_size)
   rs = np.random.RandomState(0)
-  out = {}
+  out, memory = {}, {}
   sides = args.sides.split(',')
   for side in ('jax', 'jax_aug'):
     if side not in sides:
@@ -145,13 +145,21 @@ def jax_steps(args):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float((cost or {}).get('flops', 0.0))
+    mem = compiled.memory_analysis()
+    if mem is not None:  # XLA's plan per device: state + batch + temporaries
+      memory[side] = {
+        'arguments_bytes': int(mem.argument_size_in_bytes),
+        'temp_bytes': int(mem.temp_size_in_bytes),
+        'output_bytes': int(mem.output_size_in_bytes),
+        'alias_bytes': int(mem.alias_size_in_bytes),
+      }
     holder = {'state': state}
 
     def run(jitted=jitted, holder=holder, batch=batch):
       holder['state'], metrics = jitted(holder['state'], batch)
       return float(metrics['loss'])  # waits for the step
 
-    out[side] = (run, flops)
+    out[side] = (run, flops, memory.get(side))
   return out
 
 
@@ -214,8 +222,10 @@ def measure(args):
 
   runs, info = {}, {}
   flops = {}
-  for side, (fn, f) in jax_steps(args).items():
+  for side, (fn, f, mem) in jax_steps(args).items():
     runs[side], flops[side] = fn, f
+    if mem:
+      info[f'{side}_xla_memory'] = mem
   if 'torch' in args.sides.split(','):
     runs['torch'], extra = torch_step(args)
     info.update(extra)

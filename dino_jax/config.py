@@ -189,3 +189,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(
       f'data.source={config.data.source!r} unknown; use one of {DATA_SOURCES}'
     )
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  if fsdp < 1 or num_devices % fsdp:
+    raise ConfigError(
+      f'mesh.fsdp={fsdp} does not divide the {num_devices} devices'
+    )
+  if data != -1 and data * fsdp != num_devices:
+    raise ConfigError(
+      f'mesh.data={data} x mesh.fsdp={fsdp} != {num_devices} devices; '
+      'set mesh.data=-1 to use the rest'
+    )

@@ -264,6 +264,10 @@ class ErrorTest(absltest.TestCase):
       run(workdir, '--config.model.arch=vit_huge'),
       r"error: model.arch='vit_huge' unknown",
     )
+    self.assert_error(
+      run(workdir, '--config.mesh.fsdp=3', devices=8),
+      r'error: mesh.fsdp=3 does not divide the 8 devices',
+    )
 
   def test_unknown_field(self):
     workdir = self.create_tempdir().full_path

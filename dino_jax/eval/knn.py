@@ -106,20 +106,45 @@ def write_results(workdir: str, name: str, payload: dict) -> str:
 def _main():
   from absl import app, flags
 
+  from ml_collections import config_flags
+
   flags.DEFINE_string('workdir', None, 'Training workdir (its checkpoint).')
   flags.DEFINE_multi_string(
     'set', [], 'Config override key=value, e.g. eval.max_train_images=5000'
+  )
+  flags.DEFINE_string(
+    'pretrained',
+    None,
+    'An official DINO .pth (backbone-only or full checkpoint): imported '
+    'into --workdir first (needs --config for the architecture and data).',
+  )
+  config_flags.DEFINE_config_file(
+    'config', None, 'Model/data config, with --pretrained.'
   )
   flags.mark_flag_as_required('workdir')
 
   def main(argv):
     del argv
+    from dino_jax import checkpoint, interop
     from dino_jax.eval import run
 
     logging.getLogger('absl').setLevel(logging.WARNING)
-    run.knn_from_workdir(
-      flags.FLAGS.workdir, run.parse_overrides(flags.FLAGS.set)
-    )
+    f = flags.FLAGS
+    if f.pretrained:
+      if f.config is None:
+        raise app.UsageError('--pretrained needs --config=configs/<model>.py')
+      ckpt = checkpoint.Checkpointer(f'{f.workdir}/checkpoints')
+      existing = ckpt.latest_step()
+      ckpt.close()
+      if existing is None:
+        interop.import_checkpoint(f.pretrained, f.workdir, f.config)
+      else:
+        logging.warning(
+          '%s already holds a checkpoint (step %d); not importing again',
+          f.workdir,
+          existing,
+        )
+    run.knn_from_workdir(f.workdir, run.parse_overrides(f.set))
 
   app.run(main)
 
