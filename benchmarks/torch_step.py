@@ -137,4 +137,4 @@ class Step:
       torch._foreach_add_(pt, ps, alpha=1 - m)
       batch_center = teacher_out.float().mean(0, keepdim=True)
       self.center.mul_(0.9).add_(batch_center, alpha=0.1)
-    return loss
+    return loss.detach()

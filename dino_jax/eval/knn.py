@@ -105,7 +105,6 @@ def write_results(workdir: str, name: str, payload: dict) -> str:
 
 def _main():
   from absl import app, flags
-
   from ml_collections import config_flags
 
   flags.DEFINE_string('workdir', None, 'Training workdir (its checkpoint).')

@@ -96,7 +96,6 @@ def after_training(config, workdir, mesh, state, step: int) -> dict:
         num_classes=len(classes) or None,
       )
     for name, table in results.items():
-      logger.info('\n%s', knn.format_table(table, f'k-NN {name} (step {step})'))
       print(knn.format_table(table, f'k-NN {name} (step {step})'), flush=True)
     knn.write_results(
       workdir,
