@@ -105,16 +105,6 @@ def jit_train_step(
   )
 
 
-def jit_init(
-  init_fn: Callable, mesh: Mesh, fsdp_min_size: int = 2**18
-) -> Callable:
-  """jit an init so the state is created already laid out on the mesh."""
-  shape = jax.eval_shape(init_fn)
-  return jax.jit(
-    init_fn, out_shardings=state_sharding(mesh, shape, fsdp_min_size)
-  )
-
-
 def initialize_distributed(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
