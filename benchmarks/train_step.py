@@ -74,8 +74,6 @@ def parse_args(argv=None):
 
 def jax_steps(args):
   """{'jax': (fn, state, batch), 'jax_aug': ...} compiled on all devices."""
-  import functools
-
   import jax
   import numpy as np
 
@@ -101,14 +99,7 @@ def jax_steps(args):
   sched = step_lib.Schedules.from_config(c, 1000)
   student, teacher = step_lib.build_models(c)
   tx = step_lib.build_optimizer(c, sched)
-  init_fn = functools.partial(
-    step_lib.init_state,
-    jax.random.PRNGKey(0),
-    student,
-    tx,
-    c.crops.global_size,
-    c.model.out_dim,
-  )
+  init_fn = step_lib.init_fn_for(c, student, tx)  # c.seed = 0
   shape = jax.eval_shape(init_fn)
   shardings = parallel.state_sharding(mesh, shape, c.mesh.fsdp_min_size)
   rs = np.random.RandomState(0)

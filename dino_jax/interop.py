@@ -315,19 +315,10 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
   from dino_jax import optim
   from dino_jax import step as step_lib
 
-  student_m, _ = step_lib.build_models(config)
+  student_m, tx, init_fn = step_lib.state_template(config)
   raw = _torch_load(path)
   full = isinstance(raw, dict) and 'teacher' in raw and 'student' in raw
-  steps_per_epoch = max(config.steps_per_epoch, 1)
-  sched = step_lib.Schedules.from_config(config, steps_per_epoch)
-  tx = step_lib.build_optimizer(config, sched)
-  state = step_lib.init_state(
-    jax.random.PRNGKey(config.seed),
-    student_m,
-    tx,
-    config.crops.global_size,
-    config.model.out_dim,
-  )
+  state = init_fn()
   backbone_m, head_m = student_m.backbone, student_m.head
 
   def params_of(state_dict):
@@ -340,9 +331,9 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
   if full:
     student = {**state.student, **params_of(raw['student'])}
     teacher = {**state.teacher, **params_of(raw['teacher'])}
-    center = raw.get('dino_loss', {}).get('center')
+    center = _to_numpy(raw.get('dino_loss', {})).get('center')
     center = (
-      jnp.asarray(center.numpy(), jnp.float32).reshape(1, -1)
+      jnp.asarray(center, jnp.float32).reshape(1, -1)
       if center is not None
       else state.center
     )

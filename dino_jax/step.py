@@ -5,6 +5,7 @@ here, so tests, interop and benchmarks import it directly.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -155,6 +156,36 @@ def init_state(
     center=jnp.zeros((1, out_dim), jnp.float32),
     opt_state=tx.init(params),
   )
+
+
+def init_fn_for(
+  config: ml_collections.ConfigDict,
+  student: MultiCropModel,
+  tx: optax.GradientTransformation,
+) -> Callable[[], TrainState]:
+  """``init_state`` bound to the config's seed, crop size and K."""
+  return functools.partial(
+    init_state,
+    jax.random.PRNGKey(config.seed),
+    student,
+    tx,
+    config.crops.global_size,
+    config.model.out_dim,
+  )
+
+
+def state_template(
+  config: ml_collections.ConfigDict,
+) -> tuple[MultiCropModel, optax.GradientTransformation, Callable]:
+  """(student, optimizer, init_fn) for a state to restore or seed.
+
+  Schedules use ``config.steps_per_epoch`` (1 when it is derived from the
+  data): they only shape the optimizer state here, never its values.
+  """
+  sched = Schedules.from_config(config, max(config.steps_per_epoch, 1))
+  student, _ = build_models(config)
+  tx = build_optimizer(config, sched)
+  return student, tx, init_fn_for(config, student, tx)
 
 
 def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:

@@ -4,7 +4,6 @@ No math here: the step is ``step.make_train_step``, the augmentation
 ``data.multicrop``, the evaluation ``eval.run``.
 """
 
-import functools
 import logging
 import os
 import signal
@@ -114,14 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     center_momentum=config.loss.center_momentum,
     augment=multicrop.make_multicrop(config.crops),
   )
-  init_fn = functools.partial(
-    step_lib.init_state,
-    jax.random.PRNGKey(config.seed),
-    student,
-    tx,
-    config.crops.global_size,
-    config.model.out_dim,
-  )
+  init_fn = step_lib.init_fn_for(config, student, tx)
   state_shape = jax.eval_shape(init_fn)
   state_sharding = parallel.state_sharding(
     mesh, state_shape, config.mesh.fsdp_min_size

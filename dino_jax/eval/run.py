@@ -185,17 +185,7 @@ def load_workdir(workdir: str, overrides: dict | None = None):
     if name not in target:
       raise KeyError(f'unknown config field {key!r}')
     target[name] = _cast(target[name], value)
-  sched = step_lib.Schedules.from_config(config, max(config.steps_per_epoch, 1))
-  student, _ = step_lib.build_models(config)
-  tx = step_lib.build_optimizer(config, sched)
-  init_fn = functools.partial(
-    step_lib.init_state,
-    jax.random.PRNGKey(config.seed),
-    student,
-    tx,
-    config.crops.global_size,
-    config.model.out_dim,
-  )
+  _, _, init_fn = step_lib.state_template(config)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   shape = jax.eval_shape(init_fn)
   state = ckpt.restore(
