@@ -163,10 +163,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, metrics = jitted(state, batch)
       step += 1
       log_now = step % config.log_every_steps == 0 or step == total_steps
+      # Read the SIGTERM flag once per step: a signal arriving between the
+      # save decision and the exit check must not skip the save.
+      preempted = preemption.requested
       save_now = (
         step % config.checkpoint_every_steps == 0
         or step == total_steps
-        or preemption.requested
+        or preempted
         or ckpt.reached_preemption(step)
       )
       if log_now or save_now:
@@ -202,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if save_now:
         ckpt.save(step, state, data_iter, config)
         last_saved = step
-      if preemption.requested:
+      if preempted:
         logger.warning('preempted: saved step %d, exiting', step)
         _close(ckpt, writer, data_iter)
         return scalars
