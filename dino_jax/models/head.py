@@ -47,12 +47,22 @@ class WeightNormLinear(nn.Module):
       ),
       (in_dim, self.features),
     )
-    # No eps in the weight norm (torch weight_norm).
-    w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+    # No eps in the weight norm (torch weight_norm). x @ (v * s) is computed
+    # as (x @ v) * s: on XLA:CPU a dot whose operand is an elementwise fusion
+    # falls off the fast matmul path (9 s instead of 0.03 s for K = 65536),
+    # and the column sums of squares as a matmul with ones avoid XLA:CPU's
+    # slow non-minor reduction (45 ms instead of 200 ms).
+    sum_sq = jnp.dot(
+      jnp.ones((1, in_dim), jnp.float32),
+      jnp.square(v),
+      precision=jax.lax.Precision.HIGHEST,
+    )
+    scale = jax.lax.rsqrt(sum_sq)  # [1, K]
     if self.trainable_norm:
       g = self.param('weight_g', nn.initializers.ones, (1, self.features))
-      w = w * g
-    return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+      scale = scale * g
+    out = jnp.dot(x.astype(self.dtype), v.astype(self.dtype))
+    return out * scale.astype(self.dtype)
 
 
 class DINOHead(nn.Module):

