@@ -5,11 +5,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tiny_config
 from absl.testing import absltest, parameterized
 
 from dino_jax import models, parallel
 from dino_jax.data import sources
-from dino_jax.eval import attention, features, knn
+from dino_jax.eval import attention, features, knn, run
 
 
 def knn_reference(train_x, train_y, test_x, test_y, k, t, num_classes):
@@ -121,6 +122,40 @@ class FeaturesTest(absltest.TestCase):
       jnp.stack([transform.map(source[i])['image'] for i in range(3)]),
     )
     np.testing.assert_allclose(x8[:3], direct, atol=1e-5)
+
+  def test_one_pass_for_several_feature_maps(self):
+    """knn_eval_many decodes once and scores each map as if alone."""
+    config = tiny_config.get_config()
+    config.eval.max_test_images = 24
+    model = models.VisionTransformer(
+      patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32
+    )
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+    mesh = parallel.make_mesh()
+    pixels = lambda images: images.reshape(images.shape[0], -1)  # noqa: E731
+    both = run.knn_eval_many(
+      config,
+      mesh,
+      {'vit': features.cls_feature_fn(model, params), 'pixels': pixels},
+    )
+    self.assertEqual(set(both), {'vit', 'pixels'})
+    alone = run.knn_eval(config, mesh, model, params, 'vit')
+    self.assertEqual(both['vit'], alone)
+    source = sources.make_source(config.data, 'train')
+    transform = features.EvalTransform(32, 32)
+    images = np.stack([transform.map(source[i])['image'] for i in range(64)])
+    labels = np.array([source[i]['label'] for i in range(64)])
+    direct = knn.knn_classify(
+      images.reshape(64, -1),
+      labels,
+      images[:24].reshape(24, -1),
+      labels[:24],
+      ks=(2, 4),
+      num_classes=10,
+    )
+    for k in (2, 4):
+      self.assertAlmostEqual(both['pixels'][k]['top1'], direct[k]['top1'])
+      self.assertAlmostEqual(both['pixels'][k]['top5'], direct[k]['top5'])
 
 
 if __name__ == '__main__':

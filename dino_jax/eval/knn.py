@@ -56,7 +56,7 @@ def knn_classify(
   memory_labels = jnp.asarray(train_labels, jnp.int32)
 
   @jax.jit
-  def scores(queries):
+  def scores(queries, memory, memory_labels):  # arguments, not constants
     sim = _normalize(queries) @ memory.T  # [q, N] cosine
     top_sim, top_idx = jax.lax.top_k(sim, max_k)  # sorted, descending
     top_labels = memory_labels[top_idx]  # [q, max_k]
@@ -70,7 +70,7 @@ def knn_classify(
   for start in range(0, len(test_labels), chunk_size):
     queries = jnp.asarray(test_features[start : start + chunk_size])
     labels = np.asarray(test_labels[start : start + chunk_size])
-    class_scores = np.asarray(scores(queries))
+    class_scores = np.asarray(scores(queries, memory, memory_labels))
     order = np.argsort(-class_scores, axis=-1, kind='stable')
     for i, k in enumerate(ks):
       correct1[i] += np.sum(order[i, :, 0] == labels)

@@ -6,6 +6,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -32,32 +33,61 @@ def _extract(config, mesh, fn, split, max_images):
   ), getattr(source, 'classes', ())
 
 
-def knn_eval(config, mesh, model, params, label: str = 'trained') -> dict:
-  """k-NN accuracies of a backbone, {k: {'top1', 'top5'}}."""
-  fn = features.cls_feature_fn(model, params)
+def knn_eval_many(config, mesh, feature_fns: dict) -> dict:
+  """k-NN accuracies of several feature maps from one pass over the data.
+
+  Args:
+    config: the run config (eval group: splits, sizes, ks, temperature).
+    mesh: device mesh for the extraction.
+    feature_fns: {name: jittable images [B, S, S, 3] -> [B, F_name]}.
+
+  Returns:
+    {name: {k: {'top1', 'top5'}}}. The images are decoded once; every map
+    runs on each batch in one jitted call and the columns are split after.
+  """
+  names = list(feature_fns)
   e = config.eval
+  probe = jax.ShapeDtypeStruct((1, e.crop_size, e.crop_size, 3), np.float32)
+  widths = [jax.eval_shape(feature_fns[n], probe).shape[-1] for n in names]
+  bounds = np.cumsum([0] + widths)
+
+  def fn(images):
+    return jnp.concatenate(
+      [feature_fns[n](images).astype(jnp.float32) for n in names], axis=-1
+    )
+
   (train_x, train_y), classes = _extract(
     config, mesh, fn, e.train_split, e.max_train_images
   )
   (test_x, test_y), _ = _extract(
     config, mesh, fn, e.test_split, e.max_test_images
   )
-  logger.info(
-    'k-NN (%s): %d memory, %d queries, %d-d features',
-    label,
-    len(train_y),
-    len(test_y),
-    train_x.shape[1],
-  )
-  return knn.knn_classify(
-    train_x,
-    train_y,
-    test_x,
-    test_y,
-    ks=tuple(e.ks),
-    temperature=e.temperature,
-    num_classes=len(classes) or None,
-  )
+  results = {}
+  for i, name in enumerate(names):
+    lo, hi = bounds[i], bounds[i + 1]
+    logger.info(
+      'k-NN (%s): %d memory, %d queries, %d-d features',
+      name,
+      len(train_y),
+      len(test_y),
+      hi - lo,
+    )
+    results[name] = knn.knn_classify(
+      train_x[:, lo:hi],
+      train_y,
+      test_x[:, lo:hi],
+      test_y,
+      ks=tuple(e.ks),
+      temperature=e.temperature,
+      num_classes=len(classes) or None,
+    )
+  return results
+
+
+def knn_eval(config, mesh, model, params, label: str = 'trained') -> dict:
+  """k-NN accuracies of a backbone, {k: {'top1', 'top5'}}."""
+  fn = features.cls_feature_fn(model, params)
+  return knn_eval_many(config, mesh, {label: fn})[label]
 
 
 def _identity_fn(images):
@@ -72,29 +102,14 @@ def after_training(config, workdir, mesh, state, step: int) -> dict:
   backbone = teacher.backbone
   params = state.teacher['backbone']
   if e.knn:
-    results = {'trained': knn_eval(config, mesh, backbone, params)}
+    fns = {'trained': features.cls_feature_fn(backbone, params)}
     if e.baselines:
       init = jax.jit(
         functools.partial(backbone.init, jax.random.PRNGKey(config.seed + 1))
       )(np.zeros((1, e.crop_size, e.crop_size, 3), np.float32))['params']
-      results['random_init'] = knn_eval(
-        config, mesh, backbone, init, 'random init'
-      )
-      (tx, ty), classes = _extract(
-        config, mesh, _identity_fn, e.train_split, e.max_train_images
-      )
-      (qx, qy), _ = _extract(
-        config, mesh, _identity_fn, e.test_split, e.max_test_images
-      )
-      results['raw_pixels'] = knn.knn_classify(
-        tx,
-        ty,
-        qx,
-        qy,
-        ks=tuple(e.ks),
-        temperature=e.temperature,
-        num_classes=len(classes) or None,
-      )
+      fns['random_init'] = features.cls_feature_fn(backbone, init)
+      fns['raw_pixels'] = _identity_fn
+    results = knn_eval_many(config, mesh, fns)
     for name, table in results.items():
       print(knn.format_table(table, f'k-NN {name} (step {step})'), flush=True)
     knn.write_results(
