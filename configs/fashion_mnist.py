@@ -16,7 +16,11 @@ from dino_jax.config import default_config
 def get_config():
   config = default_config()
   config.batch_size = 128
-  config.epochs = 2
+  # Short "epochs" of 80 steps (10,240 images) so that the official schedule
+  # shapes (warmup, cosine lr/wd/momentum, frozen last layer) fit a 400-step
+  # run: 51,200 images, under one pass over the 60,000 training images.
+  config.steps_per_epoch = 80
+  config.epochs = 5
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   config.model.patch_size = 4
@@ -30,10 +34,15 @@ def get_config():
   config.model.head_bottleneck_dim = 128
   config.optim.lr = 2e-3  # per 256: peak 1e-3 at batch 128
   config.optim.warmup_epochs = 1
+  # The last layer (random prototypes) stays frozen for the whole run: with
+  # so few steps, unfreezing it drove the teacher towards uniform outputs.
+  config.optim.freeze_last_layer = 5
   config.optim.momentum_teacher = 0.99
   config.crops.global_size = 28
   config.crops.local_size = 12
   config.crops.local_number = 4
+  # Blur scaled to the 28 px images (officially 0.1-2.0 px at 224/96 px).
+  config.crops.blur_sigma = (0.1, 0.3)
   config.data.source = 'fashion_mnist'
   config.data.canvas_size = 28
   config.data.num_workers = 0

@@ -75,6 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.crops.local_number = 8
   c.crops.local_size = 96
   c.crops.local_scale = (0.05, 0.4)
+  # Gaussian blur std range in pixels of the output crop (official: for
+  # 224/96 px crops; scale it down for tiny images). At most 2.0.
+  c.crops.blur_sigma = (0.1, 2.0)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'tfds'  # one of DATA_SOURCES
@@ -183,6 +186,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       raise ConfigError(
         f'crops.{name}={(lo, hi)} must satisfy 0 < lo <= hi <= 1'
       )
+  lo, hi = config.crops.blur_sigma
+  if not 0 < lo <= hi <= 2.0:
+    raise ConfigError(
+      f'crops.blur_sigma={(lo, hi)} must satisfy 0 < lo <= hi <= 2.0 (the '
+      'blur kernel covers 3 sigma up to 2.0)'
+    )
   if config.crops.local_number < 0:
     raise ConfigError(f'crops.local_number={config.crops.local_number} < 0')
   if config.data.source not in DATA_SOURCES:

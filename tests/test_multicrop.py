@@ -12,6 +12,7 @@ import reference
 from absl.testing import absltest, parameterized
 from PIL import Image, ImageEnhance, ImageFilter
 
+from dino_jax import config as config_lib
 from dino_jax.data import multicrop
 
 
@@ -230,7 +231,30 @@ class PipelineTest(parameterized.TestCase):
       orders = {tuple(o) for o in np.asarray(p['order'][:2000])}
       self.assertLen(orders, 24)  # every permutation of the 4 ops occurs
       sigma = np.asarray(p['sigma'])
-      self.assertTrue(0.1 <= sigma.min() and sigma.max() <= 2.0)
+      np.testing.assert_allclose(
+        [sigma.min(), sigma.max()], [0.1, 2.0], atol=2e-3
+      )
+
+  def test_blur_sigma_range_from_config(self):
+    crops = config_lib.default_config().crops
+    crops.blur_sigma = (0.1, 0.3)
+    global_specs, local_specs = multicrop.crop_specs(crops)
+    for spec in global_specs + local_specs:
+      self.assertEqual(spec.sigma, (0.1, 0.3))
+    keys = jax.random.split(jax.random.key(1), 5000)
+    p = jax.vmap(
+      lambda k: multicrop.sample_params(k, jnp.array([28, 28]), local_specs[0])
+    )(keys)
+    sigma = np.asarray(p['sigma'])
+    np.testing.assert_allclose(
+      [sigma.min(), sigma.max()], [0.1, 0.3], atol=1e-3
+    )
+    config = config_lib.default_config()
+    config.crops.blur_sigma = (0.1, 3.0)
+    with self.assertRaisesRegex(
+      config_lib.ConfigError, r'crops.blur_sigma=\(0.1, 3.0\)'
+    ):
+      config_lib.validate(config, 1)
 
   def make_batch(self, n=4, canvas=64):
     rs = np.random.RandomState(5)

@@ -27,7 +27,7 @@ import ml_collections
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-BLUR_RADIUS = 6  # taps each side: 3 * sigma_max (2.0)
+BLUR_RADIUS = 6  # taps each side: 3 * the largest sigma allowed (2.0)
 _LUMA = jnp.array([0.299, 0.587, 0.114])
 
 
@@ -43,13 +43,15 @@ class CropSpec:
   flip_prob: float = 0.5
   jitter_prob: float = 0.8
   gray_prob: float = 0.2
+  sigma: tuple[float, float] = (0.1, 2.0)  # blur std in pixels
 
 
 def crop_specs(
   crops: ml_collections.ConfigDict,
 ) -> tuple[list[CropSpec], list[CropSpec]]:
   """(global specs, local specs) from the ``crops`` config group."""
-  g = dict(size=crops.global_size, scale=tuple(crops.global_scale))
+  sigma = tuple(crops.blur_sigma)
+  g = dict(size=crops.global_size, scale=tuple(crops.global_scale), sigma=sigma)
   globals_ = [
     CropSpec(**g, blur_prob=1.0, solarize_prob=0.0),
     CropSpec(**g, blur_prob=0.1, solarize_prob=0.2),
@@ -59,6 +61,7 @@ def crop_specs(
     scale=tuple(crops.local_scale),
     blur_prob=0.5,
     solarize_prob=0.0,
+    sigma=sigma,
   )
   return globals_, [local] * crops.local_number
 
@@ -263,7 +266,7 @@ def sample_params(
     box int32 [4]; flip, jitter, gray, blur, solarize bool []; order int32
     [4] (jitter op order: 0 brightness, 1 contrast, 2 saturation, 3 hue);
     factors float32 [4] (b ~ U[0.6, 1.4], c ~ U[0.6, 1.4], s ~ U[0.8, 1.2],
-    h ~ U[-0.1, 0.1]); sigma float32 [] ~ U(0.1, 2.0).
+    h ~ U[-0.1, 0.1]); sigma float32 [] ~ U(spec.sigma), (0.1, 2.0) officially.
   """
   k = jax.random.split(key, 12)
   uniform = lambda i, lo, hi: jax.random.uniform(k[i], (), minval=lo, maxval=hi)
@@ -285,7 +288,7 @@ def sample_params(
     'gray': jax.random.uniform(k[8]) < spec.gray_prob,
     # Blur when U <= p, so p = 1 always blurs (SPEC §5.3).
     'blur': jax.random.uniform(k[9]) <= spec.blur_prob,
-    'sigma': uniform(10, 0.1, 2.0),
+    'sigma': uniform(10, *spec.sigma),
     'solarize': jax.random.uniform(k[11]) < spec.solarize_prob,
   }
 
