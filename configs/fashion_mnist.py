@@ -16,10 +16,10 @@ from dino_jax.config import default_config
 def get_config():
   config = default_config()
   config.batch_size = 128
-  # Short "epochs" of 80 steps (10,240 images) so that the official schedule
-  # shapes (warmup, cosine lr/wd/momentum, frozen last layer) fit a 400-step
-  # run: 51,200 images, under one pass over the 60,000 training images.
-  config.steps_per_epoch = 80
+  # Short "epochs" of 72 steps (9,216 images) so that the official schedule
+  # shapes (warmup, cosine lr/wd/momentum, frozen last layer) fit a 360-step
+  # run: 46,080 images, under one pass over the 60,000 training images.
+  config.steps_per_epoch = 72
   config.epochs = 5
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200

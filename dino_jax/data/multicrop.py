@@ -50,7 +50,8 @@ def crop_specs(
   crops: ml_collections.ConfigDict,
 ) -> tuple[list[CropSpec], list[CropSpec]]:
   """(global specs, local specs) from the ``crops`` config group."""
-  sigma = tuple(crops.blur_sigma)
+  # Configs saved before blur_sigma existed use the official range.
+  sigma = tuple(crops.get('blur_sigma', CropSpec.sigma))
   g = dict(size=crops.global_size, scale=tuple(crops.global_scale), sigma=sigma)
   globals_ = [
     CropSpec(**g, blur_prob=1.0, solarize_prob=0.0),
