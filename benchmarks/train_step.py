@@ -281,10 +281,23 @@ SWEEPS = {
 }
 
 
+def _without(argv, flags):
+  """argv minus each flag in ``flags`` (``--f v`` or ``--f=v`` forms)."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a in flags:
+      skip = True
+    elif not a.startswith(tuple(f + '=' for f in flags)):
+      out.append(a)
+  return out
+
+
 def sweep(args, argv):
   """One subprocess per point (device counts need a fresh JAX)."""
   flag, values = SWEEPS[args.sweep]
-  base = [a for a in argv if not a.startswith('--sweep')]
+  base = _without(argv, ('--sweep', '--out'))  # the parent writes --out
   if '--sides' not in ' '.join(base):
     base += ['--sides', 'jax']
   rows = []
