@@ -1,6 +1,7 @@
 """ViT and DINO head: counts, init, forward vs a numpy reference (SPEC §2)."""
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,6 +111,34 @@ class PosEmbedTest(parameterized.TestCase):
   def test_not_identity_when_forced(self):
     ref = reference.interpolate_pos_embed(self.pos, 14, 14, 224, 225)
     self.assertGreater(np.abs(ref - np.asarray(self.pos)).max(), 1e-3)
+
+
+class PatchEmbedTest(parameterized.TestCase):
+  @parameterized.parameters((32, 32), (35, 29))
+  def test_equals_strided_conv(self, height, width):
+    """Matmul patches == PyTorch-style VALID stride-p conv, values and grads."""
+    from dino_jax.models import vit
+
+    init = vit._torch_default_uniform(0.2)
+    embed = vit.PatchEmbed(16, 8, kernel_init=init, bias_init=init)
+    conv = flax.linen.Conv(16, (8, 8), strides=(8, 8), padding='VALID')
+    images = jax.random.normal(jax.random.key(0), (2, height, width, 3))
+    params = embed.init(jax.random.key(1), images)
+    self.assertEqual(
+      jax.tree.map(jnp.shape, params),
+      jax.tree.map(jnp.shape, conv.init(jax.random.key(1), images)),
+    )
+    out = embed.apply(params, images)
+    chex.assert_shape(out, (2, height // 8, width // 8, 16))
+    np.testing.assert_allclose(
+      out, conv.apply(params, images), atol=1e-5, rtol=1e-5
+    )
+
+    def grads(module):
+      fn = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
+      return jax.grad(fn, argnums=(0, 1))(params, images)
+
+    chex.assert_trees_all_close(grads(embed), grads(conv), atol=1e-5)
 
 
 class ViTForwardTest(parameterized.TestCase):

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dino_jax.models import vit
+
 _TRUNC_NORMAL = nn.initializers.normal(0.02)
 
 
@@ -109,7 +111,7 @@ class DINOHead(nn.Module):
             name=f'mlp_{index}',
           )(x)
           index += 1
-        x = nn.gelu(x, approximate=False)
+        x = vit.gelu(x)  # exact erf GELU
         index += 1
       x = dense(self.bottleneck_dim, name=f'mlp_{index}')(x)
     x = l2_normalize(x.astype(jnp.float32))
