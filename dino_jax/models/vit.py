@@ -139,6 +139,31 @@ class DropPath(nn.Module):
     return x / keep * jnp.floor(keep + uniform)
 
 
+@jax.custom_vjp
+def _softmax(logits: jax.Array) -> jax.Array:
+  """Softmax over the last axis with the textbook backward pass.
+
+  d logits = p * (g - sum(g * p)): one fused elementwise pass over the saved
+  probabilities, where the autodiff of exp / sum makes XLA:CPU materialise
+  the broadcast 1 / sum over [B, H, T, T] first.
+  """
+  shifted = logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+  unnormalized = jnp.exp(shifted)
+  return unnormalized / unnormalized.sum(-1, keepdims=True)
+
+
+def _softmax_fwd(logits):
+  probs = _softmax(logits)
+  return probs, probs
+
+
+def _softmax_bwd(probs, grad):
+  return (probs * (grad - jnp.sum(grad * probs, -1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one qkv projection (SPEC §2.2 item 4)."""
 
@@ -156,7 +181,10 @@ class Attention(nn.Module):
     dense = functools.partial(
       nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
     )
-    qkv = dense(3 * d, use_bias=self.qkv_bias, name='qkv')(x)
+    # Dense layers see [B * T, D]: with 2-D operands the weight gradients
+    # are plain matmuls (a 3-D dot_general costs XLA:CPU a transposed copy of
+    # the output gradient per layer).
+    qkv = dense(3 * d, use_bias=self.qkv_bias, name='qkv')(x.reshape(b * t, d))
     # [B, T, 3D] -> [B, T, 3, heads, hd]: PyTorch's [3, heads, hd] layout.
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
     if return_attention or self.impl == 'einsum':
@@ -168,7 +196,7 @@ class Attention(nn.Module):
       # larger multiply (and XLA:CPU materialises the broadcast scale in the
       # backward pass); exact for head_dim = 4^n, e.g. 64 (scale = 1/8).
       logits = jnp.einsum('bhqd,bhkd->bhqk', q * scale, k)
-      attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      attn = _softmax(logits.astype(jnp.float32))
       if return_attention:
         return attn
       out = jnp.einsum('bhqk,bhkd->bhqd', attn.astype(v.dtype), v)
@@ -180,8 +208,8 @@ class Attention(nn.Module):
       raise ValueError(
         f'attention impl {self.impl!r} unknown; use one of {ATTENTION_IMPLS}'
       )
-    out = out.reshape(b, t, d)  # heads concatenated head-major
-    return dense(d, name='proj')(out)
+    out = out.reshape(b * t, d)  # heads concatenated head-major
+    return dense(d, name='proj')(out).reshape(b, t, d)
 
 
 class Mlp(nn.Module):
@@ -190,13 +218,14 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
+    shape = x.shape
     dense = functools.partial(
       nn.Dense, kernel_init=_TRUNC_NORMAL, dtype=self.dtype
     )
+    x = x.reshape(-1, shape[-1])  # 2-D matmuls, as in Attention
     x = dense(self.hidden_dim, name='fc1')(x)
     x = gelu(x)  # SPEC §2.2: exact erf GELU.
-    return dense(d, name='fc2')(x)
+    return dense(shape[-1], name='fc2')(x).reshape(shape)
 
 
 class Block(nn.Module):
