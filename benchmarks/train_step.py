@@ -68,6 +68,11 @@ def parse_args(argv=None):
     choices=['devices', 'locals', 'resolution', 'batch'],
     help='scaling sweep of the jax step (subprocess per point)',
   )
+  p.add_argument(
+    '--sweep_values',
+    default=None,
+    help='comma list of points for --sweep (default: see SWEEPS)',
+  )
   p.add_argument('--out', default=None, help='append JSON lines here')
   return p.parse_args(argv)
 
@@ -297,7 +302,15 @@ def _without(argv, flags):
 def sweep(args, argv):
   """One subprocess per point (device counts need a fresh JAX)."""
   flag, values = SWEEPS[args.sweep]
-  base = _without(argv, ('--sweep', '--out'))  # the parent writes --out
+  if args.sweep_values:
+    try:
+      values = [int(v) for v in args.sweep_values.split(',')]
+    except ValueError:
+      raise SystemExit(
+        f'--sweep_values={args.sweep_values!r}: expected integers, e.g. 4,8'
+      ) from None
+  # The parent writes --out; each point is one plain measurement.
+  base = _without(argv, ('--sweep', '--sweep_values', '--out'))
   if '--sides' not in ' '.join(base):
     base += ['--sides', 'jax']
   rows = []
