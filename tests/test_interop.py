@@ -75,6 +75,34 @@ class ParityTest(parameterized.TestCase):
     for ours, ref in zip(layers, ref_layers, strict=True):
       self.assertLess(rel_err(ours, ref), 1e-5)
 
+  @parameterized.parameters((224, 224), (96, 128))
+  def test_gradients_match(self, h, w):
+    """Parameter gradients of sum(sin(CLS)) equal PyTorch's autograd."""
+    x, xt = self.images(h, w)
+    self.torch_vit.zero_grad()
+    torch.sin(self.torch_vit(xt)).sum().backward()
+    ref = interop.from_pytorch(
+      {
+        k: p.grad.numpy()
+        for k, p in self.torch_vit.named_parameters()
+        if p.grad is not None
+      },
+      self.model,
+    )['params']
+
+    def loss(params):
+      return jnp.sum(jnp.sin(self.model.apply({'params': params}, x)))
+
+    grads = jax.grad(loss)(self.variables['params'])
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    self.assertLen(flat, len(jax.tree.leaves(ref)))
+    for path, ours in flat:
+      theirs = ref
+      for key in path:
+        theirs = theirs[key.key]
+      name = jax.tree_util.keystr(path)
+      self.assertLess(rel_err(ours, theirs), 1e-4, name)
+
   def test_head(self):
     torch.manual_seed(1)
     head_t = torch_dino.Head(64, 100)
