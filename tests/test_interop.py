@@ -42,6 +42,36 @@ def rel_err(a, b):
   return np.abs(a - b).max() / np.abs(b).max()
 
 
+class LayerNormTest(absltest.TestCase):
+  def test_matches_torch_with_large_token_means(self):
+    """Two-pass variance: tokens with mean 50 and std 0.5 stay exact."""
+    rs = np.random.RandomState(0)
+    x = (rs.randn(2, 8, 384) * 0.5 + rs.randn(2, 8, 1) * 50).astype(np.float32)
+    g = rs.randn(2, 8, 384).astype(np.float32)
+    ln_t = torch.nn.LayerNorm(384, eps=1e-6)
+    with torch.no_grad():
+      ln_t.weight.copy_(torch.from_numpy(rs.rand(384).astype(np.float32)))
+      ln_t.bias.copy_(torch.from_numpy(rs.randn(384).astype(np.float32)))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = ln_t(xt)
+    (yt * torch.from_numpy(g)).sum().backward()
+    params = {
+      'scale': jnp.asarray(ln_t.weight.detach().numpy()),
+      'bias': jnp.asarray(ln_t.bias.detach().numpy()),
+    }
+    ln = models.vit.LayerNorm()
+
+    def loss(params, x):
+      return jnp.sum(ln.apply({'params': params}, x) * g)
+
+    y = ln.apply({'params': params}, x)
+    self.assertLess(np.abs(y - yt.detach().numpy()).max(), 1e-4)
+    d_params, d_x = jax.grad(loss, argnums=(0, 1))(params, x)
+    self.assertLess(rel_err(d_x, xt.grad.numpy()), 1e-4)
+    self.assertLess(rel_err(d_params['scale'], ln_t.weight.grad.numpy()), 1e-5)
+    self.assertLess(rel_err(d_params['bias'], ln_t.bias.grad.numpy()), 1e-5)
+
+
 class ParityTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
