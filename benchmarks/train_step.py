@@ -7,8 +7,9 @@
 
 One "image" is 2 x 224^2 + L x 96^2 crops (L = 8 by default): the teacher on
 the 2 global crops, the student forward and backward on all of them, AdamW
-with per-tensor clipping, EMA and center update. Three steps are timed in
-turns, after a warm-up, and the median of each is kept:
+with per-tensor clipping, EMA and center update. ``--steps`` (3) steps of
+each side are timed in turns after two warm-up steps; the median and the
+minimum of each are reported (benchmarks/timing.py):
 
   jax_aug    dino_jax step with the on-device multi-crop inside jit, fed
              decoded uint8 canvases (what the training program runs);
@@ -32,6 +33,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import timing
 
 ARCHS = {
   'vit_tiny': {'dim': 192, 'depth': 12, 'heads': 3},
@@ -216,6 +219,8 @@ def peak_memory():
 def measure(args):
   import jax
 
+  from dino_jax import hostmem
+
   runs, info = {}, {}
   flops = {}
   for side, (fn, f, mem) in jax_steps(args).items():
@@ -225,15 +230,7 @@ def measure(args):
   if 'torch' in args.sides.split(','):
     runs['torch'], extra = torch_step(args)
     info.update(extra)
-  for fn in runs.values():  # compile / warm up twice
-    fn()
-    fn()
-  times = {side: [] for side in runs}
-  for _ in range(args.steps):  # in turns, so drift hits every side alike
-    for side, fn in runs.items():
-      start = time.perf_counter()
-      fn()
-      times[side].append(time.perf_counter() - start)
+  times = timing.interleaved(runs, args.steps)  # after 2 warm-up calls
   result = {
     'benchmark': 'train_step',
     'date': time.strftime('%Y-%m-%d'),
@@ -248,12 +245,14 @@ def measure(args):
     'dtype': args.dtype,
     'attention': args.attention,
     'remat': args.remat,
+    'malloc': hostmem.status(),  # dino_jax.hostmem
     **info,
   }
+  result.update(timing.summarize(times, suffix='_step'))
   for side, ts in times.items():
-    sec = statistics.median(ts)
-    result[f'{side}_step_sec'] = round(sec, 4)
-    result[f'{side}_images_per_sec'] = round(args.batch / sec, 2)
+    result[f'{side}_images_per_sec'] = round(
+      args.batch / statistics.median(ts), 2
+    )
   for side, f in flops.items():
     if f:
       result[f'{side}_gflops_per_image'] = round(f / args.batch / 1e9, 2)
@@ -261,12 +260,6 @@ def measure(args):
         sec = statistics.median(times[side])
         mfu = f / sec / (args.peak_tflops * 1e12 * jax.device_count())
         result[f'{side}_mfu'] = round(mfu, 4)
-  if 'torch' in times:
-    t = statistics.median(times['torch'])
-    for side in flops:
-      result[f'ratio_{side}_over_torch'] = round(
-        t / statistics.median(times[side]), 3
-      )
   if 'jax' in times and 'jax_aug' in times:
     extra = statistics.median(times['jax_aug']) - statistics.median(
       times['jax']
@@ -349,4 +342,7 @@ if __name__ == '__main__':
   sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   )
+  from dino_jax import hostmem
+
+  hostmem.reexec_if_needed()  # both sides run with the same malloc settings
   main()

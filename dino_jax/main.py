@@ -10,6 +10,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from dino_jax import hostmem
+
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and evaluations.')
 flags.DEFINE_string(
   'coordinator_address',
@@ -82,5 +84,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
   jax.config.update('jax_threefry_partitionable', True)
   app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,7 @@
 """The benchmark scripts' argument handling (their timings are not tests)."""
 
+import contextlib
+import io
 import os
 import sys
 
@@ -8,6 +10,8 @@ from absl.testing import absltest
 sys.path.insert(
   0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks')
 )
+import block  # noqa: E402
+import timing  # noqa: E402
 import train_step  # noqa: E402
 
 
@@ -55,6 +59,62 @@ class SweepValuesTest(absltest.TestCase):
     argv = ['--sweep', 'batch', '--sweep_values', '4,x']
     with self.assertRaisesRegex(SystemExit, "--sweep_values='4,x'"):
       train_step.sweep(train_step.parse_args(argv), argv)
+
+
+class SummarizeTest(absltest.TestCase):
+  def test_median_min_and_ratios_against_the_reference(self):
+    times = {'jax': [3.0, 1.0, 2.0], 'torch': [4.0, 2.0, 9.0]}
+    out = timing.summarize(times, suffix='_step')
+    self.assertEqual(out['jax_step_sec'], 2.0)
+    self.assertEqual(out['jax_step_sec_min'], 1.0)
+    self.assertEqual(out['torch_step_sec'], 4.0)
+    self.assertEqual(out['ratio_jax_over_torch'], 2.0)  # 4 / 2
+    self.assertEqual(out['ratio_jax_over_torch_min'], 2.0)  # 2 / 1
+    self.assertNotIn('ratio_torch_over_torch', out)
+
+  def test_ratio_suffix_and_no_reference(self):
+    out = timing.summarize(
+      {'jax': [1.0], 'torch': [3.0]}, suffix='_fwd', ratio_suffix='_fwd'
+    )
+    self.assertEqual(out['ratio_jax_fwd_over_torch'], 3.0)
+    out = timing.summarize({'jax': [1.0, 5.0]})
+    self.assertEqual(out, {'jax_sec': 3.0, 'jax_sec_min': 1.0})
+
+  def test_empty_side_is_an_error(self):
+    with self.assertRaisesRegex(ValueError, "'jax'"):
+      timing.summarize({'jax': []})
+
+  def test_interleaved_runs_sides_in_turns_after_warmup(self):
+    calls = []
+    runs = {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}
+    times = timing.interleaved(runs, steps=2, warmup=1)
+    self.assertEqual(calls, ['a', 'b', 'a', 'b', 'a', 'b'])
+    self.assertEqual({k: len(v) for k, v in times.items()}, {'a': 2, 'b': 2})
+    with self.assertRaisesRegex(ValueError, 'steps must be >= 1; got 0'):
+      timing.interleaved(runs, steps=0)
+
+
+class BlockBenchmarkTest(absltest.TestCase):
+  def test_bad_args_name_the_value(self):
+    for argv, msg in (
+      (['--tokens', '0'], '--tokens must be >= 1; got 0'),
+      (['--sides', 'jax,tf'], "unknown \\['tf'\\]"),
+    ):
+      err = io.StringIO()
+      with self.assertRaises(SystemExit), contextlib.redirect_stderr(err):
+        block.parse_args(argv)
+      self.assertRegex(err.getvalue(), msg)
+
+  def test_jax_side_runs_and_counts_flops(self):
+    args = block.parse_args(
+      ['--arch', 'vit_tiny', '--batch', '2', '--tokens', '5']
+    )
+    runs, flops = block.jax_side(args)
+    self.assertEqual(set(runs), {'jax', 'jax_fwd'})
+    grads = runs['jax']()
+    self.assertEqual(grads[1].shape, (2, 5, 192))  # input gradient
+    # The backward pass costs about twice the forward in matmul FLOPs.
+    self.assertBetween(flops['jax'] / flops['jax_fwd'], 2.5, 3.5)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dino_jax import hostmem
+
 logger = logging.getLogger(__name__)
 
 
@@ -149,4 +151,5 @@ def _main():
 
 
 if __name__ == '__main__':
+  hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
   _main()

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dino_jax import parallel
+from dino_jax import hostmem, parallel
 from dino_jax.data import multicrop, pipeline, sources
 from dino_jax.eval import features
 
@@ -253,4 +253,5 @@ def _main():
 
 
 if __name__ == '__main__':
+  hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
   _main()
