@@ -35,9 +35,7 @@ class TunedEnvironTest(absltest.TestCase):
     self.assertIsNone(hostmem.tuned_environ(env, 'linux', glibc=True))
 
   def test_keeps_user_values(self):
-    env = hostmem.tuned_environ(
-      {'MALLOC_ARENA_MAX': '4'}, 'linux', glibc=True
-    )
+    env = hostmem.tuned_environ({'MALLOC_ARENA_MAX': '4'}, 'linux', glibc=True)
     self.assertEqual(env['MALLOC_ARENA_MAX'], '4')
     self.assertEqual(env['MALLOC_MMAP_MAX_'], '0')
     self.assertIsNone(
@@ -65,11 +63,13 @@ _PROBE = textwrap.dedent("""
   # (the matmul needs its operand in memory).
   f = jax.jit(lambda x: jnp.sum(jnp.outer(x, x) @ x[:, None]))
   x = jnp.linspace(0.0, 1.0, 5000)
-  f(x).block_until_ready(); f(x).block_until_ready()
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(3):
+  for _ in range(10):
     f(x).block_until_ready()
-  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+  faults = []  # minor page faults per call
+  for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   print(json.dumps({'argv': sys.argv[1:], 'status': hostmem.status(),
                     'faults': faults}))
 """)
@@ -98,10 +98,12 @@ class RestartTest(absltest.TestCase):
     lines, system = self._run(**{hostmem.OPT_OUT: '1'})
     self.assertEqual(lines.count('start'), 1)
     self.assertEqual(system['status'], 'system')
-    # glibc's defaults page-fault the freed temporaries in on every call
-    # (~25 000 4-KiB pages here); with the settings the memory is reused.
-    self.assertGreater(system['faults'], 10_000)
-    self.assertLess(tuned['faults'], system['faults'] / 10)
+    # glibc's defaults page-fault the 100 MB temporary in on every call
+    # (~25 000 4-KiB pages); with the settings the memory is reused. The heap
+    # may still grow now and then while it fragments (seen: 0-3 of 20 calls
+    # in this probe; the ViT train step stays flat after its first step).
+    self.assertGreaterEqual(sum(f > 20_000 for f in system['faults']), 19)
+    self.assertLessEqual(sum(f > 1_000 for f in tuned['faults']), 5)
 
 
 if __name__ == '__main__':
