@@ -13,12 +13,19 @@ evaluation and benchmark scripts) re-execute themselves once with them set,
 before any work. The process then keeps its peak host memory until it exits,
 as PyTorch's caching allocators do.
 
+Only for what was measured to gain and to stay flat: one CPU device in the
+process, no accelerator. With 8 fake CPU devices
+(``--xla_force_host_platform_device_count=8``) the single heap fragmented
+until the ViT-T step ran out of 24 GB; with a GPU or TPU the step's
+temporaries are in device memory anyway.
+
 Set ``DINO_JAX_SYSTEM_MALLOC=1`` to keep the system's settings; values the
 user already set for these variables are kept.
 """
 
 import os
 import platform
+import re
 import sys
 from collections.abc import Mapping
 
@@ -35,8 +42,32 @@ def _is_glibc() -> bool:
   return platform.libc_ver()[0] == 'glibc'
 
 
+# Device files of GPUs (NVIDIA, AMD) and TPUs (v2-v4, v5+).
+_ACCELERATOR_FILES = ('/dev/nvidia0', '/dev/kfd', '/dev/accel0', '/dev/vfio/0')
+
+
+def _has_accelerator() -> bool:
+  return any(os.path.exists(p) for p in _ACCELERATOR_FILES)
+
+
+def _single_cpu_device(environ: Mapping[str, str], accelerator: bool) -> bool:
+  """Whether JAX will run on exactly one CPU device."""
+  platforms = environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    if platforms.split(',')[0].strip() != 'cpu':
+      return False
+  elif accelerator:
+    return False
+  flags = environ.get('XLA_FLAGS', '')
+  counts = re.findall(r'--xla_force_host_platform_device_count=(\d+)', flags)
+  return not counts or int(counts[-1]) == 1
+
+
 def tuned_environ(
-  environ: Mapping[str, str], system: str, glibc: bool
+  environ: Mapping[str, str],
+  system: str,
+  glibc: bool,
+  accelerator: bool = False,
 ) -> dict[str, str] | None:
   """The environment to restart with, or None to run as is.
 
@@ -44,8 +75,11 @@ def tuned_environ(
     environ: the current environment.
     system: ``sys.platform``.
     glibc: whether the C library is glibc (the settings are glibc's).
+    accelerator: whether a GPU or TPU device file exists.
   """
   if system != 'linux' or not glibc:
+    return None
+  if not _single_cpu_device(environ, accelerator):
     return None
   if environ.get(OPT_OUT, '') not in ('', '0') or environ.get(_GUARD):
     return None
@@ -55,6 +89,17 @@ def tuned_environ(
   for key, value in SETTINGS.items():
     env.setdefault(key, value)
   env[_GUARD] = '1'  # never restart twice
+  return env
+
+
+def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
+  """``environ`` minus the settings this module added (for a child process
+  that should choose for itself, e.g. one with several CPU devices)."""
+  env = dict(environ)
+  if env.pop(_GUARD, None):
+    for key, value in SETTINGS.items():
+      if env.get(key) == value:
+        del env[key]
   return env
 
 
@@ -73,10 +118,10 @@ def reexec_if_needed() -> None:
   """Restart this process with SETTINGS in its environment (once).
 
   Call first thing in a program's ``__main__``: everything done before is
-  done again. Does nothing off glibc Linux, when opted out, or when already
-  restarted.
+  done again. Does nothing off glibc Linux, with several CPU devices or an
+  accelerator, when opted out, or when already restarted.
   """
-  env = tuned_environ(os.environ, sys.platform, _is_glibc())
+  env = tuned_environ(os.environ, sys.platform, _is_glibc(), _has_accelerator())
   if env is None:
     return
   sys.stdout.flush()

@@ -55,6 +55,31 @@ class SweepValuesTest(absltest.TestCase):
     self.assertTrue(all('--sweep_values=2,4' not in c for c in calls))
     self.assertEqual([r['sweep'] for r in rows], ['batch', 'batch'])
 
+  def test_device_points_drop_the_one_device_malloc_settings(self):
+    from dino_jax import hostmem
+
+    envs = []
+
+    def fake_run(cmd, env, capture_output, text):
+      envs.append(env)
+      out = '{"jax_step_sec": 1.0}\n'
+      return type('P', (), {'returncode': 0, 'stdout': out, 'stderr': ''})
+
+    argv = ['--sweep', 'devices', '--sweep_values=1,8']
+    tuned = hostmem.tuned_environ({}, 'linux', True)
+    orig_run, orig_env = train_step.subprocess.run, dict(os.environ)
+    train_step.subprocess.run = fake_run
+    os.environ.update(tuned)
+    try:
+      train_step.sweep(train_step.parse_args(argv), argv)
+    finally:
+      train_step.subprocess.run = orig_run
+      os.environ.clear()
+      os.environ.update(orig_env)
+    self.assertEqual(envs[0]['MALLOC_ARENA_MAX'], '1')
+    self.assertNotIn('MALLOC_ARENA_MAX', envs[1])
+    self.assertIn('=8', envs[1]['XLA_FLAGS'])
+
   def test_bad_values_name_the_flag(self):
     argv = ['--sweep', 'batch', '--sweep_values', '4,x']
     with self.assertRaisesRegex(SystemExit, "--sweep_values='4,x'"):

@@ -21,6 +21,7 @@ def _clean_env(**extra):
   }
   env['PYTHONPATH'] = _ROOT
   env['JAX_PLATFORMS'] = 'cpu'
+  env['XLA_FLAGS'] = ''  # one CPU device (the suite sets 8)
   env.update(extra)
   return env
 
@@ -41,6 +42,26 @@ class TunedEnvironTest(absltest.TestCase):
     self.assertIsNone(
       hostmem.tuned_environ(dict(hostmem.SETTINGS), 'linux', glibc=True)
     )
+
+  def test_only_for_one_cpu_device(self):
+    def tuned(accelerator=False, **env):
+      return hostmem.tuned_environ(env, 'linux', True, accelerator)
+
+    flag = '--xla_force_host_platform_device_count'
+    self.assertIsNotNone(tuned(XLA_FLAGS=f'--foo {flag}=1'))
+    self.assertIsNone(tuned(XLA_FLAGS=f'{flag}=8'))  # the heap fragments
+    self.assertIsNone(tuned(XLA_FLAGS=f'{flag}=1 {flag}=2'))  # last wins
+    self.assertIsNone(tuned(accelerator=True))
+    self.assertIsNone(tuned(JAX_PLATFORMS='cuda'))
+    self.assertIsNotNone(tuned(accelerator=True, JAX_PLATFORMS='cpu'))
+
+  def test_without_settings_removes_only_ours(self):
+    env = hostmem.tuned_environ({'MALLOC_ARENA_MAX': '4'}, 'linux', True)
+    env['HOME'] = '/h'
+    self.assertEqual(
+      hostmem.without_settings(env), {'HOME': '/h', 'MALLOC_ARENA_MAX': '4'}
+    )
+    self.assertEqual(hostmem.without_settings({'A': '1'}), {'A': '1'})
 
   def test_no_restart_off_glibc_linux_or_when_opted_out(self):
     self.assertIsNone(hostmem.tuned_environ({}, 'darwin', glibc=False))
