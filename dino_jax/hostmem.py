@@ -5,13 +5,13 @@ step at batch 8) and frees them at the end. With glibc's defaults those
 blocks come from mmap or from per-thread heaps that are unmapped when empty,
 so every step page-faults all of them in again: a ViT-S block's forward and
 backward took 37 000 minor faults and 0.12 s of kernel time per call here,
-about a quarter of its wall time; PyTorch, whose tensors are smaller than
-glibc's mmap threshold, took none. Three settings keep freed memory in the
-process for reuse: one arena, no mmap, no trimming. They are read only when
-a process starts, so the entry points (``python -m dino_jax.main``, the
-evaluation and benchmark scripts) re-execute themselves once with them set,
-before any work. The process then keeps its peak host memory until it exits,
-as PyTorch's caching allocators do.
+about a quarter of its wall time; PyTorch, whose tensors stay under glibc's
+adaptive mmap threshold (up to 32 MB) and so are reused from the heap, took
+none. Three settings keep freed memory in the process for reuse: one arena,
+no mmap, no trimming. glibc reads them only when a process starts, so the
+entry points (``python -m dino_jax.main``, the evaluation and benchmark
+scripts) re-execute themselves once with them set, before any work. The
+process then keeps its peak host memory until it exits.
 
 Only for what was measured to gain and to stay flat: one CPU device in the
 process, no accelerator. With 8 fake CPU devices
