@@ -23,16 +23,12 @@ import time
 
 import timing
 
-ARCHS = {
-  'vit_tiny': {'dim': 192, 'heads': 3},
-  'vit_small': {'dim': 384, 'heads': 6},
-  'vit_base': {'dim': 768, 'heads': 12},
-}
-
 
 def parse_args(argv=None):
+  from dino_jax.models import vit
+
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--arch', default='vit_small', choices=sorted(ARCHS))
+  p.add_argument('--arch', default='vit_small', choices=sorted(vit.VARIANTS))
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--tokens', type=int, default=197, help='1 + patches')
   p.add_argument('--steps', type=int, default=10, help='timed calls per side')
@@ -57,10 +53,10 @@ def jax_side(args):
 
   from dino_jax.models import vit
 
-  arch = ARCHS[args.arch]
-  block = vit.Block(arch['heads'], attention=args.attention)
+  arch = vit.VARIANTS[args.arch]
+  block = vit.Block(arch['num_heads'], attention=args.attention)
   x = jnp.asarray(
-    np.random.RandomState(0).randn(args.batch, args.tokens, arch['dim']),
+    np.random.RandomState(0).randn(args.batch, args.tokens, arch['embed_dim']),
     jnp.float32,
   )
   params = block.init(jax.random.key(0), x)
@@ -90,11 +86,13 @@ def torch_side(args):
   )
   import torch_dino
 
-  arch = ARCHS[args.arch]
-  block = torch_dino.Block(arch['dim'], arch['heads'])
+  from dino_jax.models import vit
+
+  arch = vit.VARIANTS[args.arch]
+  block = torch_dino.Block(arch['embed_dim'], arch['num_heads'])
   x = torch.from_numpy(
     np.random.RandomState(0)
-    .randn(args.batch, args.tokens, arch['dim'])
+    .randn(args.batch, args.tokens, arch['embed_dim'])
     .astype(np.float32)
   ).requires_grad_(True)
 
