@@ -1,28 +1,52 @@
-"""Orbax checkpoints: train state + grain iterator + config, async and atomic.
+"""Orbax checkpoints: train state + config, async and atomic; fallback.
 
-Each step directory holds three items: ``state`` (the TrainState pytree),
-``iter`` (each process's grain iterator state) and ``config`` (JSON). Orbax
+Each step directory holds two items: ``state`` (the TrainState pytree) and
+``config`` (JSON). The data position needs no item of its own: batch k of
+the pipeline is fixed by the config, and a run resumes at batch
+``state.step`` (``pipeline.train_dataset(start_batch=...)``). Orbax
 writes to a temporary directory and renames it when complete, so a run
-killed mid-save resumes from the previous checkpoint.
+killed mid-save resumes from the previous checkpoint. A checkpoint damaged
+later (truncated files, a missing item) is skipped on restore, moved to
+``WORKDIR/damaged_checkpoints/`` and never deleted.
 """
 
 import json
 import logging
 import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
 
-# Config groups that change the shape or meaning of the saved state.
-_STATE_DEFINING = ('model',)
+# Config fields that may differ between the run that saved a checkpoint and
+# the run that resumes it: they change neither the state, the data order nor
+# the schedules (README, "Resuming"). Any other difference is refused.
+RESUMABLE_CHANGES = (
+  'total_steps',
+  'log_every_steps',
+  'checkpoint_every_steps',
+  'keep_checkpoints',
+  'eval_every_steps',
+  'eval.*',
+  'linear.*',
+  'data.num_workers',
+  'data.path',
+  'mesh.*',
+)
 
 
 class IncompatibleCheckpointError(ValueError):
-  """The workdir holds a checkpoint of a different model."""
+  """The workdir holds a checkpoint of a different model or recipe."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """Every checkpoint in the workdir failed to restore."""
 
 
 class Checkpointer:
@@ -39,7 +63,6 @@ class Checkpointer:
       ),
       item_handlers={
         'state': ocp.StandardCheckpointHandler(),
-        'iter': grain.checkpoint.CheckpointHandler(),
         'config': ocp.JsonCheckpointHandler(),
       },
     )
@@ -47,19 +70,85 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iter, config) -> None:
-    """Saves asynchronously; ``data_iter`` None saves no iterator state."""
+  def restore_newest(
+    self,
+    abstract_for: Callable[[dict], Any],
+  ) -> tuple[int, dict, Any] | None:
+    """Restores the newest intact checkpoint; None when there is none.
+
+    Checkpoints that fail to read (truncated or missing files) are logged
+    with the reason, moved to ``<workdir>/damaged_checkpoints/STEP`` by
+    process 0, and the next older one is tried.
+
+    Args:
+      abstract_for: saved config (dict) -> abstract state with shardings
+        (``abstract_like``); may raise IncompatibleCheckpointError, which
+        propagates (a checkpoint of another recipe is not damaged).
+
+    Returns:
+      (step, saved config, state), or None for a workdir with no checkpoint.
+
+    Raises:
+      DamagedCheckpointError: checkpoints exist but none restores.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      try:
+        saved = self.saved_config(step)
+      except Exception as e:  # noqa: BLE001 - any read failure is damage
+        damaged.append((step, e))
+        continue
+      abstract = abstract_for(saved)
+      try:
+        state = self.restore(step, abstract)
+      except Exception as e:  # noqa: BLE001
+        damaged.append((step, e))
+        continue
+      self._set_aside(damaged)
+      return step, saved, state
+    if damaged:
+      raise DamagedCheckpointError(
+        f'no checkpoint in {self.directory} restores: '
+        + '; '.join(f'step {s}: {_reason(e)}' for s, e in damaged)
+        + '. Check the files, or pass a new --workdir.'
+      )
+    return None
+
+  def _set_aside(self, damaged: list) -> None:
+    """Logs each damaged step and moves it out of the manager's reach."""
+    if not damaged:
+      return
+    target_root = os.path.join(
+      os.path.dirname(os.path.abspath(self.directory)), 'damaged_checkpoints'
+    )
+    for step, error in damaged:
+      target = os.path.join(target_root, str(step))
+      if os.path.exists(target):
+        target += f'.{time.strftime("%Y%m%d-%H%M%S")}'
+      logger.warning(
+        'checkpoint %d in %s is damaged (%s); skipped it and moved it to %s',
+        step,
+        self.directory,
+        _reason(error),
+        target,
+      )
+      if jax.process_index() == 0:
+        os.makedirs(target_root, exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices('dino_jax damaged checkpoints')
+    self.manager.reload()
+
+  def save(self, step: int, state, config) -> None:
+    """Saves asynchronously (atomic: a temporary directory is renamed)."""
     items = {
       'state': ocp.args.StandardSave(state),
       'config': ocp.args.JsonSave(json.loads(config.to_json())),
     }
-    if data_iter is not None:
-      items['iter'] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-  def has_iterator(self, step: int) -> bool:
-    """False for a checkpoint written without data position (an import)."""
-    return os.path.isdir(os.path.join(self.directory, str(step), 'iter'))
 
   def saved_config(self, step: int) -> dict:
     restored = self.manager.restore(
@@ -67,27 +156,20 @@ class Checkpointer:
     )
     return restored['config']
 
-  def restore(self, step: int, abstract_state, data_iter=None):
-    """Restores the state (laid out as ``abstract_state``) and the iterator.
+  def restore(self, step: int, abstract_state):
+    """Restores the state laid out as ``abstract_state``.
 
     Args:
       step: the step to restore.
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings; the
         checkpoint may have been written under another mesh.
-      data_iter: grain iterator restored in place (None: state only).
 
     Returns:
       The restored state.
     """
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None and self.has_iterator(step):
-      items['iter'] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored['state']
-
-  def reached_preemption(self, step: int) -> bool:
-    """True when a TPU/cluster preemption notice reached all hosts."""
-    return self.manager.reached_preemption(step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -96,24 +178,54 @@ class Checkpointer:
     self.manager.close()
 
 
+def _reason(error: Exception) -> str:
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return f'{type(error).__name__}: {text[:200]}'
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _may_change(field: str) -> bool:
+  return any(
+    field == rule or (rule.endswith('.*') and field.startswith(rule[:-1]))
+    for rule in RESUMABLE_CHANGES
+  )
+
+
 def check_compatible(
   saved: dict, config: ml_collections.ConfigDict, directory: str
 ) -> None:
-  """Raises if the saved config defines a different state than ``config``."""
-  current = json.loads(config.to_json())
+  """Raises unless ``config`` may resume a checkpoint saved with ``saved``.
+
+  Only the fields in RESUMABLE_CHANGES may differ; every other difference
+  would change the state, the data order or the schedules.
+  """
+  from dino_jax.config import default_config  # no cycle: config is a leaf
+
+  old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
+  defaults = _flatten(json.loads(default_config().to_json()))
   diffs = []
-  for group in _STATE_DEFINING:
-    old, new = saved.get(group, {}), current.get(group, {})
-    for key in sorted(set(old) | set(new)):
-      if old.get(key) != new.get(key):
-        diffs.append(
-          f'{group}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}'
-        )
+  for field in sorted(set(old) | set(new)):
+    # A field added after the checkpoint was written had its default then.
+    a, b = old.get(field, defaults.get(field)), new.get(field)
+    if isinstance(a, list) or isinstance(b, list):  # JSON has no tuples
+      a = list(a) if isinstance(a, (list, tuple)) else a
+      b = list(b) if isinstance(b, (list, tuple)) else b
+    if a != b and not _may_change(field):
+      diffs.append(f'{field} (checkpoint {a!r}, now {b!r})')
   if diffs:
     raise IncompatibleCheckpointError(
-      f'{directory} holds a checkpoint of a different model:\n  '
-      + '\n  '.join(diffs)
-      + '\nUse another --workdir, or the same model settings to resume.'
+      f'{directory} holds a checkpoint of another recipe: '
+      + ', '.join(diffs)
+      + '. Resume with the same values, or pass a new --workdir.'
     )
 
 

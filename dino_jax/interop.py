@@ -352,7 +352,7 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     opt_state=optim.set_schedule_step(tx.init(student), step),
   )
   ckpt = checkpoint_lib.Checkpointer(f'{workdir}/checkpoints', async_save=False)
-  ckpt.save(step, state, None, config)
+  ckpt.save(step, state, config)
   ckpt.wait()
   ckpt.close()
   logging.getLogger(__name__).info(

@@ -32,7 +32,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f'error: {e}\nPass --helpfull to see the flags.', file=sys.stderr)
+    # A config file that raises puts its whole traceback in the message;
+    # its first and last lines say what is wrong.
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    reason = lines[0] if len(lines) < 3 else f'{lines[0]} {lines[-1]}'
+    print(
+      f'error: {reason}\nPass --helpfull to see the flags.', file=sys.stderr
+    )
   except (AttributeError, KeyError) as e:  # --config.unknown.field=...
     reason = e
     while isinstance(reason, Exception) and reason.args:
@@ -46,14 +52,39 @@ def parse_flags(argv: list[str]) -> list[str]:
   sys.exit(1)
 
 
+def load_config():
+  """The --config file's ConfigDict; one error line if it fails to load."""
+  config = flags.FLAGS.config
+  try:
+    config.keys()  # a placeholder that raises if the file failed to load
+    return config
+  except OSError as e:  # ml_collections defers a failed load to here
+    cause = e
+    while cause.__cause__ is not None:
+      cause = cause.__cause__
+    reason = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    path = flags.FLAGS['config'].serialize().split('=', 1)[-1]
+    print(
+      f'error: --config={path} cannot be loaded ({reason[-1]}); pass a '
+      'config file such as configs/vit_s16.py',
+      file=sys.stderr,
+    )
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = load_config()
   from dino_jax import parallel, train  # after flags: keeps --help fast
-  from dino_jax.checkpoint import IncompatibleCheckpointError
+  from dino_jax.checkpoint import (
+    DamagedCheckpointError,
+    IncompatibleCheckpointError,
+  )
   from dino_jax.config import ConfigError
   from dino_jax.data.sources import DataError
   from dino_jax.metrics import NonFiniteLossError
+  from dino_jax.workdir import WorkdirError
 
   # Libraries (orbax, grain) log every step of a save through absl at INFO;
   # keep those to warnings so the progress lines stay readable.
@@ -71,16 +102,23 @@ def main(argv):
     jax.local_devices(),
   )
   try:
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    result = train.train_and_evaluate(config, flags.FLAGS.workdir)
   except (
     ConfigError,
     DataError,
+    DamagedCheckpointError,
     IncompatibleCheckpointError,
     NonFiniteLossError,
+    WorkdirError,
   ) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:  # a second Ctrl-C, or one before training
+    print('interrupted', file=sys.stderr)
+    sys.exit(130)
+  if result.get('stopped_by') == 'SIGINT':
+    sys.exit(130)  # the shell's convention for Ctrl-C (after the save)
 
 
 if __name__ == '__main__':

@@ -17,29 +17,81 @@ from dino_jax import config as config_lib
 from dino_jax import metrics as metrics_lib
 from dino_jax import parallel
 from dino_jax import step as step_lib
+from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop, pipeline, sources
 
 logger = logging.getLogger(__name__)
 
 
-class Preemption:
-  """Turns SIGTERM into a flag checked at step boundaries."""
+class _StopWaiting(Exception):
+  """Raised by the signal handler to leave a wait for data."""
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
+
+class Preemption:
+  """SIGTERM and the first Ctrl-C: save at the next step boundary and exit.
+
+  One process: Python handlers set ``signal_name``; while the loop waits for
+  data, the handler raises ``_StopWaiting`` so that a stalled input pipeline
+  cannot delay the save. Several processes: every process must save the
+  same step (the save is collective), so SIGTERM stays with JAX's preemption
+  notifier, which tells all processes through the coordination service, and
+  ``stop_at`` is JAX's preemption sync point (True at the same step on
+  every process); Ctrl-C sends SIGTERM to its own process to take that path.
+  A second Ctrl-C raises KeyboardInterrupt at once (no save).
+  """
+
+  def __init__(self, multiprocess: bool = False):
+    self.multiprocess = multiprocess
+    self.signal_name = None
+    self._waiting = False
+    self._previous = {}
 
   def __enter__(self):
-    def handler(signum, frame):
-      del frame
-      logger.warning('signal %d: saving at the next step boundary', signum)
-      self.requested = True
-
-    self._previous = signal.signal(signal.SIGTERM, handler)
+    signals = [signal.SIGINT] + ([] if self.multiprocess else [signal.SIGTERM])
+    for signum in signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.signal_name is not None:
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt  # second Ctrl-C: stop now, no save
+      return
+    self.signal_name = name
+    logger.warning(
+      '%s: saving at the next step boundary, then exiting (press Ctrl-C '
+      'again to exit at once without saving)',
+      name,
+    )
+    if self.multiprocess:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: all processes
+    elif self._waiting:
+      raise _StopWaiting
+
+  def next_batch(self, data_iter):
+    """``next(data_iter)``; a signal meanwhile raises ``_StopWaiting``."""
+    if self.signal_name is not None and not self.multiprocess:
+      raise _StopWaiting
+    self._waiting = not self.multiprocess
+    try:
+      return next(data_iter)
+    finally:
+      self._waiting = False
+
+  def stop_at(self, step: int) -> bool:
+    """Whether to save ``step`` and stop; the same on every process."""
+    if self.multiprocess:
+      from jax.experimental import multihost_utils
+
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signal_name is not None
 
 
 def steps_of(config: ml_collections.ConfigDict, dataset_size: int):
@@ -73,9 +125,30 @@ def _warn_settings(config):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from ``workdir``), evaluates, returns the last metrics."""
+  """Trains (resuming from ``workdir``), evaluates, returns the last metrics.
+
+  Holds ``WORKDIR/lock`` (process 0) for the whole run. After a SIGTERM or
+  Ctrl-C the result has ``stopped_by`` set to the signal's name.
+  """
   config_lib.validate(config, jax.device_count())
   _warn_settings(config)
+  workdir_lib.check_path(workdir)
+  source = sources.make_source(config.data)
+  logger.info('data: %r (%d images)', source, len(source))
+  steps_per_epoch, total_steps = steps_of(config, len(source))
+  lock = None
+  if jax.process_index() == 0:
+    workdir_lib.create(workdir)
+    lock = workdir_lib.Lock(workdir)
+    lock.acquire()
+  try:
+    return _train(config, workdir, source, steps_per_epoch, total_steps)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   logger.info(
     'mesh %s over %d devices, %d processes',
@@ -83,9 +156,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.device_count(),
     jax.process_count(),
   )
-  source = sources.make_source(config.data)
-  logger.info('data: %r (%d images)', source, len(source))
-  steps_per_epoch, total_steps = steps_of(config, len(source))
   logger.info(
     'epochs %d x %d steps/epoch = %d steps; training %d steps; global '
     'batch %d; peak lr %.3g',
@@ -96,11 +166,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config.batch_size,
     config.optim.lr * config.batch_size / 256,
   )
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
-
   sched = step_lib.Schedules.from_config(config, steps_per_epoch)
   student, teacher = step_lib.build_models(config)
   tx = step_lib.build_optimizer(config, sched)
@@ -118,31 +183,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state_sharding = parallel.state_sharding(
     mesh, state_shape, config.mesh.fsdp_min_size
   )
+  abstract = checkpoint_lib.abstract_like(state_shape, state_sharding)
 
-  dataset = pipeline.train_dataset(
-    source,
-    batch_size=config.batch_size // jax.process_count(),
-    canvas_size=config.data.canvas_size,
-    seed=config.seed,
-    num_workers=config.data.num_workers,
-  )
-  data_iter = iter(dataset)
+  def check(saved: dict):
+    checkpoint_lib.check_compatible(saved, config, workdir)
+    return abstract
+
   ckpt = checkpoint_lib.Checkpointer(
     os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
   )
-  start = ckpt.latest_step()
-  if start is not None:
-    checkpoint_lib.check_compatible(ckpt.saved_config(start), config, workdir)
+  try:
+    restored = ckpt.restore_newest(check)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    start, _, state = restored
     logger.info('resuming from step %d in %s', start, workdir)
-    state = ckpt.restore(
-      start,
-      checkpoint_lib.abstract_like(state_shape, state_sharding),
-      data_iter,
-    )
   else:
     start = 0
     state = jax.jit(init_fn, out_shardings=state_sharding)()
-  last_saved = start if start > 0 else None
+  # Only now, after the compatibility check: config.json describes the
+  # checkpoints in the workdir.
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
 
   c = config.data.canvas_size
   batch_shape = {
@@ -153,40 +218,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   jitted = parallel.jit_train_step(
     train_step, mesh, state_sharding, batch_shape
   )
+  # The data position is the step: batch k is fixed by the config.
+  data_iter = iter(
+    pipeline.train_dataset(
+      source,
+      batch_size=config.batch_size // jax.process_count(),
+      canvas_size=config.data.canvas_size,
+      seed=config.seed,
+      num_workers=config.data.num_workers,
+      start_batch=start,
+    )
+  )
+  skipped = pipeline.SkippedFiles(source)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   progress = metrics_lib.Progress(start, total_steps, config.batch_size)
-  scalars = {}
+  scalars, metrics = {}, None
+  last_saved = start if start > 0 else None
   step = start
-  with Preemption() as preemption:
-    while step < total_steps:
-      batch = pipeline.global_batch(mesh, next(data_iter))
-      state, metrics = jitted(state, batch)
+
+  def fetch_checked():
+    """Metrics of the last step as floats; raises if the state is bad."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    try:
+      warnings = metrics_lib.check_health(
+        step, values, config.model.out_dim, last_saved
+      )
+    except metrics_lib.NonFiniteLossError:
+      _close(ckpt, writer, data_iter)  # finish the last good save
+      raise
+    for warning in warnings:
+      logger.warning('step %d: %s', step, warning)
+    return values
+
+  with Preemption(jax.process_count() > 1) as preemption:
+    while True:
+      if preemption.stop_at(step):
+        if last_saved != step and metrics is not None:
+          scalars = fetch_checked()
+          ckpt.save(step, state, config)
+          last_saved = step
+        logger.warning(
+          '%s: saved step %d in %s, exiting; rerun the same command to resume',
+          preemption.signal_name or 'preemption notice',
+          last_saved or 0,
+          workdir,
+        )
+        _close(ckpt, writer, data_iter)
+        return {**scalars, 'stopped_by': preemption.signal_name or 'SIGTERM'}
+      if step >= total_steps:
+        break
+      try:
+        local = preemption.next_batch(data_iter)
+      except _StopWaiting:
+        continue  # the signal came while waiting: save now
+      except Exception:
+        if preemption.signal_name is None:
+          raise
+        # The input pipeline failed after the signal (a worker that was
+        # killed with the process group): the state is whole, save it.
+        logger.warning('input pipeline stopped after the signal', exc_info=1)
+        continue
+      skipped.update(local.pop('skipped'))
+      state, metrics = jitted(state, pipeline.global_batch(mesh, local))
       step += 1
       log_now = step % config.log_every_steps == 0 or step == total_steps
-      # Read the SIGTERM flag once per step: a signal arriving between the
-      # save decision and the exit check must not skip the save.
-      preempted = preemption.requested
-      save_now = (
-        step % config.checkpoint_every_steps == 0
-        or step == total_steps
-        or preempted
-        or ckpt.reached_preemption(step)
+      save_now = step % config.checkpoint_every_steps == 0 or (
+        step == total_steps
       )
       if log_now or save_now:
-        scalars = jax.device_get(metrics)
-        scalars = {k: float(v) for k, v in scalars.items()}
-        try:
-          warnings = metrics_lib.check_health(
-            step, scalars, config.model.out_dim, last_saved
-          )
-        except metrics_lib.NonFiniteLossError:
-          _close(ckpt, writer, data_iter)  # finish the last good save
-          raise
-        for warning in warnings:
-          logger.warning('step %d: %s', step, warning)
+        scalars = fetch_checked()
       if log_now:
         scalars.update(progress.update(step))
         scalars['epoch'] = step / steps_per_epoch
+        scalars['skipped_images'] = len(skipped.seen)
         writer.write(step, scalars)
         logger.info(
           'step %d/%d  epoch %.2f  loss %.4f  H_t %.3f  lr %.3g  wd %.3g  '
@@ -203,12 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           metrics_lib.format_eta(scalars['eta_sec']),
         )
       if save_now:
-        ckpt.save(step, state, data_iter, config)
+        ckpt.save(step, state, config)
         last_saved = step
-      if preempted:
-        logger.warning('preempted: saved step %d, exiting', step)
-        _close(ckpt, writer, data_iter)
-        return scalars
       if (
         config.eval_every_steps > 0
         and step % config.eval_every_steps == 0
@@ -221,12 +321,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _close(ckpt, writer, data_iter) -> None:
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
   close = getattr(data_iter, 'close', None)  # stops grain worker processes
   if close is not None:
     close()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
 
 
 def _evaluate(config, workdir, mesh, state, step) -> dict:

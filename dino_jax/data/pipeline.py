@@ -1,13 +1,17 @@
 """Host input pipeline on grain, and global arrays over the mesh.
 
-source -> slice for this process -> shuffle (per epoch, seeded) -> repeat ->
-decode to a fixed canvas (worker processes) -> drop bad images -> batch ->
-``jax.make_array_from_process_local_data``. The augmentation runs on device
-(``multicrop``), so the host only decodes.
+source -> decode to a fixed canvas (an undecodable record is replaced by the
+next decodable one) -> slice for this process -> shuffle (per epoch,
+seeded) -> repeat -> batch -> start at batch ``start_batch`` -> worker
+processes -> ``jax.make_array_from_process_local_data``. Every stage is a
+random-access ``MapDataset``, so batch k is the same whatever the number of
+workers, and a run resumes at batch ``state.step`` with no iterator state.
+The augmentation runs on device (``multicrop``), so the host only decodes.
 """
 
 import io
 import logging
+import signal
 
 import grain
 import jax
@@ -16,8 +20,14 @@ from absl import flags
 from PIL import Image
 
 from dino_jax import parallel
+from dino_jax.data.sources import DataError
 
 logger = logging.getLogger(__name__)
+
+# Undecodable records recorded per image (source indices, -1 padded).
+MAX_SKIPPED_PER_IMAGE = 4
+# Consecutive undecodable records after which the data is declared broken.
+DECODE_WINDOW = 64
 
 
 class CanvasDecoder(grain.transforms.Map):
@@ -26,8 +36,7 @@ class CanvasDecoder(grain.transforms.Map):
   RGB as PIL ``convert('RGB')`` (gray replicated, alpha dropped, CMYK and
   palette converted). Images larger than the canvas are downscaled with
   antialiasing, aspect kept (SPEC §5.4 accepted deviation); undecodable
-  records get ``valid=False`` and are dropped. Both are counted per worker
-  process and logged.
+  records get ``valid=False`` and ``error`` (the reason).
   """
 
   def __init__(self, canvas_size: int):
@@ -59,18 +68,12 @@ class CanvasDecoder(grain.transforms.Map):
         raise ValueError('empty image')
     except Exception as e:  # noqa: BLE001 - any decode failure is a bad file
       self.bad += 1
-      if self.bad & (self.bad - 1) == 0:  # 1, 2, 4, ... per worker
-        logger.warning(
-          'skipped %d undecodable image(s) so far; latest %s: %s',
-          self.bad,
-          record.get('path', '<array>'),
-          e,
-        )
       return {
         'image': np.zeros((c, c, 3), np.uint8),
         'size': np.array([1, 1], np.int32),
         'label': np.int32(record.get('label', -1)),
         'valid': False,
+        'error': f'{type(e).__name__}: {e}',
       }
     if max(h, w) > c:
       scale = c / max(h, w)
@@ -93,8 +96,76 @@ class CanvasDecoder(grain.transforms.Map):
     }
 
 
-def _drop_valid(batch):
-  return {k: v for k, v in batch.items() if k != 'valid'}
+def describe(record) -> str:
+  """A record's file path, or a short stand-in for in-memory records."""
+  return str(record.get('path', '<in-memory image>'))
+
+
+class DecodedSource:
+  """Random access to decoded canvases; bad records replaced, not dropped.
+
+  Index i decodes record i; if it is undecodable, records i+1, i+2, ...
+  (wrapping) are tried, and the first that decodes is returned. Each
+  returned record carries ``skipped`` int32 [MAX_SKIPPED_PER_IMAGE]: the
+  source indices passed over (-1 padded), for the main process to report.
+  Replacing instead of filtering keeps the batch count per epoch fixed and
+  batch k independent of the worker count.
+
+  Raises:
+    DataError: none of DECODE_WINDOW consecutive records decodes.
+  """
+
+  def __init__(self, source, canvas_size: int, window: int = DECODE_WINDOW):
+    self.source = source
+    self.decoder = CanvasDecoder(canvas_size)
+    self.window = min(window, len(source))
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    n = len(self.source)
+    skipped = []
+    for offset in range(self.window):
+      j = (index + offset) % n
+      record = self.source[j]
+      out = self.decoder.map(record)
+      if out.pop('valid'):
+        ids = np.full((MAX_SKIPPED_PER_IMAGE,), -1, np.int32)
+        ids[: len(skipped)] = skipped[:MAX_SKIPPED_PER_IMAGE]
+        out['skipped'] = ids
+        return out
+      skipped.append(j)
+      error = out['error']
+    raise DataError(
+      f'none of {self.window} consecutive images decodes (from '
+      f'{describe(self.source[index % n])}; last error {error}); check '
+      'data.path and the files'
+    )
+
+
+def _ignore_signals(worker_index: int, worker_count: int) -> None:
+  """grain worker init: SIGTERM/SIGINT are for the main process to handle.
+
+  Schedulers signal the whole process group; a worker that died on the
+  signal would fail the main process's next batch before it could save.
+  """
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  """``ds`` computed by ``num_workers`` processes (0: in this process)."""
+  if num_workers <= 0:
+    return ds
+  # grain workers read absl flags; outside an absl app they are unparsed.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(
+    grain.MultiprocessingOptions(num_workers=num_workers),
+    worker_init_fn=_ignore_signals,
+  )
 
 
 def train_dataset(
@@ -104,6 +175,7 @@ def train_dataset(
   canvas_size: int,
   seed: int,
   num_workers: int = 0,
+  start_batch: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> grain.IterDataset:
@@ -115,12 +187,14 @@ def train_dataset(
     canvas_size: C.
     seed: shuffle seed; epoch e uses a permutation derived from (seed, e).
     num_workers: decode processes (0: in the main process).
+    start_batch: index of the first batch (a resumed run passes its step).
     process_index: this process's shard (default ``jax.process_index()``).
     process_count: number of shards (default ``jax.process_count()``).
 
   Returns:
     A grain ``IterDataset`` of dicts: image uint8 [b, C, C, 3], size int32
-    [b, 2], label int32 [b]. Its iterator's state checkpoints exactly.
+    [b, 2], label int32 [b], skipped int32 [b, MAX_SKIPPED_PER_IMAGE].
+    Batch k is the same for any ``num_workers``.
   """
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -129,18 +203,49 @@ def train_dataset(
       f'the data has {len(source)} images, fewer than one global batch '
       f'({count} processes x {batch_size})'
     )
-  ds = grain.MapDataset.source(source)[index::count]
+  ds = grain.MapDataset.source(DecodedSource(source, canvas_size))
+  ds = ds[index::count]
   # First shuffle, then repeat: a new permutation every epoch.
   ds = ds.shuffle(seed=seed).repeat()
-  ds = ds.map(CanvasDecoder(canvas_size)).filter(lambda r: r['valid'])
-  ds = ds.to_iter_dataset()
-  ds = ds.batch(batch_size, drop_remainder=True).map(_drop_valid)
-  if num_workers > 0:
-    # grain workers read absl flags; outside an absl app they are unparsed.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return ds
+  ds = ds.batch(batch_size, drop_remainder=True)[start_batch:]
+  # A few batches decoded ahead on threads (PIL releases the GIL); grain's
+  # default read-ahead of 500 elements would be 500 batches here.
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+  )
+  return prefetch(ds, num_workers)
+
+
+class SkippedFiles:
+  """Distinct undecodable records seen in training batches, reported once.
+
+  The first ``show`` are logged with their path and reason, then every
+  power of two of the distinct count.
+  """
+
+  def __init__(self, source, show: int = 5):
+    self.source = source
+    self.show = show
+    self.seen: set[int] = set()
+
+  def update(self, skipped: np.ndarray) -> None:
+    for j in np.unique(np.asarray(skipped)):
+      j = int(j)
+      if j < 0 or j in self.seen:
+        continue
+      self.seen.add(j)
+      n = len(self.seen)
+      if n <= self.show:
+        record = self.source[j]
+        error = CanvasDecoder(1).map(record).get('error', '?')
+        logger.warning(
+          'skipped undecodable image %s (%s); the next decodable image '
+          'takes its place',
+          describe(record),
+          error,
+        )
+      elif n & (n - 1) == 0:
+        logger.warning('%d distinct undecodable images skipped so far', n)
 
 
 def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict:
@@ -149,4 +254,5 @@ def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict:
   return {
     k: jax.make_array_from_process_local_data(sharding, v)
     for k, v in local_batch.items()
+    if k != 'skipped'  # host-side bookkeeping, not model input
   }
