@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import reference
 from absl.testing import absltest, parameterized
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from dino_jax import config as config_lib
 from dino_jax.data import multicrop
@@ -143,10 +143,20 @@ class PhotometricTest(parameterized.TestCase):
     )
 
   def test_solarize_threshold(self):
-    x = jnp.array([0.0, 127.0, 127.9, 128.0, 200.0, 255.0])
+    x = jnp.array([0.0, 127.0, 127.4, 127.9, 128.0, 200.0, 255.0])
+    # 127.9 is 128 to PIL: inverted (float kept: 255 - 127.9).
     np.testing.assert_allclose(
-      multicrop.solarize(x), [0, 127, 127.9, 127, 55, 0], rtol=1e-6
+      multicrop.solarize(x), [0, 127, 127.4, 127.1, 127, 55, 0], rtol=1e-6
     )
+
+  def test_solarize_matches_pil(self):
+    x = np.array([0.0, 126.6, 127.2, 127.6, 127.9, 128.4, 131.7, 254.6])
+    x = np.stack([x, x[::-1], np.roll(x, 3)], -1)[None]  # [1, 8, 3]
+    # PIL sees the uint8 image the float pipeline stands for.
+    seen = Image.fromarray(np.round(x).astype(np.uint8))
+    pil = np.asarray(ImageOps.solarize(seen, 128), np.float64)
+    ours = np.asarray(multicrop.solarize(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_array_equal(np.round(ours), pil)
 
   def test_normalize(self):
     x = jnp.full((1, 1, 3), 255.0)
@@ -174,6 +184,73 @@ class PhotometricTest(parameterized.TestCase):
       )
       ours = multicrop.gaussian_blur(jnp.asarray(arr, jnp.float32), sigma)
       self.assertLess(np.abs(np.asarray(ours) - pil).mean(), 1.0)
+
+
+def pil_blur(arr, sigma):
+  """PIL GaussianBlur of a uint8 array, sigma passed as float32 like ours."""
+  image = Image.fromarray(arr).filter(
+    ImageFilter.GaussianBlur(float(np.float32(sigma)))
+  )
+  return np.asarray(image, np.float64)
+
+
+def point_variance(arr):
+  """Variance along the width of the brightness in channel 0 of [H, W, 3]."""
+  mass = arr[..., 0].astype(np.float64).sum(0)
+  x = np.arange(mass.size)
+  mean = (mass * x).sum() / mass.sum()
+  return (mass * (x - mean) ** 2).sum() / mass.sum()
+
+
+class BlurTest(parameterized.TestCase):
+  """PIL's extended box blur (SPEC §5.3-5.4), small sigma included."""
+
+  @parameterized.parameters(0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+  def test_kernel_variance_is_sigma_squared(self, sigma):
+    taps = np.asarray(multicrop.box_taps(sigma), np.float64)
+    self.assertLessEqual(taps.sum(), 2**24)
+    self.assertGreater(taps.sum(), 2**24 - 2)  # PIL's fw = (rest) // 2
+    box = taps / taps.sum()
+    three = np.convolve(np.convolve(box, box), box)  # the 3 passes, one axis
+    offsets = np.arange(three.size) - three.size // 2
+    # Exact Gaussian taps give 0.000 at sigma 0.2 and 0.008 at 0.3.
+    self.assertAlmostEqual((three * offsets**2).sum(), sigma**2, delta=1e-5)
+
+  @parameterized.parameters(0.1, 0.2, 0.3, 1.0, 2.0)
+  def test_point_matches_pil(self, sigma):
+    arr = np.zeros((15, 15, 3), np.uint8)
+    arr[7, 7] = 255
+    pil = pil_blur(arr, sigma)
+    ours = np.asarray(
+      multicrop.gaussian_blur(jnp.asarray(arr, jnp.float32), sigma)
+    )
+    # PIL (uint8 per pass): 0.000, 0.046, 0.087, 0.943, 4.137 for these sigma;
+    # peak 249 at sigma 0.1.
+    self.assertAlmostEqual(point_variance(ours), point_variance(pil), places=6)
+    np.testing.assert_array_equal(ours, pil)
+
+  def test_random_images_match_pil(self):
+    rs = np.random.RandomState(6)
+    sigmas = np.concatenate(
+      [[0.1, 0.2, 0.3, 1.0, 2.0], rs.uniform(0.1, 2.0, 11)]
+    ).astype(np.float32)
+    images = rs.randint(0, 256, (sigmas.size, 20, 20, 3)).astype(np.uint8)
+    blur = jax.jit(
+      jax.vmap(chex.assert_max_traces(multicrop.gaussian_blur, n=1))
+    )
+    # Off-grid floats stand for the uint8 image PIL would hold.
+    offgrid = images + rs.uniform(-0.45, 0.45, images.shape)
+    pil = np.stack(
+      [pil_blur(a, s) for a, s in zip(images, sigmas, strict=True)]
+    )
+    for inputs in (images, offgrid):  # new values, same trace
+      ours = np.asarray(blur(jnp.asarray(inputs, jnp.float32), sigmas))
+      self.assertLessEqual(np.abs(ours - pil).max(), 1.0)
+      self.assertLess(np.mean(ours != pil), 1e-3)  # 1-level ties are rare
+    # Rectangular: PIL blurs along the width first, then the height.
+    arr = rs.randint(0, 256, (9, 14, 3)).astype(np.uint8)
+    ours = multicrop.gaussian_blur(jnp.asarray(arr, jnp.float32), 1.3)
+    self.assertLessEqual(np.abs(np.asarray(ours) - pil_blur(arr, 1.3)).max(), 1)
 
 
 class PipelineTest(parameterized.TestCase):
