@@ -123,6 +123,61 @@ class FeaturesTest(absltest.TestCase):
     )
     np.testing.assert_allclose(x8[:3], direct, atol=1e-5)
 
+  def test_every_image_once_in_source_order_for_any_workers(self):
+    """Same rows, same order, for 0, 2 and 3 workers and any batch size."""
+    model = models.VisionTransformer(
+      patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32
+    )
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+    source = sources.SyntheticSource(size=21, image_size=40)
+    fn = features.cls_feature_fn(model, params)
+    mesh = parallel.make_mesh()
+    kw = dict(mesh=mesh, resize_size=32, crop_size=32, log_every=0)
+    x0, y0 = features.extract(fn, source, batch_size=8, num_workers=0, **kw)
+    x2, y2 = features.extract(fn, source, batch_size=8, num_workers=2, **kw)
+    x3, y3 = features.extract(fn, source, batch_size=16, num_workers=3, **kw)
+    self.assertEqual(x0.shape, (21, 32))  # 21 = 8 + 8 + 5: every image once
+    labels = [source[i]['label'] for i in range(21)]
+    for y in (y0, y2, y3):
+      np.testing.assert_array_equal(y, labels)
+    np.testing.assert_array_equal(x2, x0)
+    np.testing.assert_allclose(x3, x0, atol=1e-6)
+    transform = features.EvalTransform(32, 32)
+    images = jnp.stack([transform.map(source[i])['image'] for i in range(21)])
+    direct = model.apply({'params': params}, images)  # source order
+    np.testing.assert_allclose(x0, direct, atol=1e-5)
+
+  def test_undecodable_images_dropped_and_named_once(self):
+    directory = self.create_tempdir()
+    bad = directory.create_file('broken.jpg', content='not a jpeg').full_path
+    good = np.full((40, 40, 3), 200, np.uint8)
+    records = [
+      {'image': good, 'label': 0},
+      {'path': bad, 'label': 1},
+      {'image': good, 'label': 2},
+      {'bytes': b'garbage', 'label': 3},
+      {'image': good, 'label': 4},
+    ]
+    pixels = lambda images: images.reshape(images.shape[0], -1)  # noqa: E731
+    with self.assertLogs(features.logger, 'WARNING') as logs:
+      x, y = features.extract(
+        pixels,
+        records,
+        mesh=parallel.make_mesh(),
+        batch_size=8,
+        resize_size=32,
+        crop_size=32,
+        log_every=0,
+      )
+    np.testing.assert_array_equal(y, [0, 2, 4])
+    self.assertEqual(x.shape, (3, 32 * 32 * 3))
+    self.assertLen(logs.output, 1)
+    self.assertRegex(
+      logs.output[0],
+      rf'skipped 2 undecodable images: {bad} \(\w+Error: .*\), '
+      r'<in-memory image> \(',
+    )
+
   def test_one_pass_for_several_feature_maps(self):
     """knn_eval_many decodes once and scores each map as if alone."""
     config = tiny_config.get_config()
