@@ -28,6 +28,7 @@ import dm_pix
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -36,7 +37,9 @@ STD = (0.229, 0.224, 0.225)
 # reach +-6 = 3 sigma.
 BLUR_RADIUS = 2
 BLUR_PASSES = 3  # box passes per axis in PIL's GaussianBlur
-_LUMA = jnp.array([0.299, 0.587, 0.114])
+# numpy, not jnp: importing a module must not start a JAX backend
+# (jax.distributed.initialize runs after the imports in main).
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
