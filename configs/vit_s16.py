@@ -7,6 +7,9 @@ Global batch 1024, 100 epochs, K = 65536, ImageNet-1k via TFDS
 or an ImageFolder: --config.data.source=imagefolder --config.data.path=ROOT.
 Official reference: 100 epochs at batch 512 on 8 GPUs, 1.75 days, k-NN 69.3,
 linear 74.0 (SPEC §8). `:smoke` runs a few steps on synthetic data.
+On a GPU or TPU the model computes in bfloat16 with fused attention
+(parameters, loss and center in float32); on a CPU in float32. Set
+--config.model.dtype=float32 for float32 everywhere (docs/precision.md).
 """
 
 from dino_jax.config import default_config
@@ -14,6 +17,10 @@ from dino_jax.config import default_config
 
 def get_config(arg: str | None = None):
   config = default_config()
+  # bfloat16 compute and fused attention on gpu/tpu, float32 and einsum on
+  # cpu (docs/precision.md; official: fp16 autocast).
+  config.model.dtype = 'auto'
+  config.model.attention = 'auto'
   config.eval.test_split = 'validation'
   if arg == 'smoke':
     config.data.source = 'synthetic'

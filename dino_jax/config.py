@@ -9,7 +9,11 @@ from ml_collections import config_dict
 
 ARCHS = ('vit_tiny', 'vit_small', 'vit_base')
 DATA_SOURCES = ('tfds', 'imagefolder', 'fashion_mnist', 'synthetic')
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'auto')
+ATTENTIONS = ('einsum', 'fused', 'auto')
+# Backends where 'auto' means bfloat16 compute and fused attention; anywhere
+# else (cpu) it means float32 and einsum (docs/precision.md).
+MIXED_PRECISION_BACKENDS = ('gpu', 'tpu')
 
 
 class ConfigError(ValueError):
@@ -47,8 +51,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.head_hidden_dim = 2048
   c.model.head_bottleneck_dim = 256
   c.model.head_nlayers = 3
-  c.model.attention = 'einsum'  # 'einsum' or 'fused' (dot_product_attention)
-  c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
+  # 'einsum', 'fused' (jax.nn.dot_product_attention) or 'auto' (fused on
+  # gpu/tpu, einsum on cpu); resolved by resolve_compute().
+  c.model.attention = 'einsum'
+  # Compute dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on gpu/tpu,
+  # float32 on cpu). Parameters, loss and center stay float32. The ImageNet
+  # configs use 'auto' (official: fp16 autocast); docs/precision.md.
+  c.model.dtype = 'float32'
   c.model.remat = False  # recompute blocks in the backward pass
 
   c.loss = ml_collections.ConfigDict()
@@ -136,6 +145,42 @@ def model_dims(config: ml_collections.ConfigDict) -> dict[str, int]:
   return dims
 
 
+def resolve_compute(
+  model: ml_collections.ConfigDict, backend: str | None = None
+) -> tuple[str, str]:
+  """(dtype, attention) that ``model.dtype`` / ``model.attention`` mean here.
+
+  The one place where 'auto' is resolved: bfloat16 and 'fused' on the
+  backends in MIXED_PRECISION_BACKENDS, float32 and 'einsum' elsewhere. An
+  explicit value is returned unchanged. The config itself keeps 'auto', so a
+  checkpoint written on a GPU resumes on a CPU and back.
+
+  Args:
+    model: the ``config.model`` group.
+    backend: 'cpu', 'gpu' or 'tpu' (default: ``jax.default_backend()``).
+
+  Returns:
+    (dtype, attention), e.g. ('bfloat16', 'fused').
+  """
+  if model.dtype not in DTYPES:
+    raise ConfigError(f'model.dtype={model.dtype!r}; use one of {DTYPES}')
+  if model.attention not in ATTENTIONS:
+    raise ConfigError(
+      f'model.attention={model.attention!r}; use one of {ATTENTIONS}'
+    )
+  if backend is None:
+    import jax  # only here: the config module stays importable without it
+
+    backend = jax.default_backend()
+  mixed = backend in MIXED_PRECISION_BACKENDS
+  dtype, attention = model.dtype, model.attention
+  if dtype == 'auto':
+    dtype = 'bfloat16' if mixed else 'float32'
+  if attention == 'auto':
+    attention = 'fused' if mixed else 'einsum'
+  return dtype, attention
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Checks cross-field facts; raises ConfigError naming the bad values."""
   m = config.model
@@ -157,9 +202,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       f'model.img_size={m.img_size} is not divisible by '
       f'model.patch_size={m.patch_size}'
     )
-  if m.attention not in ('einsum', 'fused'):
+  if m.attention not in ATTENTIONS:
     raise ConfigError(
-      f"model.attention={m.attention!r}; use 'einsum' or 'fused'"
+      f'model.attention={m.attention!r}; use one of {ATTENTIONS}'
     )
   if m.dtype not in DTYPES:
     raise ConfigError(f'model.dtype={m.dtype!r}; use one of {DTYPES}')

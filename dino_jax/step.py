@@ -6,6 +6,7 @@ here, so tests, interop and benchmarks import it directly.
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -89,16 +90,32 @@ class Schedules:
 def build_models(
   config: ml_collections.ConfigDict,
 ) -> tuple[MultiCropModel, MultiCropModel]:
-  """(student, teacher); the teacher has no stochastic depth (SPEC §2.2)."""
+  """(student, teacher); the teacher has no stochastic depth (SPEC §2.2).
+
+  ``model.dtype`` and ``model.attention`` 'auto' are resolved here, for the
+  default backend, by ``config.resolve_compute`` (docs/precision.md); the
+  resolved values are logged.
+  """
   m = config.model
-  dtype = jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32
+  backend = jax.default_backend()
+  dtype_name, attention = config_lib.resolve_compute(m, backend)
+  logging.info(
+    'model compute: dtype %s, attention %s on %s (model.dtype=%r, '
+    'model.attention=%r)',
+    dtype_name,
+    attention,
+    backend,
+    m.dtype,
+    m.attention,
+  )
+  dtype = jnp.bfloat16 if dtype_name == 'bfloat16' else jnp.float32
 
   def make(drop_path_rate):
     backbone = VisionTransformer(
       patch_size=m.patch_size,
       img_size=m.img_size,
       drop_path_rate=drop_path_rate,
-      attention=m.attention,
+      attention=attention,
       dtype=dtype,
       remat=m.remat,
       **config_lib.model_dims(config),

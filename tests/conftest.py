@@ -9,6 +9,13 @@ os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 )
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The parity tests compare float32 results to ~1e-5. On a GPU, JAX's default
+# float32 matmuls round their inputs to TF32 (10-bit mantissa; jax docs,
+# "Matmul precision") and cuDNN convolutions in torch do too: pin full
+# float32 for both (on a CPU this changes nothing). The environment reaches
+# the CLI subprocesses as well.
+os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
+os.environ.setdefault('NVIDIA_TF32_OVERRIDE', '0')
 # One persistent compilation cache for this test session, shared with the
 # CLI subprocesses (which inherit the environment): a second run of the same
 # config loads its executables instead of compiling them again.

@@ -21,6 +21,15 @@ def tiny_vit(**kw):
   return models.VisionTransformer(**{**TINY, **kw})
 
 
+class PrecisionPinTest(absltest.TestCase):
+  def test_float32_matmuls_run_at_highest_precision(self):
+    # tests/conftest.py pins it so that the float32 parity tolerances also
+    # hold on a GPU, whose default would be TF32.
+    self.assertEqual(jax.config.jax_default_matmul_precision, 'highest')
+    x = jnp.ones((4, 4), jnp.float32)
+    self.assertIn('HIGHEST', jax.jit(jnp.dot).lower(x, x).as_text())
+
+
 class ParamCountTest(parameterized.TestCase):
   @parameterized.parameters(
     ('vit_tiny', 16, 5_524_416),

@@ -6,9 +6,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 from tiny import crop_batch, tiny_config
 
+from dino_jax import config as config_lib
 from dino_jax import loss as loss_lib
 from dino_jax import parallel
 from dino_jax import step as step_lib
@@ -80,6 +81,108 @@ def run_steps_global(mesh, n_steps, seed=5):
     )(state.student)
   )
   return losses, checksum
+
+
+def build_on(backend, config):
+  """(student, teacher, state shapes, step fn) built as on ``backend``.
+
+  ``jax.default_backend()`` reports ``backend`` while the models are built;
+  the state is only traced (``eval_shape``), nothing is compiled.
+  """
+  orig = jax.default_backend
+  jax.default_backend = lambda: backend
+  try:
+    student, teacher = step_lib.build_models(config)
+  finally:
+    jax.default_backend = orig
+  sched = step_lib.Schedules.from_config(config, 5)
+  tx = step_lib.build_optimizer(config, sched)
+  state = jax.eval_shape(step_lib.init_fn_for(config, student, tx))
+  fn = step_lib.make_train_step(student, teacher, tx, sched)
+  return student, teacher, state, fn
+
+
+class ComputeResolutionTest(parameterized.TestCase):
+  """model.dtype / model.attention 'auto' (docs/precision.md)."""
+
+  @parameterized.parameters(
+    ('cpu', 'auto', 'auto', ('float32', 'einsum')),
+    ('gpu', 'auto', 'auto', ('bfloat16', 'fused')),
+    ('tpu', 'auto', 'auto', ('bfloat16', 'fused')),
+    ('gpu', 'float32', 'auto', ('float32', 'fused')),
+    ('gpu', 'float32', 'einsum', ('float32', 'einsum')),
+    ('cpu', 'bfloat16', 'fused', ('bfloat16', 'fused')),
+  )
+  def test_resolve(self, backend, dtype, attention, expected):
+    config = tiny_config()
+    config.model.dtype, config.model.attention = dtype, attention
+    self.assertEqual(
+      config_lib.resolve_compute(config.model, backend), expected
+    )
+
+  def test_imagenet_configs_default_to_auto(self):
+    from configs import fashion_mnist, vit_b8, vit_b16, vit_s8, vit_s16
+
+    for module in (vit_s16, vit_s8, vit_b16, vit_b8):
+      model = module.get_config().model
+      self.assertEqual((model.dtype, model.attention), ('auto', 'auto'))
+      self.assertEqual(
+        config_lib.resolve_compute(model, 'cpu'), ('float32', 'einsum')
+      )
+      self.assertEqual(
+        config_lib.resolve_compute(model, 'gpu'), ('bfloat16', 'fused')
+      )
+    model = fashion_mnist.get_config().model  # default_config: float32
+    self.assertEqual(
+      config_lib.resolve_compute(model, 'gpu'), ('float32', 'einsum')
+    )
+
+  def test_unknown_values_name_the_choices(self):
+    config = tiny_config()
+    config.model.dtype = 'float16'
+    with self.assertRaisesRegex(config_lib.ConfigError, "'auto'"):
+      config_lib.resolve_compute(config.model, 'gpu')
+    config.model.dtype, config.model.attention = 'auto', 'flash'
+    with self.assertRaisesRegex(config_lib.ConfigError, 'flash'):
+      config_lib.validate(config)
+
+  def test_build_models_resolves_for_the_backend_and_logs(self):
+    config = tiny_config()
+    config.model.dtype = config.model.attention = 'auto'
+    with self.assertLogs(level='INFO') as logs:
+      student, teacher, _, _ = build_on('gpu', config)
+    self.assertIn('dtype bfloat16, attention fused on gpu', logs.output[0])
+    for model in (student, teacher):
+      self.assertEqual(model.backbone.dtype, jnp.bfloat16)
+      self.assertEqual(model.backbone.attention, 'fused')
+      self.assertEqual(model.head.dtype, jnp.bfloat16)
+    student, _ = step_lib.build_models(config)  # the real backend: cpu
+    self.assertEqual(student.backbone.dtype, jnp.float32)
+    self.assertEqual(student.backbone.attention, 'einsum')
+    self.assertEqual(config.model.dtype, 'auto')  # saved as given
+
+  def test_auto_step_on_gpu_keeps_float32_state(self):
+    # The step a GPU builds from 'auto' (bf16, fused), traced on the CPU;
+    # test_bfloat16_step_close_to_float32 runs a bf16 step for the numbers.
+    config = tiny_config()
+    config.model.dtype = config.model.attention = 'auto'
+    student, _, state, fn = build_on('gpu', config)
+    batch = {
+      'global_crops': jax.ShapeDtypeStruct((2, 4, 32, 32, 3), jnp.float32),
+      'local_crops': jax.ShapeDtypeStruct((2, 4, 16, 16, 3), jnp.float32),
+    }
+    new_state, metrics = jax.eval_shape(fn, state, batch)
+    chex.assert_trees_all_equal_dtypes(new_state, state)  # params, opt
+    chex.assert_type(jax.tree.leaves(state.student), jnp.float32)
+    chex.assert_type(new_state.center, jnp.float32)
+    chex.assert_type(metrics['loss'], jnp.float32)
+    # The compute really is bf16: the head's output before the loss.
+    out = jax.eval_shape(
+      lambda p, x: student.head.apply({'params': p}, x),
+      state.student['head'],
+      jax.ShapeDtypeStruct((2, 32), jnp.float32),
+    )
+    self.assertEqual(out.dtype, jnp.bfloat16)
 
 
 class StepTest(absltest.TestCase):
