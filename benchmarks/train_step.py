@@ -1,8 +1,9 @@
 """Images/s of the full DINO train step, dino_jax vs PyTorch, in one run.
 
   python benchmarks/train_step.py --arch vit_small --batch 8
-  python benchmarks/train_step.py --arch vit_base --batch 64 --dtype bfloat16 \
-      --attention fused               # on a GPU: torch runs fp16 autocast
+  python benchmarks/train_step.py --arch vit_base --batch 64 \
+      --peak_tflops 989               # on a GPU: bf16 + fused attention (auto),
+                                      # torch runs fp16 autocast
   python benchmarks/train_step.py --sweep devices   # scaling, JAX only
 
 One "image" is 2 x 224^2 + L x 96^2 crops (L = 8 by default): the teacher on
@@ -18,10 +19,20 @@ minimum of each are reported (benchmarks/timing.py):
              (benchmarks/torch_step.py, written from SPEC; or the official
              vision_transformer.py with --official_repo=PATH).
 
-Ratios are taken against torch in the same run. FLOPs per image come from
-XLA's cost analysis of the compiled step; MFU needs --peak_tflops (the
-device's dense peak for the dtype used). Prints one JSON object per result
-and appends them to --out when given.
+``--dtype`` and ``--attention`` default to 'auto' as the ImageNet configs:
+bfloat16 and fused attention on GPU/TPU, float32 and einsum on CPU (the
+resolved values are in the row). Ratios are taken against torch in the same
+run. ``gflops_per_image`` is the analytic matmul count of dino_jax/flops.py
+(the same for every side); ``<side>_mfu`` divides it by the median step time
+and --peak_tflops (the device's dense peak for the dtype used) times the
+device count. ``<side>_xla_gflops_per_image`` is XLA's cost analysis of the
+compiled step: exact on CPU, far too low on GPU (it misses cuBLAS/cuDNN
+calls). ``<side>_xla_memory`` is XLA's memory plan per device (arguments,
+temporaries, outputs less the donated aliases; ``--sweep batch`` gives it
+per batch); ``jax_peak_bytes`` and ``torch_peak_bytes``
+(``torch.cuda.max_memory_allocated``) are what the allocators saw, on
+accelerators. Prints one JSON object per result and appends them to --out
+when given.
 """
 
 import argparse
@@ -53,8 +64,12 @@ def parse_args(argv=None):
   p.add_argument('--local_size', type=int, default=96)
   p.add_argument('--locals', type=int, default=8)
   p.add_argument('--canvas', type=int, default=512)
-  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--attention', default='einsum', choices=['einsum', 'fused'])
+  p.add_argument(
+    '--dtype', default='auto', choices=['auto', 'float32', 'bfloat16']
+  )
+  p.add_argument(
+    '--attention', default='auto', choices=['auto', 'einsum', 'fused']
+  )
   p.add_argument('--remat', action='store_true')
   p.add_argument('--steps', type=int, default=3, help='timed steps per side')
   p.add_argument(
@@ -62,7 +77,12 @@ def parse_args(argv=None):
     default='jax_aug,jax,torch',
     help='comma list of jax_aug, jax, torch',
   )
-  p.add_argument('--torch_amp', default='auto', choices=['auto', 'on', 'off'])
+  p.add_argument(
+    '--torch_amp',
+    default='auto',
+    choices=['auto', 'on', 'off'],
+    help='fp16 autocast; auto: on CUDA when the jax side is not float32',
+  )
   p.add_argument('--official_repo', default=None)
   p.add_argument('--peak_tflops', type=float, default=0.0)
   p.add_argument(
@@ -80,17 +100,10 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def jax_steps(args):
-  """{'jax': (fn, state, batch), 'jax_aug': ...} compiled on all devices."""
-  import jax
-  import numpy as np
-
+def make_config(args):
+  """The dino_jax config of the benchmarked step."""
   from dino_jax import config as config_lib
-  from dino_jax import parallel
-  from dino_jax import step as step_lib
-  from dino_jax.data import multicrop
 
-  jax.config.update('jax_threefry_partitionable', True)
   c = config_lib.default_config()
   c.batch_size = args.batch
   c.model.arch = args.arch
@@ -102,6 +115,21 @@ def jax_steps(args):
   c.crops.global_size = args.global_size
   c.crops.local_size = args.local_size
   c.crops.local_number = args.locals
+  return c
+
+
+def jax_steps(args):
+  """{'jax': (run, xla_flops, xla_memory), 'jax_aug': ...} on all devices."""
+  import jax
+  import numpy as np
+
+  from dino_jax import config as config_lib
+  from dino_jax import parallel
+  from dino_jax import step as step_lib
+  from dino_jax.data import multicrop
+
+  jax.config.update('jax_threefry_partitionable', True)
+  c = make_config(args)
   config_lib.validate(c, jax.device_count())
   mesh = parallel.make_mesh()
   sched = step_lib.Schedules.from_config(c, 1000)
@@ -146,12 +174,7 @@ def jax_steps(args):
     flops = float((cost or {}).get('flops', 0.0))
     mem = compiled.memory_analysis()
     if mem is not None:  # XLA's plan per device: state + batch + temporaries
-      memory[side] = {
-        'arguments_bytes': int(mem.argument_size_in_bytes),
-        'temp_bytes': int(mem.temp_size_in_bytes),
-        'output_bytes': int(mem.output_size_in_bytes),
-        'alias_bytes': int(mem.alias_size_in_bytes),
-      }
+      memory[side] = plan_bytes(mem)
     holder = {'state': state}
 
     def run(jitted=jitted, holder=holder, batch=batch):
@@ -162,7 +185,28 @@ def jax_steps(args):
   return out
 
 
-def torch_step(args):
+def plan_bytes(mem) -> dict[str, int]:
+  """XLA's memory plan of one device from ``compiled.memory_analysis()``.
+
+  ``total_bytes`` = arguments + outputs + temporaries - aliases: the donated
+  state's outputs reuse the argument buffers, so they count once.
+  """
+  out = {
+    'arguments_bytes': int(mem.argument_size_in_bytes),
+    'temp_bytes': int(mem.temp_size_in_bytes),
+    'output_bytes': int(mem.output_size_in_bytes),
+    'alias_bytes': int(mem.alias_size_in_bytes),
+  }
+  out['total_bytes'] = (
+    out['arguments_bytes']
+    + out['output_bytes']
+    + out['temp_bytes']
+    - out['alias_bytes']
+  )
+  return out
+
+
+def torch_step(args, jax_dtype):
   import numpy as np
   import torch
 
@@ -170,9 +214,8 @@ def torch_step(args):
   import torch_step as ts
 
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  amp = {'on': True, 'off': False, 'auto': device.type == 'cuda'}[
-    args.torch_amp
-  ]
+  auto = device.type == 'cuda' and jax_dtype != 'float32'
+  amp = {'on': True, 'off': False, 'auto': auto}[args.torch_amp]
   arch = {'name': args.arch, 'patch': args.patch, **ARCHS[args.arch]}
   student, teacher = ts.build(arch, args.out_dim, args.official_repo)
   step = ts.Step(student, teacher, args.out_dim, amp, device)
@@ -219,16 +262,20 @@ def peak_memory():
 def measure(args):
   import jax
 
-  from dino_jax import hostmem
+  from dino_jax import config as config_lib
+  from dino_jax import flops, hostmem
 
+  config = make_config(args)
+  dtype, attention = config_lib.resolve_compute(config.model)
+  model_flops = flops.from_config(config)['step']
   runs, info = {}, {}
-  flops = {}
+  xla_flops = {}
   for side, (fn, f, mem) in jax_steps(args).items():
-    runs[side], flops[side] = fn, f
+    runs[side], xla_flops[side] = fn, f
     if mem:
       info[f'{side}_xla_memory'] = mem
   if 'torch' in args.sides.split(','):
-    runs['torch'], extra = torch_step(args)
+    runs['torch'], extra = torch_step(args, dtype)
     info.update(extra)
   times = timing.interleaved(runs, args.steps)  # after 2 warm-up calls
   result = {
@@ -242,8 +289,8 @@ def measure(args):
     'batch': args.batch,
     'crops': f'2x{args.global_size} + {args.locals}x{args.local_size}',
     'out_dim': args.out_dim,
-    'dtype': args.dtype,
-    'attention': args.attention,
+    'dtype': dtype,  # resolved from --dtype (auto: by backend)
+    'attention': attention,
     'remat': args.remat,
     'malloc': hostmem.status(),  # dino_jax.hostmem
     **info,
@@ -253,13 +300,16 @@ def measure(args):
     result[f'{side}_images_per_sec'] = round(
       args.batch / statistics.median(ts), 2
     )
-  for side, f in flops.items():
+  # Analytic matmul FLOPs, the same work for every side (dino_jax/flops.py).
+  result['gflops_per_image'] = round(model_flops / args.batch / 1e9, 2)
+  for side, f in xla_flops.items():
     if f:
-      result[f'{side}_gflops_per_image'] = round(f / args.batch / 1e9, 2)
-      if args.peak_tflops:
-        sec = statistics.median(times[side])
-        mfu = f / sec / (args.peak_tflops * 1e12 * jax.device_count())
-        result[f'{side}_mfu'] = round(mfu, 4)
+      result[f'{side}_xla_gflops_per_image'] = round(f / args.batch / 1e9, 2)
+  if args.peak_tflops:
+    peak = args.peak_tflops * 1e12 * jax.device_count()
+    for side, ts in times.items():
+      mfu = model_flops / statistics.median(ts) / peak
+      result[f'{side}_mfu'] = round(mfu, 4)
   if 'jax' in times and 'jax_aug' in times:
     extra = statistics.median(times['jax_aug']) - statistics.median(
       times['jax']

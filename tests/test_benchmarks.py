@@ -3,7 +3,10 @@
 import contextlib
 import io
 import os
+import shutil
 import sys
+import tempfile
+import types
 
 from absl.testing import absltest
 
@@ -11,6 +14,7 @@ sys.path.insert(
   0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks')
 )
 import block  # noqa: E402
+import host_pipeline  # noqa: E402
 import timing  # noqa: E402
 import train_step  # noqa: E402
 
@@ -140,6 +144,61 @@ class BlockBenchmarkTest(absltest.TestCase):
     self.assertEqual(grads[1].shape, (2, 5, 192))  # input gradient
     # The backward pass costs about twice the forward in matmul FLOPs.
     self.assertBetween(flops['jax'] / flops['jax_fwd'], 2.5, 3.5)
+
+
+class TrainStepRowTest(absltest.TestCase):
+  def test_plan_total_counts_donated_outputs_once(self):
+    mem = types.SimpleNamespace(
+      argument_size_in_bytes=100,
+      temp_size_in_bytes=50,
+      output_size_in_bytes=90,
+      alias_size_in_bytes=80,
+    )
+    plan = train_step.plan_bytes(mem)
+    self.assertEqual(plan['total_bytes'], 100 + 90 + 50 - 80)
+    self.assertEqual(plan['temp_bytes'], 50)
+
+  def test_defaults_are_auto_and_resolve_to_float32_on_cpu(self):
+    from dino_jax import config as config_lib
+    from dino_jax import flops
+
+    args = train_step.parse_args(['--batch', '4'])
+    config = train_step.make_config(args)
+    self.assertEqual(
+      (config.model.dtype, config.model.attention), ('auto',) * 2
+    )
+    self.assertEqual(
+      config_lib.resolve_compute(config.model), ('float32', 'einsum')
+    )
+    # ViT-S/16, 2 x 224 + 8 x 96, K 65536: ~113 GFLOPs per image.
+    per_image = flops.from_config(config)['per_image']
+    self.assertAlmostEqual(per_image / 1e9, 113.06, delta=0.01)
+
+
+class HostPipelineTest(absltest.TestCase):
+  def test_rates_and_cores(self):
+    row = host_pipeline.rates(1000, wall=2.0, cpu=4.0, targets=(1000,))
+    self.assertEqual(row['images_per_sec'], 500.0)
+    self.assertEqual(row['images_per_cpu_sec'], 250.0)
+    self.assertEqual(row['cores_for_1000'], 4.0)
+
+  def test_jpegs_decode_onto_the_canvas(self):
+    from dino_jax.data import sources
+
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp)
+    kb = host_pipeline.make_jpegs(tmp, 3)
+    self.assertBetween(kb, 20, 300)
+    source = sources.ImageFolderSource(tmp)
+    self.assertLen(source, 3)
+    row = host_pipeline.decode_row(source, 512, (1380,))
+    self.assertEqual((row['stage'], row['images']), ('decode', 3))
+    self.assertGreater(row['cores_for_1380'], 0)
+    from dino_jax.data import pipeline
+
+    out = pipeline.DecodedSource(source, 512)[0]
+    self.assertEqual(out['image'].shape, (512, 512, 3))
+    self.assertEqual(out['size'].tolist(), [375, 500])
 
 
 if __name__ == '__main__':
