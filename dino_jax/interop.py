@@ -8,20 +8,32 @@ follow the official code (``blocks.0.attn.qkv.weight``, ``mlp.0.weight``,
 weights_only=True)``: tensors only, never arbitrary pickled objects.
 
 CLI:
-  python -m dino_jax.interop import IN.pth OUT_WORKDIR --config=CONFIG
+  python -m dino_jax.interop import IN.pth OUT_WORKDIR --config=CONFIG \\
+    [--config.a.b=c]
   python -m dino_jax.interop export WORKDIR OUT.pth
 """
 
 import argparse
+import logging
+import os
 import re
+import shutil
+import sys
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from dino_jax import checkpoint as checkpoint_lib
+from dino_jax import optim
+from dino_jax import step as step_lib
+from dino_jax import workdir as workdir_lib
 from dino_jax.models import DINOHead, VisionTransformer
+
+logger = logging.getLogger(__name__)
 
 _PREFIXES = ('module.', 'backbone.')
 
@@ -49,7 +61,8 @@ def _torch_load(path: str):
   except Exception as e:  # noqa: BLE001 - pickled non-tensor objects
     raise InteropError(
       f'{path}: not a tensor-only checkpoint ({type(e).__name__}: '
-      f'{str(e).splitlines()[0][:200]}); refusing to unpickle it'
+      f'{str(e).splitlines()[0][:200]}); refusing to unpickle it: pass an '
+      'official DINO .pth'
     ) from e
 
 
@@ -301,24 +314,36 @@ def to_pytorch(variables: dict, module) -> dict[str, np.ndarray]:
 
 
 def import_checkpoint(path: str, workdir: str, config) -> int:
-  """Seeds a dino_jax workdir from an official .pth (full or backbone-only).
+  """Seeds a new dino_jax workdir from an official .pth (full or backbone).
 
   Student and teacher (backbone and head) and the loss center are imported;
   a backbone-only file gives both networks that backbone and a fresh head.
   The optimizer state starts fresh (AdamW moments are not converted). The
   step is ``epoch * steps_per_epoch`` when the config fixes
-  ``steps_per_epoch``, else 0. Returns the step.
+  ``steps_per_epoch``, else 0. The file is read and checked against the
+  config's model before anything is created; a failed save removes what it
+  created.
+
+  Returns:
+    The step.
+
+  Raises:
+    InteropError: ``path`` is not an official checkpoint, or does not fit
+      the config's model (the message names both).
+    workdir.WorkdirError: ``workdir`` cannot be created or already holds a
+      checkpoint.
   """
-  import logging
-
-  from dino_jax import checkpoint as checkpoint_lib
-  from dino_jax import optim
-  from dino_jax import step as step_lib
-
-  student_m, tx, init_fn = step_lib.state_template(config)
+  if not os.path.isfile(path):
+    raise InteropError(f'{path} is not a file; pass an official DINO .pth')
+  workdir_lib.check_path(workdir)
+  if workdir_lib.has_checkpoint(workdir):
+    raise workdir_lib.WorkdirError(
+      f'--workdir={workdir} already holds a checkpoint; import into a new '
+      'workdir'
+    )
   raw = _torch_load(path)
+  student_m, tx, init_fn = step_lib.state_template(config)
   full = isinstance(raw, dict) and 'teacher' in raw and 'student' in raw
-  state = init_fn()
   backbone_m, head_m = student_m.backbone, student_m.head
 
   def params_of(state_dict):
@@ -328,9 +353,24 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
       out['head'] = from_pytorch(state_dict, head_m)['params']
     return out
 
+  try:
+    if full:
+      student_params = params_of(raw['student'])
+      teacher_params = params_of(raw['teacher'])
+    else:
+      student_params = params_of(_select(raw, 'teacher'))
+      teacher_params = student_params
+  except (InteropError, AttributeError, TypeError) as e:
+    m = config.model
+    raise InteropError(
+      f'{path} does not fit the model of the config (embed_dim '
+      f'{m.embed_dim}, depth {m.depth}, patch {m.patch_size}): {_reason(e)}; '
+      "pass the --config of the checkpoint's architecture"
+    ) from e
+  state = init_fn()
   if full:
-    student = {**state.student, **params_of(raw['student'])}
-    teacher = {**state.teacher, **params_of(raw['teacher'])}
+    student = {**state.student, **student_params}
+    teacher = {**state.teacher, **teacher_params}
     center = _to_numpy(raw.get('dino_loss', {})).get('center')
     center = (
       jnp.asarray(center, jnp.float32).reshape(1, -1)
@@ -339,7 +379,7 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     )
     epoch = int(raw.get('epoch', 0))
   else:
-    backbone = params_of(_select(raw, 'teacher'))['backbone']
+    backbone = student_params['backbone']
     student = {**state.student, 'backbone': backbone}
     teacher = {**state.teacher, 'backbone': backbone}
     center, epoch = state.center, 0
@@ -351,11 +391,8 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     center=center,
     opt_state=optim.set_schedule_step(tx.init(student), step),
   )
-  ckpt = checkpoint_lib.Checkpointer(f'{workdir}/checkpoints', async_save=False)
-  ckpt.save(step, state, config)
-  ckpt.wait()
-  ckpt.close()
-  logging.getLogger(__name__).info(
+  _save_new(workdir, step, state, config)
+  logger.info(
     'imported %s (%s) into %s at step %d',
     path,
     'full checkpoint' if full else 'backbone',
@@ -363,6 +400,29 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     step,
   )
   return step
+
+
+def _reason(error: Exception) -> str:
+  return ' '.join(str(error).split()) or type(error).__name__
+
+
+def _save_new(workdir: str, step: int, state, config) -> None:
+  """Saves the first checkpoint; on failure removes what it created."""
+  path = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  top = None  # the outermost directory this save creates
+  while not os.path.exists(path):
+    top, path = path, os.path.dirname(path)
+  try:
+    ckpt = checkpoint_lib.Checkpointer(
+      f'{workdir}/checkpoints', async_save=False
+    )
+    ckpt.save(step, state, config)
+    ckpt.wait()
+    ckpt.close()
+  except BaseException:
+    if top is not None:
+      shutil.rmtree(top, ignore_errors=True)
+    raise
 
 
 def export_checkpoint(workdir: str, path: str, what: str = 'backbone') -> dict:
@@ -374,10 +434,7 @@ def export_checkpoint(workdir: str, path: str, what: str = 'backbone') -> dict:
   """
   import torch
 
-  from dino_jax import step as step_lib
-  from dino_jax.eval import run
-
-  config, _, state, step = run.load_workdir(workdir)
+  config, _, state, step = workdir_lib.load_workdir(workdir)
   student_m, _ = step_lib.build_models(config)
 
   def state_dict(params, prefix):
@@ -409,39 +466,46 @@ def export_checkpoint(workdir: str, path: str, what: str = 'backbone') -> dict:
   return payload
 
 
-def _main():
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file('config', None, 'Model config (import).')
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    'config',
+    None,
+    'import: the config file (configs/<model>.py[:arg]); overrides '
+    '--config.a.b=c.',
+    flag_values=values,
+  )
   flags.DEFINE_enum(
     'what',
     'backbone',
     ['backbone', 'full'],
     'export: teacher backbone only, or everything.',
+    flag_values=values,
   )
 
-  def main(argv):
-    import logging
 
-    logging.getLogger('absl').setLevel(logging.WARNING)
-    usage = (
-      'usage: python -m dino_jax.interop import IN.pth OUT_WORKDIR '
-      '--config=CONFIG | export WORKDIR OUT.pth [--what=full]'
-    )
-    if len(argv) != 4 or argv[1] not in ('import', 'export'):
-      raise app.UsageError(usage)
-    if argv[1] == 'import':
-      if flags.FLAGS.config is None:
-        raise app.UsageError('import needs --config=configs/<model>.py')
-      step = import_checkpoint(argv[2], argv[3], flags.FLAGS.config)
-      print(f'imported {argv[2]} into {argv[3]} (step {step})')
-    else:
-      export_checkpoint(argv[2], argv[3], flags.FLAGS.what)
-      print(f'exported {argv[2]} to {argv[3]}')
+_USAGE = (
+  'usage: python -m dino_jax.interop import IN.pth OUT_WORKDIR '
+  '--config=CONFIG | export WORKDIR OUT.pth [--what=full]'
+)
 
-  app.run(main)
+
+def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
+  """``python -m dino_jax.interop import|export``."""
+  if len(args) != 3 or args[0] not in ('import', 'export'):
+    raise InteropError(f'expected import or export and two paths; {_USAGE}')
+  command, source, target = args
+  if command == 'import':
+    if not values.config:
+      raise InteropError('import needs --config=configs/<model>.py')
+    config = workdir_lib.load_config_file(values.config, overrides)
+    step = import_checkpoint(source, target, config)
+    print(f'imported {source} into {target} (step {step})')
+  else:
+    if overrides:
+      raise InteropError(f'export takes no config overrides: {overrides}')
+    export_checkpoint(source, target, values.what)
+    print(f'exported {source} to {target}')
 
 
 if __name__ == '__main__':
-  _main()
+  sys.exit(workdir_lib.run_cli(define_flags, main, errors=(InteropError,)))

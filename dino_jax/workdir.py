@@ -11,8 +11,15 @@ is never stale; the file itself stays and names the last holder.
 import datetime
 import fcntl
 import json
+import logging
 import os
 import socket
+import sys
+from collections.abc import Callable
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 
 class WorkdirError(ValueError):
@@ -119,3 +126,311 @@ def _read_holder(fd: int) -> str:
     )
   except (ValueError, KeyError):
     return 'another process'
+
+
+# Evaluation and interop: reading a workdir, and the command-line front.
+
+# Config groups an evaluation may override; the others describe the state
+# in the checkpoint (model, recipe) and come from the workdir as saved.
+EVAL_GROUPS = ('eval', 'linear', 'data', 'mesh')
+_OVERRIDE_PREFIXES = ('--config.', '--noconfig.')
+
+
+class ConfigOverrideError(ValueError):
+  """A config file or a ``--config.*`` override cannot be applied."""
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates ``--config.a.b=c`` overrides from the other arguments.
+
+  The deprecated ``--set a.b=c`` (or ``--set=a.b=c``) becomes
+  ``--config.a.b=c``, with one deprecation line on stderr.
+
+  Args:
+    argv: the command line, program name first.
+
+  Returns:
+    (the other arguments, the overrides as ``--config.a.b=c`` strings).
+  """
+  rest, overrides, deprecated = [], [], []
+  items = iter(argv)
+  for arg in items:
+    if arg.startswith(_OVERRIDE_PREFIXES):
+      overrides.append(arg)
+    elif arg == '--set' or arg.startswith('--set='):
+      value = arg[len('--set=') :] if '=' in arg else next(items, '')
+      if '=' not in value:
+        raise ConfigOverrideError(
+          f'--set {value!r} is not key=value; use --config.a.b=c'
+        )
+      key, value = value.split('=', 1)
+      deprecated.append(f'--config.{key.strip()}={value.strip()}')
+    else:
+      rest.append(arg)
+  if deprecated:
+    print(
+      f'warning: --set is deprecated; use {" ".join(deprecated)}',
+      file=sys.stderr,
+    )
+  return rest, overrides + deprecated
+
+
+def _reason(error: BaseException) -> str:
+  """One line from an exception, unwrapping absl's nested KeyErrors."""
+  while isinstance(error, (AttributeError, KeyError)) and error.args:
+    if not isinstance(error.args[0], BaseException):
+      break
+    error = error.args[0]
+  text = error.args[0] if error.args else type(error).__name__
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  # A config file that raises puts its traceback in the message: the first
+  # and last lines say what is wrong.
+  return lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}'
+
+
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: list[str]
+) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``--config.a.b=c`` overrides applied.
+
+  The values are parsed as ``python -m dino_jax.main`` parses them
+  (ml_collections ``config_flags``: ints, floats, ``true``/``false``,
+  tuples as ``(1, 2)``); unknown fields are refused.
+
+  Raises:
+    ConfigOverrideError: naming the override and the reason.
+  """
+  config = config.copy_and_resolve_references()
+  if not overrides:
+    return config
+  values = flags.FlagValues()
+  argv = ['dino_jax', *overrides]
+  try:  # an unknown field fails in DEFINE, a bad value in the parse
+    config_flags.DEFINE_config_dict(
+      'config', config, flag_values=values, lock_config=True, sys_argv=argv
+    )
+    values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigOverrideError(
+      f'{" ".join(overrides)} cannot be applied: {_reason(e)}; see the '
+      'fields in dino_jax/config.py'
+    ) from e
+  return values.config
+
+
+def load_config_file(
+  spec: str, overrides: list[str] = ()
+) -> ml_collections.ConfigDict:
+  """``--config=FILE[:ARG]`` plus overrides, as ``dino_jax.main`` reads it.
+
+  Raises:
+    ConfigOverrideError: the file does not load, or an override fails.
+  """
+  values = flags.FlagValues()
+  argv = ['dino_jax', f'--config={spec}']
+  config_flags.DEFINE_config_file(
+    'config', None, flag_values=values, lock_config=True, sys_argv=argv
+  )
+  try:
+    values(argv)
+    config = values.config
+    config.keys()  # a file that failed to load raises here
+  except Exception as e:  # noqa: BLE001 - the config file's own error
+    cause = e
+    while cause.__cause__ is not None:
+      cause = cause.__cause__
+    raise ConfigOverrideError(
+      f'--config={spec} cannot be loaded ({_reason(cause)}); pass a '
+      'config file such as configs/vit_s16.py'
+    ) from e
+  return apply_overrides(config, list(overrides))
+
+
+def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """The config a checkpoint was saved with (JSON) as a typed ConfigDict.
+
+  Starts from ``default_config()``, so that fields added since the
+  checkpoint was written have their defaults and every field keeps its
+  type (JSON turns tuples into lists).
+  """
+  from dino_jax.config import default_config
+
+  def merge(target, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(
+        target.get(key), ml_collections.ConfigDict
+      ):
+        merge(target[key], value)
+      else:
+        target[key] = tuple(value) if isinstance(value, list) else value
+
+  config = default_config()
+  merge(config, saved)
+  return config
+
+
+def check_eval_overrides(overrides: list[str]) -> None:
+  """Refuses overrides of the state's fields when reading a checkpoint."""
+  for item in overrides:
+    field = item.split('=', 1)[0].split('.', 1)[-1]
+    if field.split('.', 1)[0] not in EVAL_GROUPS:
+      groups = ', '.join(f'{g}.*' for g in EVAL_GROUPS)
+      raise ConfigOverrideError(
+        f'{item}: the model and recipe come from the checkpoint; only '
+        f'{groups} may be overridden when reading a workdir'
+      )
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """``WORKDIR/checkpoints`` after checking it holds a checkpoint.
+
+  Creates nothing.
+
+  Raises:
+    WorkdirError: the workdir or its checkpoints are missing.
+  """
+  if not workdir:
+    raise WorkdirError('--workdir is empty; pass the workdir of a run')
+  if not os.path.exists(workdir):
+    raise WorkdirError(
+      f'--workdir={workdir} does not exist; pass the workdir of a training '
+      'run (python -m dino_jax.main --workdir=...)'
+    )
+  if not os.path.isdir(workdir):
+    raise WorkdirError(
+      f'--workdir={workdir} is a file, not a directory; pass the workdir '
+      'of a training run'
+    )
+  path = os.path.join(workdir, 'checkpoints')
+  if not has_checkpoint(workdir):
+    raise WorkdirError(
+      f'--workdir={workdir} holds no checkpoint (nothing in {path}); train '
+      'first (python -m dino_jax.main), or import released weights with '
+      '--pretrained'
+    )
+  return path
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether ``WORKDIR/checkpoints`` holds a step directory; reads only."""
+  path = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(path) and any(
+    name.isdigit() and os.path.isdir(os.path.join(path, name))
+    for name in os.listdir(path)
+  )
+
+
+def load_workdir(workdir: str, overrides: list[str] = ()):
+  """The newest intact checkpoint of ``workdir``, ready for evaluation.
+
+  Args:
+    workdir: a training (or import) workdir.
+    overrides: ``--config.a.b=c`` for the groups in EVAL_GROUPS, applied to
+      the config saved with the checkpoint.
+
+  Returns:
+    (config, mesh, state, step).
+
+  Raises:
+    WorkdirError: no workdir or no checkpoint (nothing is created).
+    ConfigOverrideError: a bad override.
+    checkpoint.DamagedCheckpointError: no checkpoint restores.
+  """
+  import jax
+
+  from dino_jax import checkpoint as checkpoint_lib
+  from dino_jax import parallel
+  from dino_jax import step as step_lib
+
+  overrides = list(overrides)
+  check_eval_overrides(overrides)
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), async_save=False)
+  built = {}
+
+  def abstract_for(saved: dict):
+    config = apply_overrides(config_from_saved(saved), overrides)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    _, _, init_fn = step_lib.state_template(config)
+    shape = jax.eval_shape(init_fn)
+    built.update(config=config, mesh=mesh)
+    shardings = parallel.state_sharding(mesh, shape, config.mesh.fsdp_min_size)
+    return checkpoint_lib.abstract_like(shape, shardings)
+
+  try:
+    restored = ckpt.restore_newest(abstract_for)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise WorkdirError(
+      f'--workdir={workdir} holds no checkpoint; train first '
+      '(python -m dino_jax.main)'
+    )
+  step, _, state = restored
+  return built['config'], built['mesh'], state, step
+
+
+def run_cli(
+  define_flags: Callable[[flags.FlagValues], None],
+  main: Callable[[flags.FlagValues, list[str], list[str]], None],
+  argv: list[str] | None = None,
+  *,
+  errors: tuple[type[BaseException], ...] = (),
+) -> int:
+  """Runs a dino_jax tool: flags, ``--config.*`` overrides, one-line errors.
+
+  Args:
+    define_flags: defines the tool's flags on the FlagValues it is given.
+    main: ``main(flag_values, positional_args, overrides)``.
+    argv: the command line; None: ``sys.argv``, through ``absl.app.run``.
+      Tests pass a list: the flags then live in a fresh FlagValues.
+    errors: further exception types reported as ``error: <message>``
+      (WorkdirError, ConfigOverrideError and the checkpoint errors always
+      are).
+
+  Returns:
+    The exit status: 0, or 1 after one ``error: ...`` line on stderr.
+  """
+  from absl import app
+
+  from dino_jax import checkpoint as checkpoint_lib
+
+  values = flags.FLAGS if argv is None else flags.FlagValues()
+  define_flags(values)
+  reported = (
+    WorkdirError,
+    ConfigOverrideError,
+    checkpoint_lib.DamagedCheckpointError,
+    checkpoint_lib.IncompatibleCheckpointError,
+    *errors,
+  )
+
+  def parse(args: list[str]) -> list[str]:
+    try:
+      rest, overrides = split_overrides(args)
+      return [*values(rest), *overrides]
+    except (flags.Error, ConfigOverrideError) as e:
+      print(
+        f'error: {_reason(e)}; pass --helpfull for the flags', file=sys.stderr
+      )
+      sys.exit(1)
+
+  def run(args: list[str]) -> int:
+    # Libraries (orbax, grain) log every step of a restore through absl.
+    logging.getLogger('absl').setLevel(logging.WARNING)
+    overrides = [a for a in args[1:] if a.startswith(_OVERRIDE_PREFIXES)]
+    positional = [a for a in args[1:] if a not in overrides]
+    try:
+      main(values, positional, overrides)
+    except reported as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    return 0
+
+  if argv is None:
+    app.run(run, flags_parser=parse)
+  try:
+    return run(parse(argv))
+  except SystemExit as e:
+    return int(e.code or 0)

@@ -10,7 +10,7 @@ from absl.testing import absltest, parameterized
 
 from dino_jax import models, parallel
 from dino_jax.data import sources
-from dino_jax.eval import attention, features, knn, run
+from dino_jax.eval import attention, features, knn
 
 
 def knn_reference(train_x, train_y, test_x, test_y, k, t, num_classes):
@@ -188,13 +188,13 @@ class FeaturesTest(absltest.TestCase):
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
     mesh = parallel.make_mesh()
     pixels = lambda images: images.reshape(images.shape[0], -1)  # noqa: E731
-    both = run.knn_eval_many(
+    both = knn.knn_eval_many(
       config,
       mesh,
       {'vit': features.cls_feature_fn(model, params), 'pixels': pixels},
     )
     self.assertEqual(set(both), {'vit', 'pixels'})
-    alone = run.knn_eval(config, mesh, model, params, 'vit')
+    alone = knn.knn_eval(config, mesh, model, params, 'vit')
     self.assertEqual(both['vit'], alone)
     source = sources.make_source(config.data, 'train')
     transform = features.EvalTransform(32, 32)

@@ -264,7 +264,7 @@ class CheckpointImportExportTest(absltest.TestCase):
   def test_full_checkpoint_round_trip(self):
     import tiny_config
 
-    from dino_jax.eval import run
+    from dino_jax import workdir as workdir_lib
 
     config = tiny_config.get_config()
     config.steps_per_epoch = 5
@@ -298,7 +298,7 @@ class CheckpointImportExportTest(absltest.TestCase):
     workdir = os.path.join(directory, 'work')
     step = interop.import_checkpoint(path, workdir, config)
     self.assertEqual(step, 15)
-    _, _, state, restored_step = run.load_workdir(workdir)
+    _, _, state, restored_step = workdir_lib.load_workdir(workdir)
     self.assertEqual(restored_step, 15)
     np.testing.assert_array_equal(state.center, center.numpy())
     np.testing.assert_array_equal(

@@ -1,6 +1,7 @@
 """CLS attention maps and masks (SPEC §7.3).
 
-CLI: ``python -m dino_jax.eval.attention --workdir=DIR --image=PATH``.
+CLI: ``python -m dino_jax.eval.attention --workdir=DIR --image=PATH``
+(``--config.a.b=c`` overrides the saved config's eval/data/mesh fields).
 
 Per head: the last block's CLS -> patch attention, reshaped to the patch
 grid; the mask keeps the highest-attention patches holding ``threshold`` of
@@ -8,11 +9,15 @@ the mass. Maps are upsampled by nearest with factor p and written as PNGs.
 """
 
 import os
+import sys
 
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from dino_jax import step as step_lib
+from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
 
 # A small perceptual colour map (dark blue -> magenta -> orange -> yellow).
@@ -165,12 +170,14 @@ def attention_from_workdir(
   image_size: int = 480,
   threshold: float = 0.6,
   output_dir: str | None = None,
+  overrides: list[str] = (),
 ) -> list[str]:
   """Maps of the teacher backbone in ``workdir`` for one image file."""
-  from dino_jax import step as step_lib
-  from dino_jax.eval import run
-
-  config, _, state, _ = run.load_workdir(workdir)
+  if not os.path.isfile(image_path):
+    raise workdir_lib.WorkdirError(
+      f'--image={image_path} is not a file; pass an image file'
+    )
+  config, _, state, _ = workdir_lib.load_workdir(workdir, overrides)
   _, teacher = step_lib.build_models(config)
   p = config.model.patch_size
   image = load_image(image_path, image_size, p)
@@ -181,29 +188,38 @@ def attention_from_workdir(
   )
 
 
-def _main():
-  from absl import app, flags
+def define_flags(values: flags.FlagValues) -> None:
+  kw = {'flag_values': values}
+  flags.DEFINE_string(
+    'workdir', None, 'Training workdir (its checkpoint).', **kw
+  )
+  flags.DEFINE_string('image', None, 'Image file.', **kw)
+  flags.DEFINE_integer('image_size', 480, 'Resize to this square size.', **kw)
+  flags.DEFINE_float(
+    'threshold', 0.6, 'Attention mass kept by the masks.', **kw
+  )
+  flags.DEFINE_string(
+    'output_dir', None, 'Default WORKDIR/eval/attention.', **kw
+  )
 
-  flags.DEFINE_string('workdir', None, 'Training workdir (its checkpoint).')
-  flags.DEFINE_string('image', None, 'Image file.')
-  flags.DEFINE_integer('image_size', 480, 'Resize to this square size.')
-  flags.DEFINE_float('threshold', 0.6, 'Attention mass kept by the masks.')
-  flags.DEFINE_string('output_dir', None, 'Default WORKDIR/eval/attention.')
-  flags.mark_flags_as_required(['workdir', 'image'])
 
-  def main(argv):
-    del argv
-    import logging
-
-    logging.getLogger('absl').setLevel(logging.WARNING)
-    f = flags.FLAGS
-    paths = attention_from_workdir(
-      f.workdir, f.image, f.image_size, f.threshold, f.output_dir
-    )
-    print('\n'.join(paths))
-
-  app.run(main)
+def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
+  """``python -m dino_jax.eval.attention``: one PNG per head, paths printed."""
+  if args:
+    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
+  for name in ('workdir', 'image'):
+    if not values[name].value:
+      raise workdir_lib.ConfigOverrideError(f'--{name} is required')
+  paths = attention_from_workdir(
+    values.workdir,
+    values.image,
+    values.image_size,
+    values.threshold,
+    values.output_dir,
+    overrides,
+  )
+  print('\n'.join(paths))
 
 
 if __name__ == '__main__':
-  _main()
+  sys.exit(workdir_lib.run_cli(define_flags, main))

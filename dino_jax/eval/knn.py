@@ -1,5 +1,7 @@
 """Weighted k-NN evaluation (SPEC §7.1); ``python -m dino_jax.eval.knn``.
 
+CLI: ``python -m dino_jax.eval.knn --workdir=DIR [--config.eval.ks=(20,)]``.
+
 Teacher backbone CLS features, L2-normalized; cosine similarity to the train
 set (memory); the k nearest vote with weight exp(sim / T), T = 0.07.
 """
@@ -7,12 +9,19 @@ set (memory); the k nearest vote with weight exp(sim / T), T = 0.07.
 import json
 import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from dino_jax import hostmem
+from dino_jax import hostmem, interop
+from dino_jax import step as step_lib
+from dino_jax import workdir as workdir_lib
+from dino_jax.data import sources
+from dino_jax.data.sources import DataError
+from dino_jax.eval import features
 
 logger = logging.getLogger(__name__)
 
@@ -105,51 +114,163 @@ def write_results(workdir: str, name: str, payload: dict) -> str:
   return path
 
 
-def _main():
-  from absl import app, flags
-  from ml_collections import config_flags
+def _extract(config, mesh, fn, split, max_images):
+  source = sources.make_source(config.data, split)
+  return features.extract(
+    fn,
+    source,
+    mesh=mesh,
+    batch_size=config.eval.batch_size,
+    resize_size=config.eval.resize_size,
+    crop_size=config.eval.crop_size,
+    max_images=max_images,
+    num_workers=config.data.num_workers,
+  ), getattr(source, 'classes', ())
 
-  flags.DEFINE_string('workdir', None, 'Training workdir (its checkpoint).')
-  flags.DEFINE_multi_string(
-    'set', [], 'Config override key=value, e.g. eval.max_train_images=5000'
+
+def knn_eval_many(config, mesh, feature_fns: dict) -> dict:
+  """k-NN accuracies of several feature maps from one pass over the data.
+
+  Args:
+    config: the run config (eval group: splits, sizes, ks, temperature).
+    mesh: device mesh for the extraction.
+    feature_fns: {name: jittable images [B, S, S, 3] -> [B, F_name]}.
+
+  Returns:
+    {name: {k: {'top1', 'top5'}}}. The images are decoded once; every map
+    runs on each batch in one jitted call and the columns are split after.
+  """
+  names = list(feature_fns)
+  e = config.eval
+  probe = jax.ShapeDtypeStruct((1, e.crop_size, e.crop_size, 3), np.float32)
+  widths = [jax.eval_shape(feature_fns[n], probe).shape[-1] for n in names]
+  bounds = np.cumsum([0] + widths)
+
+  def fn(images):
+    return jnp.concatenate(
+      [feature_fns[n](images).astype(jnp.float32) for n in names], axis=-1
+    )
+
+  (train_x, train_y), classes = _extract(
+    config, mesh, fn, e.train_split, e.max_train_images
+  )
+  (test_x, test_y), _ = _extract(
+    config, mesh, fn, e.test_split, e.max_test_images
+  )
+  results = {}
+  for i, name in enumerate(names):
+    lo, hi = bounds[i], bounds[i + 1]
+    logger.info(
+      'k-NN (%s): %d memory, %d queries, %d-d features',
+      name,
+      len(train_y),
+      len(test_y),
+      hi - lo,
+    )
+    results[name] = knn_classify(
+      train_x[:, lo:hi],
+      train_y,
+      test_x[:, lo:hi],
+      test_y,
+      ks=tuple(e.ks),
+      temperature=e.temperature,
+      num_classes=len(classes) or None,
+    )
+  return results
+
+
+def knn_eval(config, mesh, model, params, label: str = 'trained') -> dict:
+  """k-NN accuracies of a backbone, {k: {'top1', 'top5'}}."""
+  fn = features.cls_feature_fn(model, params)
+  return knn_eval_many(config, mesh, {label: fn})[label]
+
+
+def knn_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
+  """k-NN of the teacher in ``workdir``'s newest checkpoint.
+
+  Args:
+    workdir: a training (or import) workdir; read only, except for
+      ``WORKDIR/eval/knn.json``.
+    overrides: ``--config.eval.*`` (``data.*``, ``mesh.*``) overrides of the
+      saved config.
+
+  Returns:
+    {k: {'top1', 'top5'}}.
+  """
+  config, mesh, state, step = workdir_lib.load_workdir(workdir, overrides)
+  _, teacher = step_lib.build_models(config)
+  results = knn_eval(config, mesh, teacher.backbone, state.teacher['backbone'])
+  print(format_table(results, f'k-NN teacher (step {step})'), flush=True)
+  path = write_results(
+    workdir,
+    'knn',
+    {'step': step, 'trained': {str(k): v for k, v in results.items()}},
+  )
+  logger.info('wrote %s', path)
+  return results
+
+
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    'workdir', None, 'Training workdir (its checkpoint).', flag_values=values
   )
   flags.DEFINE_string(
     'pretrained',
     None,
     'An official DINO .pth (backbone-only or full checkpoint): imported '
-    'into --workdir first (needs --config for the architecture and data).',
+    'into a new --workdir first (needs --config for the architecture).',
+    flag_values=values,
   )
-  config_flags.DEFINE_config_file(
-    'config', None, 'Model/data config, with --pretrained.'
+  flags.DEFINE_string(
+    'config',
+    None,
+    'With --pretrained: the config file (configs/<model>.py[:arg]). '
+    'Overrides: --config.a.b=c (of this file, or of the workdir config).',
+    flag_values=values,
   )
-  flags.mark_flag_as_required('workdir')
 
-  def main(argv):
-    del argv
-    from dino_jax import checkpoint, interop
-    from dino_jax.eval import run
 
-    logging.getLogger('absl').setLevel(logging.WARNING)
-    f = flags.FLAGS
-    if f.pretrained:
-      if f.config is None:
-        raise app.UsageError('--pretrained needs --config=configs/<model>.py')
-      ckpt = checkpoint.Checkpointer(f'{f.workdir}/checkpoints')
-      existing = ckpt.latest_step()
-      ckpt.close()
-      if existing is None:
-        interop.import_checkpoint(f.pretrained, f.workdir, f.config)
-      else:
-        logging.warning(
-          '%s already holds a checkpoint (step %d); not importing again',
-          f.workdir,
-          existing,
-        )
-    run.knn_from_workdir(f.workdir, run.parse_overrides(f.set))
+def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
+  """``python -m dino_jax.eval.knn``: k-NN of a workdir (after --pretrained)."""
+  if args:
+    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
+  if not values.workdir:
+    raise workdir_lib.WorkdirError('--workdir is required; pass a directory')
+  if values.config and not values.pretrained:
+    raise workdir_lib.ConfigOverrideError(
+      f'--config={values.config} is only read with --pretrained; the '
+      'workdir holds its own config (override fields with --config.a.b=c)'
+    )
+  if values.pretrained:
+    if not values.config:
+      raise workdir_lib.ConfigOverrideError(
+        '--pretrained needs --config=configs/<model>.py (the architecture)'
+      )
+    if workdir_lib.has_checkpoint(values.workdir):
+      logger.warning(
+        '%s already holds a checkpoint; not importing %s again',
+        values.workdir,
+        values.pretrained,
+      )
+    else:
+      config = workdir_lib.load_config_file(values.config, overrides)
+      interop.import_checkpoint(values.pretrained, values.workdir, config)
+    # The other overrides shaped the imported model; the rest is for k-NN.
+    overrides = [o for o in overrides if _group(o) in workdir_lib.EVAL_GROUPS]
+  knn_from_workdir(values.workdir, overrides)
 
-  app.run(main)
+
+def _group(override: str) -> str:
+  """'--config.eval.ks=(1,)' -> 'eval'."""
+  return override.split('=', 1)[0].split('.')[1]
 
 
 if __name__ == '__main__':
   hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
-  _main()
+  sys.exit(
+    workdir_lib.run_cli(
+      define_flags,
+      main,
+      errors=(DataError, interop.InteropError),
+    )
+  )

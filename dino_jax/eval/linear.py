@@ -1,6 +1,7 @@
 """Linear probe on frozen features (SPEC §7.2).
 
-CLI: ``python -m dino_jax.eval.linear --workdir=DIR``.
+CLI: ``python -m dino_jax.eval.linear --workdir=DIR`` (overrides such as
+``--config.linear.epochs=10``).
 
 Features: CLS tokens of the last ``n_last_blocks`` blocks (each after the
 final norm) concatenated; with ``avgpool`` (n = 1) the CLS and the mean patch
@@ -12,15 +13,20 @@ after every epoch; the result is the best validation top-1.
 
 import functools
 import logging
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
 from dino_jax import hostmem, parallel
+from dino_jax import step as step_lib
+from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop, pipeline, sources
-from dino_jax.eval import features
+from dino_jax.data.sources import DataError
+from dino_jax.eval import features, knn
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +212,9 @@ class _Limit:
     return self.source[i]
 
 
-def linear_from_workdir(workdir: str, overrides: dict | None = None) -> dict:
+def linear_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
   """Linear probe of the teacher in ``workdir``; writes eval/linear.json."""
-  from dino_jax import step as step_lib
-  from dino_jax.eval import knn, run
-
-  config, mesh, state, step = run.load_workdir(workdir, overrides)
+  config, mesh, state, step = workdir_lib.load_workdir(workdir, overrides)
   _, teacher = step_lib.build_models(config)
   result = train_linear_probe(
     config, mesh, teacher.backbone, state.teacher['backbone'], seed=config.seed
@@ -231,27 +234,21 @@ def linear_from_workdir(workdir: str, overrides: dict | None = None) -> dict:
   return result
 
 
-def _main():
-  from absl import app, flags
-
-  flags.DEFINE_string('workdir', None, 'Training workdir (its checkpoint).')
-  flags.DEFINE_multi_string(
-    'set', [], 'Config override key=value, e.g. linear.epochs=10'
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string(
+    'workdir', None, 'Training workdir (its checkpoint).', flag_values=values
   )
-  flags.mark_flag_as_required('workdir')
 
-  def main(argv):
-    del argv
-    from dino_jax.eval import run
 
-    logging.getLogger('absl').setLevel(logging.WARNING)
-    linear_from_workdir(
-      flags.FLAGS.workdir, run.parse_overrides(flags.FLAGS.set)
-    )
-
-  app.run(main)
+def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
+  """``python -m dino_jax.eval.linear --workdir=DIR [--config.linear.x=y]``."""
+  if args:
+    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
+  if not values.workdir:
+    raise workdir_lib.WorkdirError('--workdir is required; pass a directory')
+  linear_from_workdir(values.workdir, overrides)
 
 
 if __name__ == '__main__':
   hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
-  _main()
+  sys.exit(workdir_lib.run_cli(define_flags, main, errors=(DataError,)))
