@@ -141,7 +141,7 @@ class FeaturesTest(absltest.TestCase):
     for y in (y0, y2, y3):
       np.testing.assert_array_equal(y, labels)
     np.testing.assert_array_equal(x2, x0)
-    np.testing.assert_allclose(x3, x0, atol=1e-6)
+    np.testing.assert_allclose(x3, x0, atol=1e-5)  # another batch shape
     transform = features.EvalTransform(32, 32)
     images = jnp.stack([transform.map(source[i])['image'] for i in range(21)])
     direct = model.apply({'params': params}, images)  # source order
