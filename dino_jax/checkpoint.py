@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = (
   'linear.*',
   'data.num_workers',
   'data.path',
+  'data.synthetic_delay',
   'mesh.*',
 )
 

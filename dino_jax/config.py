@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.canvas_size = 512  # host images are placed on this square canvas
   c.data.num_workers = 2  # grain decode worker processes
   c.data.synthetic_size = 1024  # images in the synthetic source
+  c.data.synthetic_delay = 0.0  # seconds per synthetic read (slow storage)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.knn = True  # weighted k-NN at the end (and every eval_every_steps)

@@ -54,6 +54,26 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+def metrics_path(workdir):
+  return os.path.join(workdir, 'metrics.jsonl')
+
+
+def read_text(path):
+  try:
+    with open(path) as f:
+      return f.read()
+  except FileNotFoundError:
+    return ''
+
+
+def wait_for(condition, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    if time.time() > deadline:
+      raise TimeoutError('condition not met in time')
+    time.sleep(0.05)
+
+
 def checkpoints(workdir):
   path = os.path.join(workdir, 'checkpoints')
   return sorted(int(d) for d in os.listdir(path) if d.isdigit())
@@ -175,47 +195,147 @@ class EndToEndTest(absltest.TestCase):
     for row in rows:  # bit-identical on CPU, before and after the kill
       self.assertEqual(row['loss'], expected[row['step']], row['step'])
 
-  def test_incompatible_checkpoint(self):
+  def test_refused_resume_keeps_config_json(self):
     self.assertEqual(self.result.returncode, 0, self.result.stderr[-3000:])
     workdir = os.path.join(self.create_tempdir().full_path, 'work')
     shutil.copytree(self.reference, workdir)
+    with open(os.path.join(workdir, 'config.json')) as f:
+      before = f.read()
     result = run(
-      workdir, '--config.total_steps=10', '--config.model.embed_dim=48'
+      workdir,
+      '--config.total_steps=10',
+      '--config.model.embed_dim=48',
+      '--config.batch_size=16',
+      '--config.data.num_workers=3',  # may change: not listed below
     )
     self.assertEqual(result.returncode, 1, result.stderr[-2000:])
+    errors = [x for x in result.stderr.splitlines() if x.startswith('error:')]
+    self.assertLen(errors, 1)
     self.assertRegex(
-      result.stderr,
-      r'holds a checkpoint of a different model:\s+model.embed_dim: '
-      r'checkpoint 32, config 48',
+      errors[0],
+      r'holds a checkpoint of another recipe: batch_size \(checkpoint 8, '
+      r'now 16\), model.embed_dim \(checkpoint 32, now 48\)\. Resume with',
     )
+    self.assertNotIn('num_workers', errors[0])
     self.assertNotIn('Traceback', result.stderr)
+    with open(os.path.join(workdir, 'config.json')) as f:
+      self.assertEqual(f.read(), before)  # still describes the checkpoints
 
-  def test_sigterm_saves_and_exits_zero(self):
+  def test_damaged_checkpoints_are_skipped_and_kept(self):
+    self.assertEqual(self.result.returncode, 0, self.result.stderr[-3000:])
+    expected = {r['step']: r['loss'] for r in read_metrics(self.reference)}
+    workdir = os.path.join(self.create_tempdir().full_path, 'work')
+    shutil.copytree(self.reference, workdir)
+    ckpts = os.path.join(workdir, 'checkpoints')
+    # Step 8: every data file of the state truncated to half.
+    truncated = 0
+    for dirpath, _, names in os.walk(os.path.join(ckpts, '8', 'state')):
+      for name in names:
+        path = os.path.join(dirpath, name)
+        if 'ocdbt' in dirpath or name.startswith('d'):
+          with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) // 2)
+          truncated += 1
+    self.assertGreater(truncated, 0)
+    # Step 6: the config item's file removed.
+    shutil.rmtree(os.path.join(ckpts, '6', 'config'))
+    result = run(
+      workdir,
+      '--config.total_steps=8',
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertRegex(result.stderr, r'checkpoint 8 in .* is damaged')
+    self.assertRegex(result.stderr, r'checkpoint 6 in .* is damaged')
+    self.assertIn('resuming from step 4', result.stderr)
+    damaged = os.path.join(workdir, 'damaged_checkpoints')
+    self.assertEqual(sorted(os.listdir(damaged)), ['6', '8'])  # kept
+    self.assertEqual(checkpoints(workdir), [4, 6, 8])  # new 6 and 8
+    for row in read_metrics(workdir):  # steps 5-8 trained again, exactly
+      self.assertEqual(row['loss'], expected[row['step']], row['step'])
+
+  def test_ctrl_c_lock_and_resume_with_other_workers(self):
+    # Ctrl-C to the process group of a run with 2 data workers and slow
+    # storage: it saves the step it reached and exits 130, with no
+    # traceback from the workers; meanwhile a second run on the workdir is
+    # refused; resuming with other worker counts reproduces every loss.
+    self.assertEqual(self.result.returncode, 0, self.result.stderr[-3000:])
+    expected = {r['step']: r['loss'] for r in read_metrics(self.reference)}
     workdir = self.create_tempdir().full_path
+    args = ('--config.eval.knn=False', '--config.eval.attention_images=0')
     proc = subprocess.Popen(
       command(
         workdir,
-        '--config.total_steps=1000',
+        '--config.total_steps=8',
         '--config.checkpoint_every_steps=1000',
+        '--config.data.num_workers=2',
+        '--config.data.synthetic_delay=0.3',
+        *args,
       ),
       env=env(),
       cwd=ROOT,
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,
+      start_new_session=True,  # its own process group, as in a terminal
     )
-    deadline = time.time() + 300
-    path = os.path.join(workdir, 'metrics.jsonl')
-    while time.time() < deadline:
-      if os.path.exists(path) and len(read_metrics(workdir)) >= 3:
-        break
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    lock = os.path.join(workdir, 'lock')
+    wait_for(lambda: str(proc.pid) in read_text(lock))
+    second = run(workdir, '--config.total_steps=8', *args)
+    self.assertEqual(second.returncode, 1, second.stderr[-2000:])
+    self.assertIn(
+      f'error: --workdir={workdir} is in use by pid {proc.pid}', second.stderr
+    )
+    wait_for(lambda: len(read_text(metrics_path(workdir)).splitlines()) >= 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    self.assertEqual(proc.returncode, 130, stderr[-3000:])
+    for text in ('Traceback', 'KeyboardInterrupt', 'leaked'):
+      self.assertNotIn(text, stderr)
+    saved = checkpoints(workdir)
+    self.assertEqual(saved, [read_metrics(workdir)[-1]['step']])
+    self.assertLess(saved[0], 8)
+    result = run(
+      workdir, '--config.total_steps=8', '--config.data.num_workers=3', *args
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertNotIn('leaked', result.stderr)
+    rows = read_metrics(workdir)
+    self.assertEqual([r['step'] for r in rows], list(range(1, 9)))
+    for row in rows:  # batch k does not depend on the worker count
+      self.assertEqual(row['loss'], expected[row['step']], row['step'])
+
+  def test_sigterm_to_group_while_waiting_for_data(self):
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(
+      command(
+        workdir,
+        '--config.epochs=100',
+        '--config.total_steps=1000',
+        '--config.checkpoint_every_steps=1000',
+        '--config.data.num_workers=2',
+        # The loop spends most of its time waiting for the workers.
+        '--config.data.synthetic_delay=0.5',
+      ),
+      env=env(),
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+    )
+    wait_for(lambda: len(read_text(metrics_path(workdir)).splitlines()) >= 2)
+    time.sleep(0.5)  # inside the wait for the next batch
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM and `timeout` do
     _, stderr = proc.communicate(timeout=300)
     self.assertEqual(proc.returncode, 0, stderr[-3000:])
     last_logged = read_metrics(workdir)[-1]['step']
     self.assertEqual(checkpoints(workdir), [last_logged])
-    self.assertIn('preempted', stderr)
+    self.assertIn(f'SIGTERM: saved step {last_logged}', stderr)
+    for text in ('Traceback', 'terminated unexpectedly', 'leaked'):
+      self.assertNotIn(text, stderr)
 
   def test_nonfinite_stops_without_saving(self):
     workdir = self.create_tempdir().full_path
@@ -268,6 +388,34 @@ class ErrorTest(absltest.TestCase):
       run(workdir, '--config.mesh.fsdp=3', devices=8),
       r'error: mesh.fsdp=3 does not divide the 8 devices',
     )
+
+  def test_bad_paths_create_nothing(self):
+    parent = self.create_tempdir().full_path
+    missing = os.path.join(parent, 'new')
+    self.assert_error(
+      run(missing, config=os.path.join(ROOT, 'configs', 'no_such.py')),
+      r'error: --config=.*no_such.py cannot be loaded \(.*No such file',
+    )
+    a_file = os.path.join(parent, 'a_file')
+    with open(a_file, 'w') as f:
+      f.write('x')
+    self.assert_error(
+      run(a_file), r'error: --workdir=.*a_file is a file, not a directory'
+    )
+    self.assert_error(
+      run('/proc/dino_jax_test'),
+      r'error: --workdir=/proc/dino_jax_test is under /proc',
+    )
+    self.assert_error(
+      run(
+        missing,
+        '--config.data.source=imagefolder',
+        '--config.data.path=/no/such/dir',
+      ),
+      r"error: ImageFolder root '/no/such/dir' is not a directory",
+    )
+    self.assertEqual(sorted(os.listdir(parent)), ['a_file'])
+    self.assertFalse(os.path.exists('/proc/dino_jax_test'))
 
   def test_unknown_field(self):
     workdir = self.create_tempdir().full_path

@@ -96,21 +96,54 @@ class ImageFolderTest(absltest.TestCase):
     np.testing.assert_array_equal(big['size'], [64, 32])  # aspect kept
     for bad in ('dogs/empty.jpg', 'dogs/truncated.jpg', 'dogs/garbage.png'):
       self.assertFalse(by_path[bad]['valid'], bad)
-    # Through the pipeline only the 7 good images come out.
+    # Through the pipeline each bad record is replaced by the next good one:
+    # an epoch keeps its 10 images, 3 of them repeats, and the bad files
+    # are reported once each, by path, however often they come up.
     it = iter(
       pipeline.train_dataset(
         src,
-        batch_size=7,
+        batch_size=10,
         canvas_size=64,
         seed=0,
         process_index=0,
         process_count=1,
       )
     )
-    batch = next(it)
-    self.assertEqual(batch['image'].shape, (7, 64, 64, 3))
-    self.assertNotIn('valid', batch)
-    self.assertTrue(np.all(batch['size'] > 1))
+    skipped = pipeline.SkippedFiles(src)
+    with self.assertLogs(pipeline.logger, 'WARNING') as logs:
+      for _ in range(3):  # three epochs
+        batch = next(it)
+        self.assertEqual(batch['image'].shape, (10, 64, 64, 3))
+        self.assertTrue(np.all(batch['size'] > 1))
+        skipped.update(batch.pop('skipped'))
+    bad_paths = {
+      os.path.join(root, p)
+      for p in ('dogs/empty.jpg', 'dogs/truncated.jpg', 'dogs/garbage.png')
+    }
+    self.assertEqual({src[j]['path'] for j in skipped.seen}, bad_paths)
+    self.assertLen(logs.output, 3)
+    for path in bad_paths:
+      self.assertLen([x for x in logs.output if path in x], 1)
+
+  def test_undecodable_folder_fails_with_one_error(self):
+    root = self.create_tempdir().full_path
+    for i in range(5):
+      with open(os.path.join(root, f'{i}.jpg'), 'wb') as f:
+        f.write(b'not a jpeg')
+    it = iter(
+      pipeline.train_dataset(
+        sources.ImageFolderSource(root),
+        batch_size=2,
+        canvas_size=16,
+        seed=0,
+        process_index=0,
+        process_count=1,
+      )
+    )
+    with self.assertRaisesRegex(
+      sources.DataError, r'none of 5 consecutive images decodes \(from /'
+    ):
+      next(it)
 
   def test_flat_folder_and_errors(self):
     root = self.create_tempdir().full_path
@@ -203,26 +236,28 @@ class PipelineTest(parameterized.TestCase):
     self.assertEqual(set(epochs[0][8:].tolist()), firsts[0])
     self.assertFalse(np.array_equal(epochs[0][8:], epochs[0][:8]))
 
-  @parameterized.parameters(0, 2)
-  def test_restored_iterator_yields_same_batches(self, workers):
-    ds = pipeline.train_dataset(
-      IndexSource(50),
-      batch_size=4,
-      canvas_size=8,
-      seed=1,
-      num_workers=workers,
-      process_index=0,
-      process_count=1,
-    )
-    it = iter(ds)
-    for _ in range(5):
-      next(it)
-    state = it.get_state()
-    expected = [next(it)['label'] for _ in range(20)]  # crosses an epoch
-    fresh = iter(ds)
-    fresh.set_state(state)
-    got = [next(fresh)['label'] for _ in range(20)]
-    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+  def test_batches_do_not_depend_on_workers_and_start_anywhere(self):
+    def labels(workers, start, n):
+      it = iter(
+        pipeline.train_dataset(
+          IndexSource(50),
+          batch_size=4,
+          canvas_size=8,
+          seed=1,
+          num_workers=workers,
+          start_batch=start,
+          process_index=0,
+          process_count=1,
+        )
+      )
+      out = np.stack([next(it)['label'] for _ in range(n)])
+      it.close()
+      return out
+
+    expected = labels(0, 0, 20)  # crosses an epoch (12 batches of 4)
+    np.testing.assert_array_equal(labels(2, 0, 20), expected)
+    np.testing.assert_array_equal(labels(3, 7, 13), expected[7:])
+    np.testing.assert_array_equal(labels(0, 5, 15), expected[5:])
 
   def test_too_small_dataset(self):
     with self.assertRaisesRegex(ValueError, 'fewer than one global batch'):

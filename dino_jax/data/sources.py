@@ -8,6 +8,7 @@ Labels are only used by evaluation.
 import gzip
 import os
 import struct
+import time
 
 import ml_collections
 import numpy as np
@@ -181,16 +182,29 @@ class TFDSSource:
 
 
 class SyntheticSource:
-  """Deterministic random images, for benchmarks and tests."""
+  """Deterministic random images, for benchmarks and tests.
 
-  def __init__(self, size: int = 1024, image_size: int = 64, seed: int = 0):
+  ``delay`` seconds per read simulate slow storage (tests of signals that
+  arrive while the training loop waits for data).
+  """
+
+  def __init__(
+    self,
+    size: int = 1024,
+    image_size: int = 64,
+    seed: int = 0,
+    delay: float = 0.0,
+  ):
     self.size, self.image_size, self.seed = size, image_size, seed
+    self.delay = delay
     self.classes = tuple(str(i) for i in range(10))
 
   def __len__(self) -> int:
     return self.size
 
   def __getitem__(self, index: int) -> dict:
+    if self.delay > 0:
+      time.sleep(self.delay)
     rs = np.random.RandomState((self.seed * 1_000_003 + index) % 2**32)
     image = rs.randint(0, 256, (self.image_size, self.image_size, 3))
     return {'image': image.astype(np.uint8), 'label': index % 10}
@@ -216,7 +230,11 @@ def make_source(data: ml_collections.ConfigDict, split: str | None = None):
   if data.source == 'tfds':
     return TFDSSource(data.name, split, data.path)
   if data.source == 'synthetic':
-    return SyntheticSource(data.synthetic_size, min(data.canvas_size, 64))
+    return SyntheticSource(
+      data.synthetic_size,
+      min(data.canvas_size, 64),
+      delay=data.synthetic_delay,
+    )
   raise DataError(
     f"data.source={data.source!r} unknown; use 'tfds', 'imagefolder', "
     "'fashion_mnist' or 'synthetic'"
