@@ -68,6 +68,33 @@ class KnnTest(parameterized.TestCase):
     self.assertIn('    10   85.60   99.00', table)
 
 
+class LabelCheckTest(absltest.TestCase):
+  def test_unlabelled_folder_and_same_split(self):
+    from PIL import Image
+
+    root = self.create_tempdir().full_path
+    for i in range(2):
+      Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(
+        os.path.join(root, f'{i}.png')
+      )
+    config = tiny_config.get_config()
+    config.data.source = 'imagefolder'
+    config.data.path = root
+    with self.assertRaisesRegex(sources.DataError, 'k-NN needs labels'):
+      knn._check_labels(config)
+    labelled = self.create_tempdir().full_path
+    for name in ('a', 'b'):
+      os.makedirs(os.path.join(labelled, name))
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
+        os.path.join(labelled, name, '0.png')
+      )
+    config.data.path = labelled
+    config.eval.test_split = 'validation'
+    with self.assertLogs(knn.logger, 'WARNING') as logs:
+      knn._check_labels(config)
+    self.assertIn('not a held-out score', logs.output[0])
+
+
 class AttentionTest(absltest.TestCase):
   def test_mask_keeps_threshold_mass(self):
     rs = np.random.RandomState(1)

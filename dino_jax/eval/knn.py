@@ -128,6 +128,29 @@ def _extract(config, mesh, fn, split, max_images):
   ), getattr(source, 'classes', ())
 
 
+def _check_labels(config) -> None:
+  """Raises DataError for unlabelled data; warns when queries are memory."""
+  e = config.eval
+  memory = sources.make_source(config.data, e.train_split)
+  if isinstance(memory, sources.ImageFolderSource) and not memory.classes:
+    raise sources.DataError(
+      f'k-NN needs labels, and {config.data.path} has none (no class '
+      'folders); set eval.knn=False, or use ROOT/train/CLASS/*.jpg'
+    )
+  queries = sources.make_source(config.data, e.test_split)
+  if isinstance(queries, sources.ImageFolderSource) and (
+    queries.samples == memory.samples
+  ):
+    logger.warning(
+      'k-NN: eval.train_split=%r and eval.test_split=%r are the same images '
+      '(no %s/%s folder): the accuracy is not a held-out score',
+      e.train_split,
+      e.test_split,
+      config.data.path,
+      e.test_split,
+    )
+
+
 def knn_eval_many(config, mesh, feature_fns: dict) -> dict:
   """k-NN accuracies of several feature maps from one pass over the data.
 
@@ -142,6 +165,7 @@ def knn_eval_many(config, mesh, feature_fns: dict) -> dict:
   """
   names = list(feature_fns)
   e = config.eval
+  _check_labels(config)
   probe = jax.ShapeDtypeStruct((1, e.crop_size, e.crop_size, 3), np.float32)
   widths = [jax.eval_shape(feature_fns[n], probe).shape[-1] for n in names]
   bounds = np.cumsum([0] + widths)

@@ -33,20 +33,25 @@ def after_training(config, workdir, mesh, state, step: int) -> dict:
       )(np.zeros((1, e.crop_size, e.crop_size, 3), np.float32))['params']
       fns['random_init'] = features.cls_feature_fn(backbone, init)
       fns['raw_pixels'] = _identity_fn
-    results = knn.knn_eval_many(config, mesh, fns)
+    try:
+      results = knn.knn_eval_many(config, mesh, fns)
+    except sources.DataError as error:  # e.g. a folder without labels
+      logger.warning('k-NN skipped: %s', error)
+      results = {}
     for name, table in results.items():
       print(knn.format_table(table, f'k-NN {name} (step {step})'), flush=True)
-    knn.write_results(
-      workdir,
-      'knn',
-      {
-        'step': step,
-        **{
-          name: {str(k): v for k, v in table.items()}
-          for name, table in results.items()
+    if results:
+      knn.write_results(
+        workdir,
+        'knn',
+        {
+          'step': step,
+          **{
+            name: {str(k): v for k, v in table.items()}
+            for name, table in results.items()
+          },
         },
-      },
-    )
+      )
     out['knn'] = results
   if e.attention_images > 0 and jax.process_index() == 0:
     source = sources.make_source(config.data, e.test_split)
