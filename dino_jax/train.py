@@ -258,10 +258,11 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
           ckpt.save(step, state, config)
           last_saved = step
         logger.warning(
-          '%s: saved step %d in %s, exiting; rerun the same command to resume',
+          '%s: %s, exiting; rerun the same command to resume',
           preemption.signal_name or 'preemption notice',
-          last_saved or 0,
-          workdir,
+          f'saved step {last_saved} in {workdir}'
+          if last_saved is not None
+          else 'no step done yet, nothing to save',
         )
         _close(ckpt, writer, data_iter)
         return {**scalars, 'stopped_by': preemption.signal_name or 'SIGTERM'}
