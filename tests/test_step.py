@@ -186,6 +186,19 @@ class ComputeResolutionTest(parameterized.TestCase):
 
 
 class StepTest(absltest.TestCase):
+  # Every comparison here is between runs compiled alike; without XLA's
+  # optimizations the tiny steps compile in about half the time.
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._optimizations = jax.config.read('jax_disable_most_optimizations')
+    jax.config.update('jax_disable_most_optimizations', True)
+
+  @classmethod
+  def tearDownClass(cls):
+    jax.config.update('jax_disable_most_optimizations', cls._optimizations)
+    super().tearDownClass()
+
   def test_sharded_equals_single_device(self):
     self.assertGreaterEqual(jax.device_count(), 8)
     config = tiny_config()
