@@ -30,7 +30,6 @@ for the Fashion-MNIST model).
 """
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -39,6 +38,7 @@ import tempfile
 import time
 
 import numpy as np
+import timing
 
 DEFAULT_TARGETS = {'fashion_mnist': (40000,), 'jpeg': (1380,)}
 CANVAS = {'fashion_mnist': 28, 'jpeg': 512}
@@ -206,13 +206,7 @@ def measure(args) -> list[dict]:
 
 def main(argv=None):
   args = parse_args(argv)
-  rows = measure(args)
-  for row in rows:
-    print(json.dumps(row), flush=True)
-  if args.out:
-    with open(args.out, 'a') as f:
-      for row in rows:
-        f.write(json.dumps(row) + '\n')
+  timing.emit(measure(args), args.out)
 
 
 if __name__ == '__main__':

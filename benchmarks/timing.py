@@ -6,6 +6,7 @@ the minimum are reported: on a noisy machine the minimum is the steadier
 estimate of what the code itself costs, the median of what a run sees.
 """
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -57,3 +58,13 @@ def summarize(
       out[key] = round(statistics.median(ref) / statistics.median(ts), 3)
       out[key + '_min'] = round(min(ref) / min(ts), 3)
   return out
+
+
+def emit(rows: list[dict], out: str | None) -> None:
+  """Prints each row as a JSON line; appends them to ``out`` when given."""
+  for row in rows:
+    print(json.dumps(row), flush=True)
+  if out:
+    with open(out, 'a') as f:
+      for row in rows:
+        f.write(json.dumps(row) + '\n')

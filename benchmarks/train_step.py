@@ -384,12 +384,7 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   rows = sweep(args, argv) if args.sweep else [measure(args)]
-  for row in rows:
-    print(json.dumps(row), flush=True)
-  if args.out:
-    with open(args.out, 'a') as f:
-      for row in rows:
-        f.write(json.dumps(row) + '\n')
+  timing.emit(rows, args.out)
 
 
 if __name__ == '__main__':

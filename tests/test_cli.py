@@ -52,6 +52,20 @@ def run(workdir, *overrides, devices=1, config=TINY, timeout=600):
   )
 
 
+def start(workdir, *overrides):
+  """The training CLI in the background, in its own process group (as a
+  terminal or a scheduler starts it); stderr captured as text."""
+  return subprocess.Popen(
+    command(workdir, *overrides),
+    env=env(),
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -268,21 +282,13 @@ class EndToEndTest(absltest.TestCase):
     expected = {r['step']: r['loss'] for r in read_metrics(self.reference)}
     workdir = self.create_tempdir().full_path
     args = ('--config.eval.knn=False', '--config.eval.attention_images=0')
-    proc = subprocess.Popen(
-      command(
-        workdir,
-        '--config.total_steps=8',
-        '--config.checkpoint_every_steps=1000',
-        '--config.data.num_workers=2',
-        '--config.data.synthetic_delay=0.3',
-        *args,
-      ),
-      env=env(),
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-      start_new_session=True,  # its own process group, as in a terminal
+    proc = start(
+      workdir,
+      '--config.total_steps=8',
+      '--config.checkpoint_every_steps=1000',
+      '--config.data.num_workers=2',
+      '--config.data.synthetic_delay=0.3',
+      *args,
     )
     lock = os.path.join(workdir, 'lock')
     wait_for(lambda: str(proc.pid) in read_text(lock))
@@ -315,21 +321,13 @@ class EndToEndTest(absltest.TestCase):
 class SignalTest(absltest.TestCase):
   def test_sigterm_to_group_while_waiting_for_data(self):
     workdir = self.create_tempdir().full_path
-    proc = subprocess.Popen(
-      command(
-        workdir,
-        '--config.total_steps=8',  # the reference's executable
-        '--config.checkpoint_every_steps=1000',
-        '--config.data.num_workers=2',
-        # The loop spends most of its time waiting for the workers.
-        '--config.data.synthetic_delay=0.5',
-      ),
-      env=env(),
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-      start_new_session=True,
+    proc = start(
+      workdir,
+      '--config.total_steps=8',  # the reference's executable
+      '--config.checkpoint_every_steps=1000',
+      '--config.data.num_workers=2',
+      # The loop spends most of its time waiting for the workers.
+      '--config.data.synthetic_delay=0.5',
     )
     wait_for(lambda: len(read_text(metrics_path(workdir)).splitlines()) >= 2)
     time.sleep(0.5)  # inside the wait for the next batch
