@@ -27,12 +27,15 @@ setup(
     # torch: the CPU build, for parity tests against PyTorch and for
     # reading .pth files; never needed at run time otherwise.
     'torch': ['torch==2.13.0'],
+    # plot: python -m dino_jax.plot (learning curves as PNG).
+    'plot': ['matplotlib>=3.8'],
     'test': [
       'pytest>=8',
       'pytest-xdist>=3.5',
       'ruff>=0.6',
       'portpicker>=1.6',
       'torch==2.13.0',
+      'matplotlib>=3.8',
     ],
   },
 )

@@ -67,6 +67,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from dino_jax import workdir as workdir_lib  # noqa: E402
 from dino_jax.data import multicrop, sources  # noqa: E402
 from dino_jax.eval import features, knn  # noqa: E402
 
@@ -625,7 +626,8 @@ def _jax_sec_per_step(workdir: str, start: int, end: int) -> tuple:
   path = os.path.join(workdir, 'metrics.jsonl')
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  rows = [r for r in rows if start < r['step'] <= end]
+  # Evaluation rows (knn_* columns) share the steps of training rows.
+  rows = [r for r in rows if start < r['step'] <= end and 'loss' in r]
   rows = sorted({r['step']: r for r in rows}.values(), key=lambda r: r['step'])
   sec = n = 0
   for prev, row in zip(rows, rows[1:], strict=False):
@@ -810,10 +812,7 @@ def parse_args(argv=None):
 
 
 def load_config(path: str, epochs: int | None, steps: int):
-  spec = importlib.util.spec_from_file_location('recipe', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = workdir_lib.load_config_file(path)  # FILE[:ARG], as main reads it
   if config.steps_per_epoch <= 0:
     raise ValueError(f'{path} must set steps_per_epoch for this benchmark')
   fit = math.ceil(steps / config.steps_per_epoch)

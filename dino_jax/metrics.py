@@ -43,7 +43,7 @@ class MetricWriter:
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    if not self.active:
+    if not self.active or not scalars:
       return
     row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
     with open(self.path, 'a') as f:

@@ -315,10 +315,28 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
         and step % config.eval_every_steps == 0
         and step < total_steps
       ):
-        _evaluate(config, workdir, mesh, state, step)
-  _close(ckpt, writer, data_iter)
-  results = _evaluate(config, workdir, mesh, state, step)
+        writer.write(
+          step, _knn_scalars(_evaluate(config, workdir, mesh, state, step))
+        )
+  _close(ckpt, None, data_iter)
+  try:
+    results = _evaluate(config, workdir, mesh, state, step)
+    writer.write(step, _knn_scalars(results))
+  finally:
+    writer.close()
   return {**scalars, **results}
+
+
+def _knn_scalars(results: dict) -> dict[str, float]:
+  """k-NN top-1 per feature set and k, as metrics.jsonl columns.
+
+  e.g. ``knn_trained_k20``: the learning curve (``python -m dino_jax.plot``).
+  """
+  return {
+    f'knn_{name}_k{int(k)}': float(row['top1'])
+    for name, table in results.get('knn', {}).items()
+    for k, row in table.items()
+  }
 
 
 def _close(ckpt, writer, data_iter) -> None:
@@ -327,7 +345,8 @@ def _close(ckpt, writer, data_iter) -> None:
     close()
   ckpt.wait()
   ckpt.close()
-  writer.close()
+  if writer is not None:
+    writer.close()
 
 
 def _evaluate(config, workdir, mesh, state, step) -> dict:

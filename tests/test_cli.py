@@ -14,6 +14,7 @@ import pytest
 from absl import flags
 from absl.testing import absltest
 from ml_collections import config_flags
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny_config.py')
@@ -66,9 +67,11 @@ def start(workdir, *overrides):
   )
 
 
-def read_metrics(workdir):
+def read_metrics(workdir, evaluations=False):
+  """Training rows of metrics.jsonl (or, with evaluations, k-NN rows)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if ('loss' in r) != evaluations]
 
 
 def metrics_path(workdir):
@@ -136,7 +139,9 @@ class EndToEndTest(absltest.TestCase):
     # cache, so the later runs of the same config start quickly.
     super().setUpClass()
     cls.reference = tempfile.mkdtemp(prefix='dino_jax_reference_')
-    cls.result = run(cls.reference, '--config.total_steps=8')
+    cls.result = run(
+      cls.reference, '--config.total_steps=8', '--config.eval_every_steps=4'
+    )
 
   @classmethod
   def tearDownClass(cls):
@@ -165,6 +170,33 @@ class EndToEndTest(absltest.TestCase):
       knn = json.load(f)
     self.assertEqual(knn['step'], 8)
     self.assertEqual(set(knn['trained']), {'2', '4'})
+    # The learning curve: one k-NN row per evaluation (eval_every_steps=4 and
+    # the end), the last one equal to knn.json.
+    curve = read_metrics(workdir, evaluations=True)
+    self.assertEqual([r['step'] for r in curve], [4, 8])
+    self.assertEqual(
+      set(curve[0]), {'step', 'knn_trained_k2', 'knn_trained_k4'}
+    )
+    self.assertEqual(curve[1]['knn_trained_k4'], knn['trained']['4']['top1'])
+    png = os.path.join(self.create_tempdir().full_path, 'curve.png')
+    plot = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'dino_jax.plot',
+        f'--workdir={workdir}',
+        f'--out={png}',
+        '--k=4',
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=env(),
+      timeout=120,
+    )
+    self.assertEqual(plot.returncode, 0, plot.stderr[-2000:])
+    with Image.open(png) as image:
+      self.assertEqual(image.size, (640, 560))
     self.assertTrue(os.listdir(os.path.join(workdir, 'tensorboard')))
     attention = os.listdir(os.path.join(workdir, 'eval', 'attention'))
     self.assertIn('test0-overview.png', attention)

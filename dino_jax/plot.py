@@ -1,0 +1,124 @@
+"""Draws a run's learning curve: k-NN top-1 against steps, loss and entropy.
+
+CLI: ``python -m dino_jax.plot --workdir=DIR [--out=PNG] [--k=20]``
+
+Reads ``DIR/metrics.jsonl``: the ``knn_<features>_k<k>`` columns written by
+every evaluation (``eval_every_steps`` and the one at the end), and the
+logged loss and teacher entropy. Feature sets scored only once (random init
+and raw pixels, with ``eval.baselines``) are drawn as horizontal lines.
+Needs matplotlib (``pip install -e '.[plot]'``).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+_LABELS = {
+  'trained': 'trained (teacher)',
+  'random_init': 'random init',
+  'raw_pixels': 'raw pixels',
+}
+
+
+class PlotError(ValueError):
+  """The workdir holds nothing to draw."""
+
+
+def read_curves(workdir: str, k: int) -> dict:
+  """Returns {'knn': {features: [(step, top1)]}, 'loss': [...], 'H_t': ...}.
+
+  A step logged twice (a resumed run) keeps its last value.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.isfile(path):
+    raise PlotError(f'{path} does not exist; pass --workdir of a training run')
+  knn, loss, entropy = {}, {}, {}
+  suffix = f'_k{k}'
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      row = json.loads(line)
+      step = row['step']
+      for name, value in row.items():
+        if name.startswith('knn_') and name.endswith(suffix):
+          knn.setdefault(name[4 : -len(suffix)], {})[step] = value
+      if 'loss' in row:
+        loss[step] = row['loss']
+      if 'teacher_entropy' in row:
+        entropy[step] = row['teacher_entropy']
+  if not knn:
+    raise PlotError(
+      f'{path} has no k-NN top-1 at k={k}; train with '
+      '--config.eval_every_steps=N (and eval.knn) or pick a k of eval.ks'
+    )
+  return {
+    'knn': {name: sorted(points.items()) for name, points in knn.items()},
+    'loss': sorted(loss.items()),
+    'H_t': sorted(entropy.items()),
+  }
+
+
+def draw(curves: dict, out: str, k: int, title: str) -> None:
+  import matplotlib  # only this command needs it
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  fig, (top, bottom) = plt.subplots(
+    2, 1, figsize=(6.4, 5.6), sharex=True, height_ratios=(3, 2)
+  )
+  for name, points in sorted(curves['knn'].items()):
+    steps, values = zip(*points, strict=True)
+    label = _LABELS.get(name, name)
+    if len(points) == 1 and name != 'trained':
+      top.axhline(values[0], linestyle='--', linewidth=1, label=label)
+    else:
+      top.plot(steps, values, marker='o', label=label)
+  top.set_ylabel(f'k-NN top-1 (%), k = {k}')
+  top.grid(alpha=0.3)
+  top.legend(loc='lower right')
+  top.set_title(title)
+  if curves['loss']:
+    bottom.plot(*zip(*curves['loss'], strict=True), label='loss')
+  if curves['H_t']:
+    bottom.plot(*zip(*curves['H_t'], strict=True), label='teacher entropy')
+  bottom.set_xlabel('step')
+  bottom.grid(alpha=0.3)
+  bottom.legend(loc='upper right')
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
+  flags.DEFINE_string('out', None, 'PNG path (default WORKDIR/curve.png).')
+  flags.DEFINE_integer('k', 20, 'Which k of eval.ks to draw.')
+  flags.DEFINE_string('title', '', 'Title above the curves.')
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
+  if not f.workdir:
+    sys.exit('error: --workdir is required (the workdir of a training run)')
+  out = f.out or os.path.join(f.workdir, 'curve.png')
+  try:
+    curves = read_curves(f.workdir, f.k)
+  except PlotError as error:
+    sys.exit(f'error: {error}')
+  try:
+    draw(curves, out, f.k, f.title)
+  except ImportError:
+    sys.exit("error: drawing needs matplotlib: pip install -e '.[plot]'")
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
