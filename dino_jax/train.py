@@ -316,7 +316,10 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
         and step < total_steps
       ):
         writer.write(
-          step, _knn_scalars(_evaluate(config, workdir, mesh, state, step))
+          step,
+          _knn_scalars(
+            _evaluate(config, workdir, mesh, state, step, final=False)
+          ),
         )
   _close(ckpt, None, data_iter)
   try:
@@ -349,7 +352,7 @@ def _close(ckpt, writer, data_iter) -> None:
     writer.close()
 
 
-def _evaluate(config, workdir, mesh, state, step) -> dict:
+def _evaluate(config, workdir, mesh, state, step, final=True) -> dict:
   from dino_jax.eval import run as eval_run  # eval imports are heavier
 
-  return eval_run.after_training(config, workdir, mesh, state, step)
+  return eval_run.after_training(config, workdir, mesh, state, step, final)

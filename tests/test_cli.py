@@ -140,7 +140,10 @@ class EndToEndTest(absltest.TestCase):
     super().setUpClass()
     cls.reference = tempfile.mkdtemp(prefix='dino_jax_reference_')
     cls.result = run(
-      cls.reference, '--config.total_steps=8', '--config.eval_every_steps=4'
+      cls.reference,
+      '--config.total_steps=8',
+      '--config.eval_every_steps=4',
+      '--config.eval.baselines=True',
     )
 
   @classmethod
@@ -171,13 +174,16 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(knn['step'], 8)
     self.assertEqual(set(knn['trained']), {'2', '4'})
     # The learning curve: one k-NN row per evaluation (eval_every_steps=4 and
-    # the end), the last one equal to knn.json.
+    # the end), the last one equal to knn.json; the baselines (constant) are
+    # scored only at the end.
     curve = read_metrics(workdir, evaluations=True)
     self.assertEqual([r['step'] for r in curve], [4, 8])
     self.assertEqual(
       set(curve[0]), {'step', 'knn_trained_k2', 'knn_trained_k4'}
     )
-    self.assertEqual(curve[1]['knn_trained_k4'], knn['trained']['4']['top1'])
+    for name in ('trained', 'random_init', 'raw_pixels'):
+      self.assertEqual(curve[1][f'knn_{name}_k4'], knn[name]['4']['top1'])
+    self.assertEqual(result.stdout.count('k-NN raw_pixels'), 1)
     png = os.path.join(self.create_tempdir().full_path, 'curve.png')
     plot = subprocess.run(
       [

@@ -18,8 +18,16 @@ def _identity_fn(images):
   return images.reshape(images.shape[0], -1)
 
 
-def after_training(config, workdir, mesh, state, step: int) -> dict:
-  """Runs the evaluations the config asks for; writes WORKDIR/eval/*."""
+def after_training(
+  config, workdir, mesh, state, step: int, final: bool = True
+) -> dict:
+  """Runs the evaluations the config asks for; writes WORKDIR/eval/*.
+
+  ``final=False`` (an ``eval_every_steps`` evaluation during training)
+  scores only the trained features: the baselines (random init, raw pixels)
+  do not change with the step and are scored once, at the end, with the
+  attention maps.
+  """
   e = config.eval
   out = {}
   _, teacher = step_lib.build_models(config)
@@ -27,7 +35,7 @@ def after_training(config, workdir, mesh, state, step: int) -> dict:
   params = state.teacher['backbone']
   if e.knn:
     fns = {'trained': features.cls_feature_fn(backbone, params)}
-    if e.baselines:
+    if e.baselines and final:
       init = jax.jit(
         functools.partial(backbone.init, jax.random.PRNGKey(config.seed + 1))
       )(np.zeros((1, e.crop_size, e.crop_size, 3), np.float32))['params']
@@ -53,7 +61,7 @@ def after_training(config, workdir, mesh, state, step: int) -> dict:
         },
       )
     out['knn'] = results
-  if e.attention_images > 0 and jax.process_index() == 0:
+  if final and e.attention_images > 0 and jax.process_index() == 0:
     source = sources.make_source(config.data, e.test_split)
     transform = features.EvalTransform(e.resize_size, e.crop_size)
     paths = []
