@@ -1,8 +1,8 @@
 """Convergence of dino_jax against the official DINO code (issue 17).
 
-Trains one recipe (default ``configs/fashion_mnist.py``) several times per
-side on the same data with the same hyperparameters and compares the k-NN
-accuracy of the teachers, seed against seed:
+Trains one recipe (default ``configs/fashion_mnist.py:parity``) several
+times per side on the same data with the same hyperparameters and compares
+the k-NN accuracy of the teachers, seed against seed:
 
 - dino_jax: the real program, ``python -m dino_jax.main --config=...
   --config.seed=S``, once per evaluation step in the same workdir (each run
@@ -775,7 +775,8 @@ class Emitter:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument(
-    '--config', default=os.path.join(REPO, 'configs/fashion_mnist.py')
+    '--config',
+    default=os.path.join(REPO, 'configs/fashion_mnist.py') + ':parity',
   )
   p.add_argument('--official_repo', default=None, help='for --sides official')
   p.add_argument('--sides', default='jax,official')

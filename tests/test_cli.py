@@ -125,6 +125,20 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(b16.model.arch, 'vit_base')
     self.assertEqual(b16.optim.clip_grad, 0.3)
 
+  def test_fashion_mnist_variants_validate(self):
+    from dino_jax import config as config_lib
+
+    seen = {}
+    for variant in ('', ':cpu', ':gpu', ':parity'):
+      config = self.parse(f'--config={ROOT}/configs/fashion_mnist.py{variant}')
+      config_lib.validate(config)
+      seen[variant] = (config.model.patch_size, config.batch_size)
+    self.assertEqual(seen[''], seen[':cpu'])
+    self.assertEqual(seen[':gpu'], (7, 512))
+    self.assertEqual(seen[':parity'], (4, 128))
+    with self.assertRaisesRegex(Exception, "'tpu' unknown"):
+      self.parse(f'--config={ROOT}/configs/fashion_mnist.py:tpu')
+
   def test_unknown_field_rejected(self):
     with self.assertRaisesRegex(AttributeError, 'Did you mean "lr"'):
       self.parse(f'--config={ROOT}/configs/vit_s16.py', '--config.optim.lrr=1')

@@ -91,7 +91,7 @@ class TransformTest(absltest.TestCase):
     self.assertIsInstance(t.solarize, OFFICIAL.utils.Solarization)
 
   def test_fashion_mnist_recipe_crops(self):
-    config = fashion_mnist.get_config()
+    config = fashion_mnist.get_config('parity')
     t = convergence.MultiCropTransform(OFFICIAL.utils, config.crops)
     self.assertEqual((t.global1.blur.prob, t.global2.blur.prob), (1.0, 0.1))
     self.assertEqual(t.local.blur.prob, 0.5)
@@ -171,7 +171,7 @@ class OpsTest(absltest.TestCase):
 
 
 def _tiny_config():
-  config = fashion_mnist.get_config()
+  config = fashion_mnist.get_config('parity')
   config.batch_size = 4
   config.steps_per_epoch = 2
   config.epochs = 2

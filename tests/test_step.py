@@ -132,7 +132,12 @@ class ComputeResolutionTest(parameterized.TestCase):
       self.assertEqual(
         config_lib.resolve_compute(model, 'gpu'), ('bfloat16', 'fused')
       )
-    model = fashion_mnist.get_config().model  # default_config: float32
+    # The demo: auto (fp32 on its CPU); its parity recipe stays float32.
+    model = fashion_mnist.get_config().model
+    self.assertEqual(
+      config_lib.resolve_compute(model, 'gpu'), ('bfloat16', 'fused')
+    )
+    model = fashion_mnist.get_config('parity').model
     self.assertEqual(
       config_lib.resolve_compute(model, 'gpu'), ('float32', 'einsum')
     )
