@@ -134,7 +134,7 @@ class ConfigTest(absltest.TestCase):
       config_lib.validate(config)
       seen[variant] = (config.model.patch_size, config.batch_size)
     self.assertEqual(seen[''], seen[':cpu'])
-    self.assertEqual(seen[':gpu'], (7, 512))
+    self.assertEqual(seen[':gpu'], (4, 512))
     self.assertEqual(seen[':parity'], (4, 128))
     with self.assertRaisesRegex(Exception, "'tpu' unknown"):
       self.parse(f'--config={ROOT}/configs/fashion_mnist.py:tpu')

@@ -122,6 +122,7 @@ class ComputeResolutionTest(parameterized.TestCase):
 
   def test_imagenet_configs_default_to_auto(self):
     from configs import fashion_mnist, vit_b8, vit_b16, vit_s8, vit_s16
+    from configs.fashion_mnist import VARIANTS
 
     for module in (vit_s16, vit_s8, vit_b16, vit_b8):
       model = module.get_config().model
@@ -132,15 +133,11 @@ class ComputeResolutionTest(parameterized.TestCase):
       self.assertEqual(
         config_lib.resolve_compute(model, 'gpu'), ('bfloat16', 'fused')
       )
-    # The demo: auto (fp32 on its CPU); its parity recipe stays float32.
-    model = fashion_mnist.get_config().model
-    self.assertEqual(
-      config_lib.resolve_compute(model, 'gpu'), ('bfloat16', 'fused')
-    )
-    model = fashion_mnist.get_config('parity').model
-    self.assertEqual(
-      config_lib.resolve_compute(model, 'gpu'), ('float32', 'einsum')
-    )
+    for variant in VARIANTS:  # the demo, as measured: float32 everywhere
+      model = fashion_mnist.get_config(variant).model
+      self.assertEqual(
+        config_lib.resolve_compute(model, 'gpu'), ('float32', 'einsum')
+      )
 
   def test_unknown_values_name_the_choices(self):
     config = tiny_config()
