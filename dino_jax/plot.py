@@ -20,6 +20,7 @@ _LABELS = {
   'random_init': 'random init',
   'raw_pixels': 'raw pixels',
 }
+_COLORS = {'trained': 'C0', 'random_init': 'C7', 'raw_pixels': 'C2'}
 
 
 class PlotError(ValueError):
@@ -72,14 +73,14 @@ def draw(curves: dict, out: str, k: int, title: str) -> None:
   )
   for name, points in sorted(curves['knn'].items()):
     steps, values = zip(*points, strict=True)
-    label = _LABELS.get(name, name)
+    style = {'label': _LABELS.get(name, name), 'color': _COLORS.get(name)}
     if len(points) == 1 and name != 'trained':
-      top.axhline(values[0], linestyle='--', linewidth=1, label=label)
+      top.axhline(values[0], linestyle='--', linewidth=1, **style)
     else:
-      top.plot(steps, values, marker='o', label=label)
+      top.plot(steps, values, marker='o', **style)
   top.set_ylabel(f'k-NN top-1 (%), k = {k}')
   top.grid(alpha=0.3)
-  top.legend(loc='lower right')
+  top.legend(loc='center right')
   top.set_title(title)
   if curves['loss']:
     bottom.plot(*zip(*curves['loss'], strict=True), label='loss')
