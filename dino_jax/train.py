@@ -315,16 +315,12 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
         and step % config.eval_every_steps == 0
         and step < total_steps
       ):
-        try:
-          results = _evaluate(config, workdir, mesh, state, step, final=False)
-        except Exception as error:
-          if preemption.signal_name is None:
-            raise
-          # The signal reached the evaluation's data workers too (same
-          # process group): the train state is whole, save it at the top.
-          logger.warning('evaluation stopped by the signal (%s)', error)
-          continue
-        writer.write(step, _knn_scalars(results))
+        writer.write(
+          step,
+          _knn_scalars(
+            _evaluate(config, workdir, mesh, state, step, final=False)
+          ),
+        )
   _close(ckpt, None, data_iter)
   try:
     results = _evaluate(config, workdir, mesh, state, step)
