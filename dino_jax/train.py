@@ -4,6 +4,7 @@ No math here: the step is ``step.make_train_step``, the augmentation
 ``data.multicrop``, the evaluation ``eval.run``.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -31,19 +32,21 @@ class Preemption:
   """SIGTERM and the first Ctrl-C: save at the next step boundary and exit.
 
   One process: Python handlers set ``signal_name``; while the loop waits for
-  data, the handler raises ``_StopWaiting`` so that a stalled input pipeline
-  cannot delay the save. Several processes: every process must save the
-  same step (the save is collective), so SIGTERM stays with JAX's preemption
-  notifier, which tells all processes through the coordination service, and
-  ``stop_at`` is JAX's preemption sync point (True at the same step on
-  every process); Ctrl-C sends SIGTERM to its own process to take that path.
-  A second Ctrl-C raises KeyboardInterrupt at once (no save).
+  data or evaluates (``interruptible``), the handler raises ``_StopWaiting``
+  so that neither a stalled input pipeline nor a long evaluation can delay
+  the save past the scheduler's grace period. Several processes: every
+  process must save the same step (the save is collective), so SIGTERM
+  stays with JAX's preemption notifier, which tells all processes through
+  the coordination service, and ``stop_at`` is JAX's preemption sync point
+  (True at the same step on every process); Ctrl-C sends SIGTERM to its own
+  process to take that path. A second Ctrl-C raises KeyboardInterrupt at
+  once (no save).
   """
 
   def __init__(self, multiprocess: bool = False):
     self.multiprocess = multiprocess
     self.signal_name = None
-    self._waiting = False
+    self._interruptible = False
     self._previous = {}
 
   def __enter__(self):
@@ -72,18 +75,28 @@ class Preemption:
     )
     if self.multiprocess:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: all processes
-    elif self._waiting:
+    elif self._interruptible:
+      self._interruptible = False  # once: cleanup code is not interrupted
       raise _StopWaiting
+
+  @contextlib.contextmanager
+  def interruptible(self):
+    """A signal inside the block raises ``_StopWaiting`` (one process).
+
+    Several processes keep going: they stop together, at ``stop_at``.
+    """
+    if self.signal_name is not None and not self.multiprocess:
+      raise _StopWaiting
+    self._interruptible = not self.multiprocess
+    try:
+      yield
+    finally:
+      self._interruptible = False
 
   def next_batch(self, data_iter):
     """``next(data_iter)``; a signal meanwhile raises ``_StopWaiting``."""
-    if self.signal_name is not None and not self.multiprocess:
-      raise _StopWaiting
-    self._waiting = not self.multiprocess
-    try:
+    with self.interruptible():
       return next(data_iter)
-    finally:
-      self._waiting = False
 
   def stop_at(self, step: int) -> bool:
     """Whether to save ``step`` and stop; the same on every process."""
@@ -315,19 +328,52 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
         and step % config.eval_every_steps == 0
         and step < total_steps
       ):
-        writer.write(
-          step,
-          _knn_scalars(
-            _evaluate(config, workdir, mesh, state, step, final=False)
-          ),
+        results = _evaluate_unless_stopped(
+          preemption, config, workdir, mesh, state, step, final=False
         )
-  _close(ckpt, None, data_iter)
-  try:
-    results = _evaluate(config, workdir, mesh, state, step)
-    writer.write(step, _knn_scalars(results))
-  finally:
-    writer.close()
+        if results is not None:  # else stopped: the top of the loop saves
+          writer.write(step, _knn_scalars(results))
+    _close(ckpt, None, data_iter)  # the last step is saved
+    try:
+      results = _evaluate_unless_stopped(
+        preemption, config, workdir, mesh, state, step
+      )
+      if results is None:
+        logger.warning(
+          '%s: stopped the evaluation, exiting; step %d is saved in %s; '
+          'rerun the same command to evaluate',
+          preemption.signal_name,
+          step,
+          workdir,
+        )
+        return {**scalars, 'stopped_by': preemption.signal_name}
+      writer.write(step, _knn_scalars(results))
+    finally:
+      writer.close()
   return {**scalars, **results}
+
+
+def _evaluate_unless_stopped(preemption, *args, **kwargs) -> dict | None:
+  """``_evaluate``, or None when a signal stopped it.
+
+  SIGTERM and Ctrl-C stop an evaluation at once (one process) so that the
+  run saves and exits within the scheduler's grace period; an evaluation
+  writes nothing partial.
+  """
+  try:
+    with preemption.interruptible():
+      return _evaluate(*args, **kwargs)
+  except _StopWaiting:
+    return None
+  except Exception as error:
+    if preemption.signal_name is None:
+      raise
+    # Stopped by the signal some other way (e.g. a data worker killed with
+    # the process group): the train state is whole.
+    logger.warning(
+      'evaluation failed after the signal: %s', ' '.join(str(error).split())
+    )
+    return None
 
 
 def _knn_scalars(results: dict) -> dict[str, float]:

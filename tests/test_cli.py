@@ -53,18 +53,32 @@ def run(workdir, *overrides, devices=1, config=TINY, timeout=600):
   )
 
 
-def start(workdir, *overrides):
+def start(workdir, *overrides, stderr=subprocess.PIPE):
   """The training CLI in the background, in its own process group (as a
-  terminal or a scheduler starts it); stderr captured as text."""
+  terminal or a scheduler starts it); stderr captured as text, or written
+  to the open file ``stderr``."""
   return subprocess.Popen(
     command(workdir, *overrides),
     env=env(),
     cwd=ROOT,
     stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
+    stderr=stderr,
     text=True,
     start_new_session=True,
   )
+
+
+def group_exited(pgid):
+  """No process of the group is left, zombies aside (data workers too)."""
+  for entry in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+      continue
+    if int(fields[2]) == pgid and fields[0] != 'Z':  # state, ppid, pgrp
+      return False
+  return True
 
 
 def read_metrics(workdir, evaluations=False):
@@ -375,7 +389,9 @@ class SignalTest(absltest.TestCase):
     workdir = self.create_tempdir().full_path
     proc = start(
       workdir,
-      '--config.total_steps=8',  # the reference's executable
+      # Far more steps than run before the signal: it cannot land after
+      # the last step (the workers fill their buffers during the compile).
+      '--config.epochs=100',
       '--config.checkpoint_every_steps=1000',
       '--config.data.num_workers=2',
       # The loop spends most of its time waiting for the workers.
@@ -391,6 +407,58 @@ class SignalTest(absltest.TestCase):
     self.assertIn(f'SIGTERM: saved step {last_logged}', stderr)
     for text in ('Traceback', 'terminated unexpectedly', 'leaked'):
       self.assertNotIn(text, stderr)
+
+  def test_sigterm_to_group_during_evaluations(self):
+    # A signal during an eval_every_steps evaluation saves the step it
+    # reached (its data workers, starting then, must not die of it); one
+    # during the final evaluation exits with the last step saved, and the
+    # same command evaluates it. No data worker outlives the run.
+    workdir = self.create_tempdir().full_path
+    args = (
+      '--config.total_steps=16',
+      '--config.checkpoint_every_steps=1000',
+      '--config.eval_every_steps=8',
+      '--config.eval.attention_images=0',
+      '--config.data.num_workers=2',
+      '--config.data.synthetic_delay=0.05',
+    )
+    log = os.path.join(workdir, 'stderr.txt')
+
+    def stop_in_evaluation(step):
+      with open(log, 'w') as stderr:
+        proc = start(workdir, *args, stderr=stderr)
+        wait_for(lambda: f'step {step}/16 ' in read_text(log))
+        time.sleep(1.0)  # the evaluation is starting its data workers
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=300)
+      text = read_text(log)
+      self.assertEqual(proc.returncode, 0, text[-3000:])
+      wait_for(lambda: group_exited(proc.pid), timeout=10)  # none outlives
+      for bad in ('Traceback', 'terminated unexpectedly', 'leaked'):
+        self.assertNotIn(bad, text)
+      return text
+
+    text = stop_in_evaluation(8)
+    self.assertIn(f'SIGTERM: saved step 8 in {workdir}', text)
+    self.assertNotIn('k-NN trained', text)  # stopped before its table
+    self.assertEqual(checkpoints(workdir), [8])
+    text = stop_in_evaluation(16)
+    self.assertIn('resuming from step 8', text)
+    self.assertIn(
+      f'SIGTERM: stopped the evaluation, exiting; step 16 is saved in '
+      f'{workdir}; rerun the same command to evaluate',
+      text,
+    )
+    self.assertEqual(checkpoints(workdir), [8, 16])
+    result = run(workdir, *args)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('resuming from step 16', result.stderr)
+    self.assertIn('k-NN trained (step 16)', result.stdout + result.stderr)
+    steps = [r['step'] for r in read_metrics(workdir)]
+    self.assertEqual(steps, list(range(1, 17)))  # each step once
+    self.assertEqual(
+      [r['step'] for r in read_metrics(workdir, evaluations=True)], [16]
+    )
 
   def test_nonfinite_stops_without_saving(self):
     workdir = self.create_tempdir().full_path

@@ -9,9 +9,14 @@ workers, and a run resumes at batch ``state.step`` with no iterator state.
 The augmentation runs on device (``multicrop``), so the host only decodes.
 """
 
+import contextlib
+import functools
 import io
 import logging
+import os
 import signal
+import threading
+import time
 
 import grain
 import jax
@@ -144,27 +149,101 @@ class DecodedSource:
     )
 
 
-def _ignore_signals(worker_index: int, worker_count: int) -> None:
-  """grain worker init: SIGTERM/SIGINT are for the main process to handle.
+_SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _init_worker(parent: int, worker_index: int, worker_count: int) -> None:
+  """grain worker init: signals are the main process's; exit with it.
 
   Schedulers signal the whole process group; a worker that died on the
   signal would fail the main process's next batch before it could save.
+  The worker started with both signals held (``_StartHeld``): one that came
+  while it was starting is pending, and is dropped here, as ignored. A
+  worker that ignores SIGTERM would outlive a main process killed hard
+  (SIGKILL, the scheduler's last word), holding memory and the job's
+  output pipe: a thread ends it once its parent is gone.
   """
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, _SCHEDULER_SIGNALS)
+  threading.Thread(
+    target=_exit_with, args=(parent,), name='exit-with-parent', daemon=True
+  ).start()
+
+
+def _exit_with(parent: int, poll_seconds: float = 0.5) -> None:
+  while os.getppid() == parent:
+    time.sleep(poll_seconds)
+  os._exit(1)
+
+
+@contextlib.contextmanager
+def _signals_held():
+  """Holds SIGTERM/SIGINT in this thread, and in what it starts meanwhile.
+
+  The mask is inherited by threads created meanwhile and by the processes
+  they spawn (fork and exec keep it), so a grain worker cannot die of a
+  signal that arrives before its ``_init_worker`` runs (a worker spends
+  seconds importing). The main process loses nothing: the signal goes to a
+  thread that does not hold it, or stays pending until the mask is
+  restored, and Python runs the handler in the main thread either way.
+  """
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SCHEDULER_SIGNALS)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _StartHeld(grain.IterDataset):
+  """``parent``, its worker processes started with scheduler signals held.
+
+  grain starts the workers from its own threads, during ``iter`` and the
+  first ``next``; both run under ``_signals_held``.
+  """
+
+  def __iter__(self):
+    with _signals_held():
+      return _StartHeldIterator(iter(self._parent))
+
+
+class _StartHeldIterator(grain.DatasetIterator):
+  def __init__(self, parent):
+    super().__init__(parent)
+    self._started = False
+
+  def __next__(self):
+    if self._started:
+      return next(self._parent)
+    with _signals_held():
+      element = next(self._parent)
+    self._started = True
+    return element
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
 
 
 def prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
-  """``ds`` computed by ``num_workers`` processes (0: in this process)."""
+  """``ds`` computed by ``num_workers`` processes (0: in this process).
+
+  The workers ignore SIGTERM and SIGINT from their start on (schedulers
+  signal the whole process group; the main process saves and stops them).
+  """
   if num_workers <= 0:
     return ds
   # grain workers read absl flags; outside an absl app they are unparsed.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  return ds.mp_prefetch(
-    grain.MultiprocessingOptions(num_workers=num_workers),
-    worker_init_fn=_ignore_signals,
+  return _StartHeld(
+    ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers),
+      worker_init_fn=functools.partial(_init_worker, os.getpid()),
+    )
   )
 
 

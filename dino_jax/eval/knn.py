@@ -105,12 +105,17 @@ def format_table(results: dict, title: str = 'k-NN') -> str:
 
 
 def write_results(workdir: str, name: str, payload: dict) -> str:
-  """Writes WORKDIR/eval/<name>.json (process 0 only); returns the path."""
+  """Writes WORKDIR/eval/<name>.json (process 0 only); returns the path.
+
+  Atomic: a run stopped meanwhile leaves the previous file whole.
+  """
   path = os.path.join(workdir, 'eval', f'{name}.json')
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
+    partial = f'{path}.{os.getpid()}.tmp'
+    with open(partial, 'w') as f:
       json.dump(payload, f, indent=2)
+    os.replace(partial, path)
   return path
 
 
