@@ -8,13 +8,16 @@ The kernel drops the lock when the process dies (even by SIGKILL), so a lock
 is never stale; the file itself stays and names the last holder.
 """
 
+import contextlib
 import datetime
 import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 
 import ml_collections
@@ -371,6 +374,33 @@ def load_workdir(workdir: str, overrides: list[str] = ()):
   return built['config'], built['mesh'], state, step
 
 
+class Terminated(BaseException):
+  """SIGTERM arrived while a tool ran (``run_cli``)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+  """SIGTERM raises ``Terminated`` in the main thread meanwhile.
+
+  A tool then unwinds like after Ctrl-C: its data workers are stopped, its
+  outputs stay whole (written atomically), and it exits 143 with one line
+  instead of dying with the workers' resources left to the exit.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    del signum, frame
+    raise Terminated
+
+  previous = signal.signal(signal.SIGTERM, handle)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(
   define_flags: Callable[[flags.FlagValues], None],
   main: Callable[[flags.FlagValues, list[str], list[str]], None],
@@ -421,11 +451,18 @@ def run_cli(
     logging.getLogger('absl').setLevel(logging.WARNING)
     overrides = [a for a in args[1:] if a.startswith(_OVERRIDE_PREFIXES)]
     positional = [a for a in args[1:] if a not in overrides]
-    try:
-      main(values, positional, overrides)
-    except reported as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 1
+    with _sigterm_raises():
+      try:
+        main(values, positional, overrides)
+      except reported as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+      except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+      except Terminated:
+        print('stopped by SIGTERM', file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
   if argv is None:

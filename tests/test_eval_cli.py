@@ -4,8 +4,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import tiny_config
 import torch
 from absl.testing import absltest
-from test_cli import ROOT, TINY, env
+from test_cli import ROOT, TINY, env, group_exited, read_text, wait_for
 
 from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import interop, models
@@ -236,6 +238,41 @@ class SubprocessTest(absltest.TestCase):
       saved = json.load(f)
     self.assertEqual(saved['step'], 0)
     self.assertEqual(set(saved['trained']), {'3'})
+
+  def test_sigterm_to_group_stops_cleanly(self):
+    # A scheduler's SIGTERM to the group during the feature extraction: one
+    # line, exit 143, no result file, no data worker or leak left behind.
+    workdir = self.create_tempdir().full_path
+    tiny_workdir(workdir)
+    log = os.path.join(self.create_tempdir().full_path, 'stderr.txt')
+    with open(log, 'w') as stderr:
+      proc = subprocess.Popen(
+        [
+          sys.executable,
+          '-m',
+          'dino_jax.eval.knn',
+          f'--workdir={workdir}',
+          '--config.data.num_workers=2',
+          '--config.data.synthetic_delay=0.3',  # extraction: ~10 s
+        ],
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+      )
+      wait_for(lambda: 'model compute' in read_text(log))
+      time.sleep(2.0)
+      os.killpg(proc.pid, signal.SIGTERM)
+      proc.wait(timeout=120)
+    text = read_text(log)
+    self.assertEqual(proc.returncode, 143, text[-3000:])
+    self.assertIn('stopped by SIGTERM', text)
+    for bad in ('Traceback', 'leaked', 'k-NN (trained)'):
+      self.assertNotIn(bad, text)
+    wait_for(lambda: group_exited(proc.pid), timeout=10)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'eval')))
 
 
 if __name__ == '__main__':
