@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tiny_config
 import torch
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 from test_cli import ROOT, TINY, env, group_exited, read_text, wait_for
 
 from dino_jax import checkpoint as checkpoint_lib
@@ -189,7 +189,7 @@ class ErrorTest(absltest.TestCase):
 
 
 @pytest.mark.slow
-class SubprocessTest(absltest.TestCase):
+class SubprocessTest(parameterized.TestCase):
   def assert_one_error(self, result, value):
     self.assertNotEqual(result.returncode, 0, result.stderr)
     lines = error_lines(result.stderr)
@@ -239,9 +239,14 @@ class SubprocessTest(absltest.TestCase):
     self.assertEqual(saved['step'], 0)
     self.assertEqual(set(saved['trained']), {'3'})
 
-  def test_sigterm_to_group_stops_cleanly(self):
-    # A scheduler's SIGTERM to the group during the feature extraction: one
-    # line, exit 143, no result file, no data worker or leak left behind.
+  @parameterized.parameters(
+    ('SIGTERM', 143, 'stopped by SIGTERM'),
+    ('SIGINT', 130, 'interrupted'),
+  )
+  def test_signal_to_group_stops_cleanly(self, name, status, line):
+    # A scheduler's SIGTERM, or Ctrl-C, to the group while the data workers
+    # start: one line, no traceback (the workers start with the signals
+    # held), no result file, no data worker or leak left behind.
     workdir = self.create_tempdir().full_path
     tiny_workdir(workdir)
     log = os.path.join(self.create_tempdir().full_path, 'stderr.txt')
@@ -263,12 +268,12 @@ class SubprocessTest(absltest.TestCase):
         start_new_session=True,
       )
       wait_for(lambda: 'model compute' in read_text(log))
-      time.sleep(2.0)
-      os.killpg(proc.pid, signal.SIGTERM)
+      time.sleep(1.5)  # the workers are importing
+      os.killpg(proc.pid, getattr(signal, name))
       proc.wait(timeout=120)
     text = read_text(log)
-    self.assertEqual(proc.returncode, 143, text[-3000:])
-    self.assertIn('stopped by SIGTERM', text)
+    self.assertEqual(proc.returncode, status, text[-3000:])
+    self.assertIn(line, text)
     for bad in ('Traceback', 'leaked', 'k-NN (trained)'):
       self.assertNotIn(bad, text)
     wait_for(lambda: group_exited(proc.pid), timeout=10)

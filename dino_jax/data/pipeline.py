@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing import resource_tracker
 
 import grain
 import jax
@@ -199,27 +200,34 @@ def _signals_held():
 class _StartHeld(grain.IterDataset):
   """``parent``, its worker processes started with scheduler signals held.
 
-  grain starts the workers from its own threads, during ``iter`` and the
-  first ``next``; both run under ``_signals_held``.
+  grain starts worker i from one of its threads when batch i is first asked
+  for (its interleave takes batch i from worker i), so ``iter`` and the
+  first ``num_workers`` calls of ``next`` run under ``_signals_held``.
   """
 
+  def __init__(self, parent: grain.IterDataset, num_workers: int):
+    super().__init__(parent)
+    self._num_workers = num_workers
+
   def __iter__(self):
+    # CPython's resource tracker unblocks both signals in the thread that
+    # starts it (bpo-33613): started here, it is not one of grain's threads.
+    resource_tracker.ensure_running()
     with _signals_held():
-      return _StartHeldIterator(iter(self._parent))
+      return _StartHeldIterator(iter(self._parent), self._num_workers)
 
 
 class _StartHeldIterator(grain.DatasetIterator):
-  def __init__(self, parent):
+  def __init__(self, parent, num_workers: int):
     super().__init__(parent)
-    self._started = False
+    self._held_calls = num_workers
 
   def __next__(self):
-    if self._started:
+    if self._held_calls <= 0:
       return next(self._parent)
+    self._held_calls -= 1
     with _signals_held():
-      element = next(self._parent)
-    self._started = True
-    return element
+      return next(self._parent)
 
   def get_state(self):
     return self._parent.get_state()
@@ -243,7 +251,8 @@ def prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
     ds.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=num_workers),
       worker_init_fn=functools.partial(_init_worker, os.getpid()),
-    )
+    ),
+    num_workers,
   )
 
 
