@@ -379,12 +379,14 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
-  """SIGTERM raises ``Terminated`` in the main thread meanwhile.
+def _signals_raise():
+  """SIGTERM raises ``Terminated``, Ctrl-C KeyboardInterrupt, meanwhile.
 
-  A tool then unwinds like after Ctrl-C: its data workers are stopped, its
-  outputs stay whole (written atomically), and it exits 143 with one line
-  instead of dying with the workers' resources left to the exit.
+  A tool then unwinds: its data workers are stopped, its outputs stay whole
+  (written atomically), and it exits 143 or 130 with one line instead of
+  dying with the workers' resources left to the exit. SIGINT is set even
+  when the tool inherited it ignored (as from a background job or a test
+  runner), like the training CLI does.
   """
   if threading.current_thread() is not threading.main_thread():
     yield
@@ -394,11 +396,15 @@ def _sigterm_raises():
     del signum, frame
     raise Terminated
 
-  previous = signal.signal(signal.SIGTERM, handle)
+  previous = {
+    signal.SIGTERM: signal.signal(signal.SIGTERM, handle),
+    signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+  }
   try:
     yield
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def run_cli(
@@ -451,7 +457,7 @@ def run_cli(
     logging.getLogger('absl').setLevel(logging.WARNING)
     overrides = [a for a in args[1:] if a.startswith(_OVERRIDE_PREFIXES)]
     positional = [a for a in args[1:] if a not in overrides]
-    with _sigterm_raises():
+    with _signals_raise():
       try:
         main(values, positional, overrides)
       except reported as e:

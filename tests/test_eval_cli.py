@@ -250,6 +250,9 @@ class SubprocessTest(parameterized.TestCase):
     workdir = self.create_tempdir().full_path
     tiny_workdir(workdir)
     log = os.path.join(self.create_tempdir().full_path, 'stderr.txt')
+    # Started with SIGINT ignored, as by a background job (and by some test
+    # runners): Ctrl-C must still stop the tool.
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
     with open(log, 'w') as stderr:
       proc = subprocess.Popen(
         [
@@ -267,6 +270,7 @@ class SubprocessTest(parameterized.TestCase):
         text=True,
         start_new_session=True,
       )
+      signal.signal(signal.SIGINT, inherited)
       wait_for(lambda: 'model compute' in read_text(log))
       time.sleep(1.5)  # the workers are importing
       os.killpg(proc.pid, getattr(signal, name))
