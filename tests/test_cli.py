@@ -57,8 +57,13 @@ def start(workdir, *overrides, stderr=subprocess.PIPE):
   """The training CLI in the background, in its own process group (as a
   terminal or a scheduler starts it); stderr captured as text, or written
   to the open file ``stderr``."""
+  return start_command(command(workdir, *overrides), stderr=stderr)
+
+
+def start_command(argv, stderr=subprocess.PIPE):
+  """``argv`` in the background, in its own process group; see ``start``."""
   return subprocess.Popen(
-    command(workdir, *overrides),
+    argv,
     env=env(),
     cwd=ROOT,
     stdout=subprocess.DEVNULL,

@@ -15,7 +15,15 @@ import pytest
 import tiny_config
 import torch
 from absl.testing import absltest, parameterized
-from test_cli import ROOT, TINY, env, group_exited, read_text, wait_for
+from test_cli import (
+  ROOT,
+  TINY,
+  env,
+  group_exited,
+  read_text,
+  start_command,
+  wait_for,
+)
 
 from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import interop, models
@@ -254,7 +262,7 @@ class SubprocessTest(parameterized.TestCase):
     # runners): Ctrl-C must still stop the tool.
     inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
     with open(log, 'w') as stderr:
-      proc = subprocess.Popen(
+      proc = start_command(
         [
           sys.executable,
           '-m',
@@ -263,12 +271,7 @@ class SubprocessTest(parameterized.TestCase):
           '--config.data.num_workers=2',
           '--config.data.synthetic_delay=0.3',  # extraction: ~10 s
         ],
-        env=env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
         stderr=stderr,
-        text=True,
-        start_new_session=True,
       )
       signal.signal(signal.SIGINT, inherited)
       wait_for(lambda: 'model compute' in read_text(log))
