@@ -4,10 +4,13 @@ The official code is loaded from ``$DINO_OFFICIAL_REPO`` or
 ``../shared/official-dino`` beside the repository (as CI lays it out).
 """
 
+import io
+import json
 import math
 import os
 import random
 import sys
+from unittest import mock
 
 import numpy as np
 import torch
@@ -168,6 +171,64 @@ class OpsTest(absltest.TestCase):
     self.assertTrue(row['jax_k20_mean_within_official'])
     self.assertEqual(row['official']['top1']['20']['min'], 70.0)
     self.assertIn('71.50', convergence.format_summary(row, ['jax', 'official']))
+
+  def test_acceptance_band_is_one_point_where_the_seeds_agree(self):
+    # Issue 17: within the official seed range, or within 1 point of the
+    # official mean where that range is narrower.
+    def within(official, jax):
+      rows = [
+        dict(side='official', seed=i, step=3, sec_per_step=1, knn=_knn(v))
+        for i, v in enumerate(official)
+      ] + [dict(side='jax', seed=0, step=3, sec_per_step=1, knn=_knn(jax))]
+      (row,) = convergence.summarize(rows, ['jax', 'official'])
+      return row['jax_k20_mean_within_official'], row['official_k20_band']
+
+    self.assertEqual(within([60.0, 60.4], 61.1), (True, [59.2, 61.2]))
+    self.assertEqual(within([60.0, 60.4], 61.3)[0], False)
+    self.assertEqual(within([60.0, 60.4], 59.1)[0], False)
+    self.assertEqual(within([58.0, 63.0], 62.9), (True, [58.0, 63.0]))
+    self.assertEqual(within([58.0, 63.0], 63.1)[0], False)
+
+  def test_summarize_files_of_both_sides(self):
+    tmp = self.create_tempdir()
+    recipe = dict(config='c.py', epochs=5, steps_per_epoch=72)
+
+    def write(name, rows):
+      path = os.path.join(tmp.full_path, name)
+      with open(path, 'w') as f:
+        f.writelines(json.dumps({**recipe, **r}) + '\n' for r in rows)
+      return path
+
+    run = lambda side, seed, v: dict(  # noqa: E731
+      side=side, seed=seed, step=360, sec_per_step=1.5, knn=_knn(v)
+    )
+    jax_file = write(
+      'jax.jsonl',
+      # seed 0 rerun: the later row replaces the earlier one
+      [run('jax', 0, 10.0), run('jax', 0, 58.0), run('jax', 1, 59.0)]
+      + [{'summary': True, 'step': 360}],
+    )
+    official_file = write(
+      'official.jsonl', [run('official', 0, 58.5), run('official', 1, 59.5)]
+    )
+    out = os.path.join(tmp.full_path, 'summary.jsonl')
+    with mock.patch('sys.stdout', new=io.StringIO()) as stdout:
+      convergence.main(['--summarize', jax_file, official_file, '--out', out])
+    with open(out) as f:
+      (row,) = [json.loads(line) for line in f]
+    self.assertEqual(row['jax']['seeds'], [0, 1])
+    self.assertEqual(row['jax']['top1']['20']['mean'], 58.5)
+    self.assertEqual(row['official']['top1']['20']['min'], 58.5)
+    self.assertTrue(row['jax_k20_mean_within_official'])
+    self.assertIn('58.50', stdout.getvalue())
+
+    other = write('other.jsonl', [{**run('jax', 2, 50.0), 'epochs': 15}])
+    with self.assertRaisesRegex(SystemExit, 'mix recipes'):
+      convergence.main(['--summarize', jax_file, other])
+
+
+def _knn(top1):
+  return {'20': {'top1': top1, 'top5': 99.0}}
 
 
 def _tiny_config():
