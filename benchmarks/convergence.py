@@ -22,7 +22,11 @@ the k-NN accuracy of the teachers, seed against seed:
 
 Prints the k-NN tables side by side with the seed spread (mean, min, max,
 sample std) and JSON lines (one per run and step, then one per summary) to
-stdout and ``--out``. Logs of both trainings go to stderr.
+stdout and ``--out``. Logs of both trainings go to stderr. Rerunning a
+stopped command continues it: evaluations already in ``--out`` (same recipe)
+are not trained again, and dino_jax's runs resume from their checkpoints in
+``--workdir``; an official seed restarts unless all of its evaluations are
+recorded.
 
 The schedules span --epochs (default: the config's 5 x 72 steps, or more
 epochs to fit --steps); a run stops at --steps and is evaluated at each of
@@ -653,11 +657,15 @@ def jax_train(
   eval_steps,
   max_train: int,
   max_test: int,
+  done=(),
 ):
-  """Yields (step, knn table, sec_per_step) for each evaluation step."""
+  """Yields (step, knn table, sec_per_step) for each evaluation step not
+  in ``done`` (recorded already)."""
   log_every = max(1, min(20, eval_steps[-1] // 10))
   start, sec, n = 0, 0.0, 0
   for step in eval_steps:
+    if step in done:
+      continue
     cmd = [
       sys.executable,
       '-m',
@@ -739,7 +747,7 @@ def acceptance_band(official: dict, point: float = 1.0) -> tuple:
   )
 
 
-def read_rows(paths) -> list[dict]:
+def read_rows(paths, mixed_ok: bool = False) -> list[dict]:
   """The run rows of JSON-lines files (summaries skipped); a later row of
   the same side, seed, step and recipe replaces an earlier one."""
   rows = {}
@@ -766,7 +774,7 @@ def read_rows(paths) -> list[dict]:
         )
         rows[key] = row
   recipes = {k[3:] for k in rows}
-  if len(recipes) > 1:
+  if len(recipes) > 1 and not mixed_ok:
     raise ValueError(
       f'{", ".join(paths)} mix recipes {sorted(map(str, recipes))}: '
       'summarize the runs of one recipe at a time'
@@ -896,6 +904,22 @@ def load_config(path: str, epochs: int | None, steps: int):
   return config
 
 
+def recorded_rows(args, common: dict) -> list[dict]:
+  """The runs of this command's recipe, sides, seeds and steps already in
+  ``args.out``."""
+  if not args.out or not os.path.isfile(args.out):
+    return []
+  recipe = {k: v for k, v in common.items() if k != 'steps'}
+  return [
+    r
+    for r in read_rows([args.out], mixed_ok=True)
+    if all(r.get(k) == v for k, v in recipe.items())
+    and r['side'] in args.sides
+    and r['seed'] in args.seeds
+    and r['step'] in args.eval_steps
+  ]
+
+
 def summarize_files(paths, out=None) -> list[dict]:
   """Prints and returns the summaries of the runs recorded in ``paths``."""
   rows = read_rows(paths)
@@ -922,7 +946,6 @@ def main(argv=None):
     os.sched_setaffinity(0, cpus)  # inherited by the dino_jax runs
     torch.set_num_threads(args.threads)
   config = load_config(args.config, args.epochs, args.steps)
-  emit = Emitter(args.out)
   common = dict(
     config=os.path.relpath(args.config, REPO),
     epochs=config.epochs,
@@ -931,7 +954,17 @@ def main(argv=None):
     max_train_images=args.max_train_images,
     max_test_images=args.max_test_images,
   )
-  rows = []
+  # Rerunning the command continues: runs recorded in --out (same recipe)
+  # are not trained again, and count in the summary.
+  rows = recorded_rows(args, common)
+  done = {(r['side'], r['seed'], r['step']) for r in rows}
+  if rows:
+    print(
+      f'{len(rows)} runs recorded in {args.out}: '
+      + ', '.join(f'{s} seed {d} step {t}' for s, d, t in sorted(done)),
+      file=sys.stderr,
+    )
+  emit = Emitter(args.out)
 
   def record(side, seed, step, table, sec_per_step, **extra):
     row = dict(
@@ -958,6 +991,7 @@ def main(argv=None):
         eval_steps=args.eval_steps,
         max_train=args.max_train_images,
         max_test=args.max_test_images,
+        done={t for s, d, t in done if (s, d) == ('jax', seed)},
       ):
         record('jax', seed, step, table, sps)
   if 'official' in args.sides:
@@ -966,6 +1000,8 @@ def main(argv=None):
     source = sources.make_source(config.data, config.data.split)
     with single_process_group():
       for seed in args.seeds:
+        if all(('official', seed, t) in done for t in args.eval_steps):
+          continue
         tables = {}
         start = time.perf_counter()
         result = official_train(

@@ -226,6 +226,54 @@ class OpsTest(absltest.TestCase):
     with self.assertRaisesRegex(SystemExit, 'mix recipes'):
       convergence.main(['--summarize', jax_file, other])
 
+  def test_rerun_trains_only_what_is_not_recorded(self):
+    out = os.path.join(self.create_tempdir().full_path, 'jax.jsonl')
+    recipe = dict(
+      config='configs/fashion_mnist.py:parity',
+      epochs=5,
+      steps_per_epoch=72,
+      max_train_images=-1,
+      max_test_images=-1,
+    )
+    row = lambda seed, step, v, **kw: {  # noqa: E731
+      **recipe,
+      'side': 'jax',
+      'seed': seed,
+      'step': step,
+      'sec_per_step': 1.0,
+      'knn': _knn(v),
+      **kw,
+    }
+    with open(out, 'w') as f:
+      for r in [
+        row(0, 3, 50.0),
+        row(0, 6, 55.0),
+        row(1, 3, 51.0),
+        row(1, 6, 99.0, epochs=15),  # another schedule: not this recipe's
+      ]:
+        f.write(json.dumps(r) + '\n')
+    calls = []
+
+    def fake_train(config, workdir, *, seed, done, **kw):
+      calls.append((seed, sorted(done)))
+      if 6 not in done:
+        yield 6, {20: {'top1': 57.0, 'top5': 99.0}}, 1.0
+
+    argv = ['--sides', 'jax', '--seeds', '0,1', '--steps', '6']
+    argv += ['--eval_steps', '3,6', '--out', out]
+    with (
+      mock.patch.object(convergence, 'jax_train', fake_train),
+      mock.patch('sys.stdout', new=io.StringIO()),
+      mock.patch('sys.stderr', new=io.StringIO()),
+    ):
+      convergence.main(argv)
+    self.assertEqual(calls, [(0, [3, 6]), (1, [3])])
+    with open(out) as f:
+      summaries = [r for r in map(json.loads, f) if r.get('summary')]
+    self.assertEqual([r['step'] for r in summaries], [3, 6])
+    self.assertEqual(summaries[0]['jax']['top1']['20']['mean'], 50.5)
+    self.assertEqual(summaries[1]['jax']['top1']['20']['mean'], 56.0)
+
 
 def _knn(top1):
   return {'20': {'top1': top1, 'top5': 99.0}}
