@@ -250,14 +250,46 @@ def adjust_hue(x: jax.Array, delta: jax.Array) -> jax.Array:
   return jnp.clip(dm_pix.adjust_hue(x / 255.0, delta) * 255.0, 0.0, 255.0)
 
 
-def jitter_ops(factors: jax.Array) -> list:
-  """The four ColorJitter ops with their factors (b, c, s, h)."""
-  return [
-    lambda y: adjust_brightness(y, factors[0]),
-    lambda y: adjust_contrast(y, factors[1]),
-    lambda y: adjust_saturation(y, factors[2]),
-    lambda y: adjust_hue(y, factors[3]),
-  ]
+def _blend_op(x: jax.Array, op: jax.Array, factors: jax.Array) -> jax.Array:
+  """Brightness (op 0), contrast (1) or saturation (2), chosen by a traced op.
+
+  All three are one PIL blend, with black, the rounded mean gray level or
+  the gray image: one blend with a selected degenerate image, rather than
+  the three ops computed and one selected (under vmap a ``lax.switch`` over
+  per-sample indices computes every branch).
+  """
+  l = luma(x)
+  degenerate = jnp.where(
+    op == 0, 0.0, jnp.where(op == 1, jnp.round(jnp.mean(l)), l)
+  )
+  return _blend(degenerate, x, factors[op])
+
+
+def color_jitter(x: jax.Array, order: jax.Array, factors: jax.Array):
+  """torchvision ``ColorJitter`` with fixed choices: the four ops in ``order``.
+
+  Hue, the one op that is not a blend, is computed once: the blends ordered
+  before it, hue, the blends after it (each blend position applied or not).
+
+  Args:
+    x: float [H, W, 3] on the 0..255 scale.
+    order: int32 [4], a permutation of 0 brightness, 1 contrast,
+      2 saturation, 3 hue.
+    factors: float32 [4] (b, c, s, h).
+
+  Returns:
+    float32 [H, W, 3].
+  """
+  hue_at = jnp.argmax(order == 3)
+  # The three blend ops in their order: order without the 3 (stable sort of
+  # the positions by "is hue").
+  blends = order[jnp.argsort(order == 3, stable=True)[:3]]
+  for m in range(3):
+    x = jnp.where(m < hue_at, _blend_op(x, blends[m], factors), x)
+  x = adjust_hue(x, factors[3])
+  for m in range(3):
+    x = jnp.where(m >= hue_at, _blend_op(x, blends[m], factors), x)
+  return x
 
 
 def pil_box_radius(sigma: jax.typing.ArrayLike) -> jax.Array:
@@ -414,10 +446,7 @@ def apply_params(
   """
   x = resized_crop(image, params['box'], size)
   x = jnp.where(params['flip'], x[:, ::-1], x)
-  jittered = x
-  ops = jitter_ops(params['factors'])
-  for i in range(4):
-    jittered = jax.lax.switch(params['order'][i], ops, jittered)
+  jittered = color_jitter(x, params['order'], params['factors'])
   x = jnp.where(params['jitter'], jittered, x)
   x = jnp.where(params['gray'], jnp.broadcast_to(gray(x), x.shape), x)
   x = jnp.where(params['blur'], gaussian_blur(x, params['sigma']), x)
@@ -447,6 +476,32 @@ def _crops_of_one_type(key, images, sizes, spec, n):
   return jax.vmap(lambda ks: per_image(ks, images, sizes))(keys)
 
 
+def _crops_differing_in_rates(keys, images, sizes, specs):
+  """One crop per spec for the whole batch: [len(specs), B, S, S, 3].
+
+  The specs may differ only in their blur and solarization rates, which
+  enter as data: the crops share one vmapped pipeline (one compiled copy
+  rather than one per spec). Crop i is ``_crops_of_one_type(keys[i], ...,
+  specs[i], 1)``.
+  """
+  base = dataclasses.replace(specs[0], blur_prob=0.0, solarize_prob=0.0)
+  for spec in specs:
+    if dataclasses.replace(spec, blur_prob=0.0, solarize_prob=0.0) != base:
+      raise ValueError(f'crop specs {specs} differ in more than their rates')
+  b = images.shape[0]
+  keys = jnp.stack([jax.random.split(k, (1, b))[0] for k in keys])
+  rates = jnp.array(
+    [(s.blur_prob, s.solarize_prob) for s in specs], jnp.float32
+  )
+
+  def crops(ks, rate):
+    spec = dataclasses.replace(base, blur_prob=rate[0], solarize_prob=rate[1])
+    per_image = jax.vmap(lambda k, im, hw: augment_crop(k, im, hw, spec))
+    return per_image(ks, images, sizes)
+
+  return jax.vmap(crops)(keys, rates)
+
+
 def make_multicrop(crops: ml_collections.ConfigDict):
   """``augment(key, batch) -> {'global_crops', 'local_crops'}`` for the step.
 
@@ -459,13 +514,11 @@ def make_multicrop(crops: ml_collections.ConfigDict):
     images, sizes = batch['image'], batch['size']
     k_globals, k_locals = jax.random.split(key)
     g_keys = jax.random.split(k_globals, len(global_specs))
-    global_crops = jnp.concatenate(
-      [
-        _crops_of_one_type(k, images, sizes, spec, 1)
-        for k, spec in zip(g_keys, global_specs, strict=True)
-      ]
-    )
-    out = {'global_crops': global_crops}
+    out = {
+      'global_crops': _crops_differing_in_rates(
+        g_keys, images, sizes, global_specs
+      )
+    }
     if local_specs:
       out['local_crops'] = _crops_of_one_type(
         k_locals, images, sizes, local_specs[0], len(local_specs)
