@@ -468,28 +468,21 @@ def augment_crop(
   return apply_params(image, sample_params(key, size_hw, spec), spec.size)
 
 
-def _crops_of_one_type(key, images, sizes, spec, n):
-  """n crops of one spec for the whole batch: [n, B, S, S, 3]."""
-  b = images.shape[0]
-  keys = jax.random.split(key, (n, b))
-  per_image = jax.vmap(lambda k, im, hw: augment_crop(k, im, hw, spec))
-  return jax.vmap(lambda ks: per_image(ks, images, sizes))(keys)
+def _crops(keys, images, sizes, specs):
+  """Crop i of ``specs[i]`` for every image: [len(specs), B, S, S, 3].
 
-
-def _crops_differing_in_rates(keys, images, sizes, specs):
-  """One crop per spec for the whole batch: [len(specs), B, S, S, 3].
-
-  The specs may differ only in their blur and solarization rates, which
-  enter as data: the crops share one vmapped pipeline (one compiled copy
-  rather than one per spec). Crop i is ``_crops_of_one_type(keys[i], ...,
-  specs[i], 1)``.
+  Args:
+    keys: [len(specs), B] PRNG keys, one per (crop, image).
+    images: uint8 [B, C, C, 3] canvases.
+    sizes: int32 [B, 2] true sizes.
+    specs: crop specs that differ at most in their blur and solarization
+      rates; the rates enter as data, so all crops share one vmapped
+      pipeline (one compiled copy, not one per spec).
   """
   base = dataclasses.replace(specs[0], blur_prob=0.0, solarize_prob=0.0)
   for spec in specs:
     if dataclasses.replace(spec, blur_prob=0.0, solarize_prob=0.0) != base:
       raise ValueError(f'crop specs {specs} differ in more than their rates')
-  b = images.shape[0]
-  keys = jnp.stack([jax.random.split(k, (1, b))[0] for k in keys])
   rates = jnp.array(
     [(s.blur_prob, s.solarize_prob) for s in specs], jnp.float32
   )
@@ -513,16 +506,19 @@ def make_multicrop(crops: ml_collections.ConfigDict):
   def augment(key: jax.Array, batch: dict[str, jax.Array]):
     images, sizes = batch['image'], batch['size']
     k_globals, k_locals = jax.random.split(key)
-    g_keys = jax.random.split(k_globals, len(global_specs))
-    out = {
-      'global_crops': _crops_differing_in_rates(
-        g_keys, images, sizes, global_specs
-      )
-    }
+    b = images.shape[0]
+    # One key per global crop type, split per image; the local crops split
+    # theirs per (crop, image).
+    g_keys = jnp.stack(
+      [
+        jax.random.split(k, (1, b))[0]
+        for k in jax.random.split(k_globals, len(global_specs))
+      ]
+    )
+    out = {'global_crops': _crops(g_keys, images, sizes, global_specs)}
     if local_specs:
-      out['local_crops'] = _crops_of_one_type(
-        k_locals, images, sizes, local_specs[0], len(local_specs)
-      )
+      l_keys = jax.random.split(k_locals, (len(local_specs), b))
+      out['local_crops'] = _crops(l_keys, images, sizes, local_specs)
     return out
 
   return augment
