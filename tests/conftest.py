@@ -15,11 +15,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # float32 for both (on a CPU this changes nothing). The environment reaches
 # the CLI subprocesses as well.
 os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
+os.environ.setdefault('NVIDIA_TF32_OVERRIDE', '0')
 # The tests compile far more than they compute: XLA without most of its
 # optimizations compiles the tiny models about 2x faster (flax's imagenet
 # test does the same). Results stay float32-exact up to rounding.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
-os.environ.setdefault('NVIDIA_TF32_OVERRIDE', '0')
 # One persistent compilation cache for this test session, shared with the
 # CLI subprocesses (which inherit the environment): a second run of the same
 # config loads its executables instead of compiling them again.

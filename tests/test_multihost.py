@@ -21,7 +21,6 @@ def test_two_processes_match_one(tmp_path):
   port = str(portpicker.pick_unused_port())
   out = str(tmp_path / 'out.json')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'true'  # compiles 2x faster
   procs = [
     subprocess.Popen(
       [
