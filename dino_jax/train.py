@@ -69,9 +69,11 @@ class Preemption:
       return
     self.signal_name = name
     logger.warning(
-      '%s: saving at the next step boundary, then exiting (press Ctrl-C '
-      'again to exit at once without saving)',
+      '%s: saving at the next step boundary, then exiting%s',
       name,
+      ' (press Ctrl-C again to exit at once without saving)'
+      if signum == signal.SIGINT
+      else '',
     )
     if self.multiprocess:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: all processes

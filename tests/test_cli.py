@@ -60,11 +60,13 @@ def start(workdir, *overrides, stderr=subprocess.PIPE):
   return start_command(command(workdir, *overrides), stderr=stderr)
 
 
-def start_command(argv, stderr=subprocess.PIPE):
-  """``argv`` in the background, in its own process group; see ``start``."""
+def start_command(argv, stderr=subprocess.PIPE, environ=None):
+  """``argv`` in the background, in its own process group; see ``start``.
+
+  ``environ``: variables added to the test environment."""
   return subprocess.Popen(
     argv,
-    env=env(),
+    env={**env(), **(environ or {})},
     cwd=ROOT,
     stdout=subprocess.DEVNULL,
     stderr=stderr,
@@ -412,6 +414,44 @@ class SignalTest(absltest.TestCase):
     self.assertIn(f'SIGTERM: saved step {last_logged}', stderr)
     for text in ('Traceback', 'terminated unexpectedly', 'leaked'):
       self.assertNotIn(text, stderr)
+
+  def test_sigterm_saves_the_step_the_device_reached(self):
+    # A device slower than the input pipeline (each step here ~0.5 s on a
+    # 2-core VM, the data ~0.03 s): the save after SIGTERM must not wait for
+    # steps the loop queued ahead of the device (async dispatch). Before the
+    # bound on steps in flight, the loop queued up to the next log step
+    # within 0.4 s of a log, and this test's save came at step 32, 16 steps
+    # after the signal.
+    workdir = self.create_tempdir().full_path
+    log = os.path.join(workdir, 'stderr.txt')
+    argv = [
+      sys.executable,
+      os.path.join(ROOT, 'tests', 'slow_step_main.py'),
+      *command(workdir)[3:],  # after python -m dino_jax.main
+      '--config.epochs=6',  # 48 steps
+      '--config.log_every_steps=16',
+      '--config.checkpoint_every_steps=1000',
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
+    ]
+    with open(log, 'w') as stderr:
+      proc = start_command(
+        argv, stderr=stderr, environ={'SLOW_STEP_MATMULS': '50'}
+      )
+    wait_for(lambda: 'step 16/48 ' in read_text(log))
+    time.sleep(1.0)  # the loop has queued steps, the device runs 1-3 of them
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=300)
+    text = read_text(log)
+    self.assertEqual(proc.returncode, 0, text[-3000:])
+    saved = checkpoints(workdir)
+    self.assertLen(saved, 1)
+    self.assertBetween(saved[0], 17, 24)
+    self.assertIn(f'SIGTERM: saved step {saved[0]} in {workdir}', text)
+    self.assertIn(
+      'SIGTERM: saving at the next step boundary, then exiting\n', text
+    )
+    self.assertNotIn('Ctrl-C', text)  # a second SIGTERM does not stop it
 
   def test_sigterm_to_group_during_evaluations(self):
     # A signal during an eval_every_steps evaluation saves the step it
