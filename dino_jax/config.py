@@ -87,6 +87,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Gaussian blur std range in pixels of the output crop (official: for
   # 224/96 px crops; scale it down for tiny images). At most 2.0.
   c.crops.blur_sigma = (0.1, 2.0)
+  # True: round to uint8 where PIL does (between and after the two resize
+  # passes, after hue and grayscale), as the official crops are uint8 until
+  # ToTensor. False: one float resize pass, float hue and gray (SPEC 5.4
+  # accepts both; docs/benchmarks.md has what it changes in learning).
+  c.crops.uint8_rounding = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'tfds'  # one of DATA_SOURCES

@@ -114,6 +114,30 @@ class ResampleTest(parameterized.TestCase):
     # PIL rounds to uint8: at most one level apart.
     self.assertLess(np.abs(np.asarray(ours) - pil).max(), 1.1)
 
+  def test_two_pass_matches_pil_on_sharp_images(self):
+    # Black/white pixels (edges everywhere, as in Fashion-MNIST): PIL clips
+    # and rounds the bicubic overshoot after its horizontal pass; one float
+    # pass does not, and lands several levels away.
+    arr = (np.random.RandomState(3).rand(28, 28, 3) > 0.5).astype(np.uint8)
+    arr *= 255
+    for box, size in [((2, 3, 14, 17), 28), ((0, 0, 28, 28), 12)]:
+      top, left, ch, cw = box
+      pil = Image.fromarray(arr).crop((left, top, left + cw, top + ch))
+      pil = np.asarray(pil.resize((size, size), Image.BICUBIC), np.float64)
+      two = np.asarray(
+        multicrop.resized_crop(
+          on_canvas(arr), jnp.array(box), size, 'bicubic', True
+        )
+      )
+      one = np.asarray(
+        multicrop.resized_crop(on_canvas(arr), jnp.array(box), size)
+      )
+      np.testing.assert_array_equal(two, np.round(two))  # uint8 values
+      # PIL's fixed-point weights: a rare tie rounds the other way.
+      self.assertLessEqual(np.abs(two - pil).max(), 1.0, box)
+      self.assertLess(np.mean(two != pil), 0.01, box)
+      self.assertGreater(np.abs(one - pil).max(), 5.0, box)
+
   def test_canvas_padding_never_bleeds(self):
     arr = np.full((30, 20, 3), 200, np.uint8)  # canvas outside is 0
     out = multicrop.resized_crop(on_canvas(arr), jnp.array([0, 0, 30, 20]), 64)
@@ -382,6 +406,28 @@ class PipelineTest(parameterized.TestCase):
     images = rs.randint(0, 256, (n, canvas, canvas, 3)).astype(np.uint8)
     sizes = np.array([[64, 64], [40, 60], [10, 10], [64, 30]][:n], np.int32)
     return {'image': jnp.asarray(images), 'size': jnp.asarray(sizes)}
+
+  def test_uint8_rounding_from_config(self):
+    # With crops.uint8_rounding every crop holds uint8 values before the
+    # normalization (PIL's crops are uint8 until ToTensor); without, the
+    # float resize leaves fractions where no blend or blur rounded them
+    # (6 % of the values here).
+    def levels(uint8_rounding):
+      crops = config_lib.default_config().crops
+      crops.update(global_size=16, local_size=8, local_number=1)
+      crops.uint8_rounding = uint8_rounding
+      out = multicrop.make_multicrop(crops)(
+        jax.random.key(0), self.make_batch()
+      )
+      x = np.concatenate([np.ravel(v) for v in out.values()])
+      std = np.tile(multicrop.STD, x.size // 3)
+      mean = np.tile(multicrop.MEAN, x.size // 3)
+      return (x * std + mean) * 255
+
+    x = levels(True)
+    np.testing.assert_allclose(x, np.round(x), atol=2e-3)
+    x = levels(False)
+    self.assertGreater(np.mean(np.abs(x - np.round(x)) > 0.01), 0.02)
 
   def test_layout_determinism_and_no_retrace(self):
     crops = ml_collections.ConfigDict(

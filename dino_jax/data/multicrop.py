@@ -17,8 +17,9 @@ after each pass: PIL's output on uint8 input), solarization of the uint8 values
 PIL would see. Ops work in float on the 0..255 scale and clip after each
 op; brightness, contrast and saturation also truncate as PIL's Image.blend
 does (their gray image rounded, as convert('L')). SPEC §5.4 accepted
-deviations: no uint8 re-quantization after resize, hue and grayscale; float
-hue.
+deviations, by default: one float resize pass, no uint8 re-quantization after
+it, after hue and after grayscale (``crops.uint8_rounding`` turns on PIL's two
+rounded resize passes and the rounding after hue and grayscale); float hue.
 """
 
 import dataclasses
@@ -55,6 +56,10 @@ class CropSpec:
   jitter_prob: float = 0.8
   gray_prob: float = 0.2
   sigma: tuple[float, float] = (0.1, 2.0)  # blur std in pixels
+  # Round to uint8 where PIL does and the default float pipeline does not
+  # (SPEC 5.4 accepts either): between and after the two resize passes,
+  # after hue and grayscale.
+  uint8_rounding: bool = False
 
 
 def crop_specs(
@@ -63,7 +68,13 @@ def crop_specs(
   """(global specs, local specs) from the ``crops`` config group."""
   # Configs saved before blur_sigma existed use the official range.
   sigma = tuple(crops.get('blur_sigma', CropSpec.sigma))
-  g = dict(size=crops.global_size, scale=tuple(crops.global_scale), sigma=sigma)
+  uint8_rounding = bool(crops.get('uint8_rounding', False))
+  g = dict(
+    size=crops.global_size,
+    scale=tuple(crops.global_scale),
+    sigma=sigma,
+    uint8_rounding=uint8_rounding,
+  )
   globals_ = [
     CropSpec(**g, blur_prob=1.0, solarize_prob=0.0),
     CropSpec(**g, blur_prob=0.1, solarize_prob=0.2),
@@ -74,6 +85,7 @@ def crop_specs(
     blur_prob=0.5,
     solarize_prob=0.0,
     sigma=sigma,
+    uint8_rounding=uint8_rounding,
   )
   return globals_, [local] * crops.local_number
 
@@ -184,23 +196,34 @@ def resample_matrix(
 
 
 def resized_crop(
-  image: jax.Array, box: jax.Array, size: int, kernel: str = 'bicubic'
+  image: jax.Array,
+  box: jax.Array,
+  size: int,
+  kernel: str = 'bicubic',
+  two_pass: bool = False,
 ) -> jax.Array:
   """Crop ``box`` of ``image`` [C, C, 3] and resize to [size, size, 3].
 
   ``kernel``: 'bicubic' (DINO crops) or 'bilinear' (linear-probe crops).
+  ``two_pass``: as PIL, a horizontal pass, clipped and rounded to uint8,
+  then a vertical one, clipped and rounded (bicubic overshoot at sharp edges
+  is clipped in between); else one float pass, clipped.
   """
   canvas = image.shape[0]
   wy = resample_matrix(box[0], box[2], size, canvas, kernel)
   wx = resample_matrix(box[1], box[3], size, canvas, kernel)
-  out = jnp.einsum(
-    'oi,ijc,pj->opc',
-    wy,
-    image.astype(jnp.float32),
-    wx,
-    precision=jax.lax.Precision.HIGHEST,
-  )
-  return jnp.clip(out, 0.0, 255.0)
+  hi = jax.lax.Precision.HIGHEST
+  x = image.astype(jnp.float32)
+  if not two_pass:
+    out = jnp.einsum('oi,ijc,pj->opc', wy, x, wx, precision=hi)
+    return jnp.clip(out, 0.0, 255.0)
+  x = _round_half_up(jnp.einsum('ijc,pj->ipc', x, wx, precision=hi))
+  return _round_half_up(jnp.einsum('oi,ipc->opc', wy, x, precision=hi))
+
+
+def _round_half_up(x: jax.Array) -> jax.Array:
+  """Clip to 0..255 and round half up, as PIL's uint8 resampling does."""
+  return jnp.floor(jnp.clip(x, 0.0, 255.0) + 0.5)
 
 
 def gray(x: jax.Array) -> jax.Array:
@@ -265,7 +288,12 @@ def _blend_op(x: jax.Array, op: jax.Array, factors: jax.Array) -> jax.Array:
   return _blend(degenerate, x, factors[op])
 
 
-def color_jitter(x: jax.Array, order: jax.Array, factors: jax.Array):
+def color_jitter(
+  x: jax.Array,
+  order: jax.Array,
+  factors: jax.Array,
+  uint8_rounding: bool = False,
+):
   """torchvision ``ColorJitter`` with fixed choices: the four ops in ``order``.
 
   Hue, the one op that is not a blend, is computed once: the blends ordered
@@ -276,6 +304,7 @@ def color_jitter(x: jax.Array, order: jax.Array, factors: jax.Array):
     order: int32 [4], a permutation of 0 brightness, 1 contrast,
       2 saturation, 3 hue.
     factors: float32 [4] (b, c, s, h).
+    uint8_rounding: round the hue output to uint8 (see ``CropSpec``).
 
   Returns:
     float32 [H, W, 3].
@@ -287,6 +316,8 @@ def color_jitter(x: jax.Array, order: jax.Array, factors: jax.Array):
   for m in range(3):
     x = jnp.where(m < hue_at, _blend_op(x, blends[m], factors), x)
   x = adjust_hue(x, factors[3])
+  if uint8_rounding:
+    x = jnp.round(x)
   for m in range(3):
     x = jnp.where(m >= hue_at, _blend_op(x, blends[m], factors), x)
   return x
@@ -432,7 +463,10 @@ def sample_params(
 
 
 def apply_params(
-  image: jax.Array, params: dict[str, jax.Array], size: int
+  image: jax.Array,
+  params: dict[str, jax.Array],
+  size: int,
+  uint8_rounding: bool = False,
 ) -> jax.Array:
   """The DINO crop pipeline with fixed random choices.
 
@@ -440,15 +474,19 @@ def apply_params(
     image: uint8 [C, C, 3] canvas, the image top-left.
     params: from ``sample_params``.
     size: output size.
+    uint8_rounding: see ``CropSpec``.
 
   Returns:
     float32 [size, size, 3], normalized.
   """
-  x = resized_crop(image, params['box'], size)
+  x = resized_crop(image, params['box'], size, two_pass=uint8_rounding)
   x = jnp.where(params['flip'], x[:, ::-1], x)
-  jittered = color_jitter(x, params['order'], params['factors'])
+  jittered = color_jitter(x, params['order'], params['factors'], uint8_rounding)
   x = jnp.where(params['jitter'], jittered, x)
-  x = jnp.where(params['gray'], jnp.broadcast_to(gray(x), x.shape), x)
+  grayed = gray(x)
+  if uint8_rounding:
+    grayed = jnp.round(grayed)
+  x = jnp.where(params['gray'], jnp.broadcast_to(grayed, x.shape), x)
   x = jnp.where(params['blur'], gaussian_blur(x, params['sigma']), x)
   x = jnp.where(params['solarize'], solarize(x), x)
   return normalize(x)
@@ -465,7 +503,9 @@ def augment_crop(
     size_hw: int32 [2] true (height, width).
     spec: the crop type.
   """
-  return apply_params(image, sample_params(key, size_hw, spec), spec.size)
+  return apply_params(
+    image, sample_params(key, size_hw, spec), spec.size, spec.uint8_rounding
+  )
 
 
 def _crops(keys, images, sizes, specs):
