@@ -446,7 +446,10 @@ class SignalTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 0, text[-3000:])
     saved = checkpoints(workdir)
     self.assertLen(saved, 1)
-    self.assertBetween(saved[0], 17, 24)
+    # Before the fix: step 32 (the loop blocks on the log step's metrics).
+    # Now the step the device reached, a few after 16; 28 would take a device
+    # running the 13 GFLOP step in 80 ms.
+    self.assertBetween(saved[0], 17, 28)
     self.assertIn(f'SIGTERM: saved step {saved[0]} in {workdir}', text)
     self.assertIn(
       'SIGTERM: saving at the next step boundary, then exiting\n', text
