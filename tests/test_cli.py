@@ -396,9 +396,9 @@ class SignalTest(absltest.TestCase):
     workdir = self.create_tempdir().full_path
     proc = start(
       workdir,
-      # Far more steps than run before the signal: it cannot land after
-      # the last step (the workers fill their buffers during the compile).
-      '--config.epochs=100',
+      # 16 steps (the reference's schedule, so its executable is reused):
+      # the workers buffer a few batches during the compile, then deliver
+      # about one a second; the signal cannot land after the last step.
       '--config.checkpoint_every_steps=1000',
       '--config.data.num_workers=2',
       # The loop spends most of its time waiting for the workers.
