@@ -11,7 +11,9 @@ import json
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+os.environ['XLA_FLAGS'] = (  # the suite's flags, then 2 devices a process
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
+)
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # noqa: E402

@@ -22,7 +22,10 @@ TINY = os.path.join(ROOT, 'tests', 'tiny_config.py')
 
 def env(devices: int = 1):
   e = dict(os.environ)
-  e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  # The suite's XLA flags (conftest), then this run's device count.
+  e['XLA_FLAGS'] = (
+    f'{e.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
+  )
   e['JAX_PLATFORMS'] = 'cpu'
   e['PYTHONPATH'] = ROOT + os.pathsep + e.get('PYTHONPATH', '')
   # Half the compile time of the tiny model (flax's imagenet test does the

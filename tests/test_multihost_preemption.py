@@ -15,8 +15,10 @@ ROOT = os.path.dirname(HERE)
 
 
 def _main_processes(workdir, port, *overrides):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (  # the suite's flags, then 1 device per process
+    f'{env.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=1'
+  )
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'true'  # compiles 2x faster
   return [
