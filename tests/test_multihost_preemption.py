@@ -9,18 +9,14 @@ import time
 
 import portpicker
 import pytest
+from test_cli import env as cli_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 def _main_processes(workdir, port, *overrides):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (  # the suite's flags, then 1 device per process
-    f'{env.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=1'
-  )
-  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'true'  # compiles 2x faster
+  env = cli_env(devices=1)  # one CPU device per process
   return [
     subprocess.Popen(
       [
