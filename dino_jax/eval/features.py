@@ -106,6 +106,17 @@ def eval_dataset(
   return pipeline.prefetch(ds, num_workers), n_batches
 
 
+def _private(batch: dict) -> dict:
+  """``batch`` copied out of grain's shared memory into this process's.
+
+  A worker's batch arrives in shared memory segments, unlinked when the
+  last array using them is deleted. Kept (as the label rows are, until the
+  end) or deleted late, they outlive the deletion thread at exit and are
+  reported leaked; copied, each batch's segments go at the next batch.
+  """
+  return {k: np.array(v) for k, v in batch.items()}
+
+
 def _pad(batch: dict, size: int) -> dict:
   n = len(batch['label'])
   if n == size:
@@ -212,7 +223,7 @@ def extract(
   }
   try:
     for i in range(n_batches):
-      batch = _pad(next(it, empty), local_batch)
+      batch = _pad(_private(next(it, empty)), local_batch)
       images = jax.make_array_from_process_local_data(sharding, batch['image'])
       out = run(images)
       out = multihost_utils.process_allgather(out) if count > 1 else out
