@@ -247,31 +247,40 @@ class EndToEndTest(absltest.TestCase):
     self.assertIn('k-NN trained', result.stdout)
 
   def test_sigkill_resume_is_exact(self):
+    """SIGKILL to the whole group (a scheduler's last word), data workers
+    too: the run resumes bit-identically and leaves no shared memory."""
     self.assertEqual(self.result.returncode, 0, self.result.stderr[-3000:])
     expected = {r['step']: r['loss'] for r in read_metrics(self.reference)}
     self.assertLen(expected, 8)
 
+    def segments():
+      return {n for n in os.listdir('/dev/shm') if n.startswith('psm_')}
+
+    before = segments()
     workdir = self.create_tempdir().full_path
-    proc = subprocess.Popen(
-      command(
-        workdir,
-        '--config.total_steps=8',
-        '--config.eval.knn=False',
-        '--config.eval.attention_images=0',
-      ),
-      env=env(),
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
+    proc = start(
+      workdir,
+      '--config.total_steps=8',
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
+      '--config.data.num_workers=2',
       stderr=subprocess.DEVNULL,
     )
-    path = os.path.join(workdir, 'metrics.jsonl')
-    deadline = time.time() + 300
-    while time.time() < deadline:
-      if os.path.exists(path) and len(read_metrics(workdir)) >= 5:
-        break
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    wait_for(
+      lambda: (
+        os.path.exists(metrics_path(workdir))
+        and len(read_metrics(workdir)) >= 5
+      )
+    )
+    batches = segments() - before  # the workers' batches in shared memory
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_for(lambda: group_exited(proc.pid), timeout=30)
+    self.assertNotEmpty(batches)
+    deadline = time.time() + 20  # the tracker outlives the group, frees them
+    while segments() & batches and time.time() < deadline:
+      time.sleep(0.1)
+    self.assertEmpty(segments() & batches)
     self.assertTrue(checkpoints(workdir))
     resumed_from = max(checkpoints(workdir))
     self.assertLess(resumed_from, 8)

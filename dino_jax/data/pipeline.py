@@ -15,9 +15,10 @@ import io
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
-from multiprocessing import resource_tracker
+from multiprocessing import resource_tracker, spawn, util
 
 import grain
 import jax
@@ -179,6 +180,50 @@ def _exit_with(parent: int, poll_seconds: float = 0.5) -> None:
   os._exit(1)
 
 
+def start_resource_tracker() -> None:
+  """Starts this process's resource tracker in a session of its own.
+
+  The tracker (CPython's ``multiprocessing.resource_tracker``) unlinks the
+  shared memory that grain's workers hand batches over in, when every
+  process of the program is gone. Started as CPython starts it, it is in
+  the program's process group, so a scheduler's SIGKILL to the group kills
+  it too and the segments stay in /dev/shm (RAM) until the machine reboots.
+  In its own session it outlives the group, sees the program gone, and
+  frees them. It ignores SIGTERM and SIGINT itself, as CPython's does; its
+  warnings go to this process's stderr.
+  """
+  tracker = resource_tracker._resource_tracker  # no public API for this
+  if getattr(tracker, '_fd', 0) is not None or not hasattr(tracker, '_pid'):
+    resource_tracker.ensure_running()  # running, or another CPython
+    return
+  with tracker._lock:
+    if tracker._fd is not None:
+      return
+    read, write = os.pipe()
+    try:
+      command = 'from multiprocessing.resource_tracker import main; main(%d)'
+      subprocess.Popen(
+        [
+          spawn.get_executable(),
+          *util._args_from_interpreter_flags(),
+          '-c',
+          command % read,
+        ],
+        pass_fds=(read,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=None,  # this process's fd 2
+        start_new_session=True,
+        close_fds=True,
+      )
+      tracker._fd, tracker._pid = write, None  # not ours to wait for
+    except BaseException:
+      os.close(write)
+      raise
+    finally:
+      os.close(read)
+
+
 @contextlib.contextmanager
 def _signals_held():
   """Holds SIGTERM/SIGINT in this thread, and in what it starts meanwhile.
@@ -212,7 +257,7 @@ class _StartHeld(grain.IterDataset):
   def __iter__(self):
     # CPython's resource tracker unblocks both signals in the thread that
     # starts it (bpo-33613): started here, it is not one of grain's threads.
-    resource_tracker.ensure_running()
+    start_resource_tracker()
     with _signals_held():
       return _StartHeldIterator(iter(self._parent), self._num_workers)
 
