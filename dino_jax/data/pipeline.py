@@ -255,8 +255,8 @@ class _StartHeld(grain.IterDataset):
     self._num_workers = num_workers
 
   def __iter__(self):
-    # CPython's resource tracker unblocks both signals in the thread that
-    # starts it (bpo-33613): started here, it is not one of grain's threads.
+    # The tracker first, from this thread (the workers register their
+    # batches' shared memory with it), then the workers, signals held.
     start_resource_tracker()
     with _signals_held():
       return _StartHeldIterator(iter(self._parent), self._num_workers)
