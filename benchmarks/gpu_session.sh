@@ -65,7 +65,8 @@ cat "$OUT/env.txt"
 sides=jax_aug,jax
 [ -n "$official" ] && sides=jax_aug,jax,torch
 if [ "$TINY" = 1 ]; then
-  shape=(--arch vit_tiny --batch 4 --steps 1 --global_size 32
+  batch=4
+  shape=(--arch vit_tiny --steps 1 --global_size 32
     --local_size 16 --locals 2 --canvas 40 --out_dim 256)
   demo=(--config.total_steps=6 --config.eval.max_train_images=2000
     --config.eval.max_test_images=500 --config.data.num_workers=2
@@ -73,7 +74,8 @@ if [ "$TINY" = 1 ]; then
   host=(--images 8 --batch 4 --seconds 1 --num_workers 0,2)
   t=(600 300 600 200)
 else
-  shape=(--arch vit_small --batch 128 --steps 10)
+  batch=128
+  shape=(--arch vit_small --steps 10)
   demo=()
   host=(--images 200 --seconds 5 --num_workers 0,8)
   t=(150 70 270 60)
@@ -83,10 +85,10 @@ repo=()
 [ -n "$official" ] && repo=(--official_repo "$official")
 
 step train_step "${t[0]}" $py benchmarks/train_step.py "${shape[@]}" \
+  --batch "$batch" \
   "${bf16[@]}" --sides "$sides" "${repo[@]}" --out "$OUT/train_step.jsonl"
-batch2=("${shape[@]}")
-batch2[3]=$((2 * ${shape[3]}))  # --batch value, doubled
-step batch256 "${t[1]}" $py benchmarks/train_step.py "${batch2[@]}" \
+step batch256 "${t[1]}" $py benchmarks/train_step.py "${shape[@]}" \
+  --batch $((2 * batch)) \
   "${bf16[@]}" --sides jax_aug,jax --out "$OUT/train_step.jsonl"
 step demo "${t[2]}" $py -m dino_jax.main --config=configs/fashion_mnist.py:gpu \
   --workdir="$OUT/demo" --config.data.path="$data" "${demo[@]}"
