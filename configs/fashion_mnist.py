@@ -11,7 +11,7 @@ Variants, ``--config=configs/fashion_mnist.py:NAME``:
   and with the official code (360 steps of 128 images on 28 px global
   crops, the Quickstart until 2026-11-30; it stays fixed when the demo is
   retuned, since parity is measured on it).
-- ``gpu``: the same recipe at batch 512 for 25 epochs, as measured on one
+- ``gpu``: the ``parity`` recipe at batch 512 for 25 epochs, as measured on one
   H200 (README), with 8 data workers.
 
 Data: /usr/share/datasets/fashion-mnist (Debian `dataset-fashion-mnist`).
