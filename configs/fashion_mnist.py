@@ -87,10 +87,10 @@ def get_config(variant: str = 'cpu'):
     # on smaller global crops fit more learning into 15 minutes on 2 cores.
     # Global crops of 16 px (4 x 4 patches; the position embedding is
     # interpolated, as for local crops) instead of 28: about 1.9x the images
-    # per second on 2 cores, and the k-NN at 28 px is higher at equal time. Batch 32
-    # (steps matter at equal images: batch 32 scored above 128 on every
-    # seed), lr 4e-3 per 256 (peak 5e-4). 5 x 560 = 2,800 steps, 89,600
-    # images (1.5 passes over the training set).
+    # per second on 2 cores, and the k-NN at 28 px is higher at equal time.
+    # Batch 32 (steps matter at equal images: batch 32 scored above 128 on
+    # every seed), lr 4e-3 per 256 (peak 5e-4). 5 x 560 = 2,800 steps,
+    # 89,600 images (1.5 passes over the training set).
     config.batch_size = 32
     config.steps_per_epoch = 560
     config.crops.global_size = 16
