@@ -18,7 +18,7 @@ import signal
 import subprocess
 import threading
 import time
-from multiprocessing import resource_tracker, spawn, util
+from multiprocessing import resource_tracker, shared_memory, spawn, util
 
 import grain
 import jax
@@ -166,6 +166,7 @@ def _init_worker(parent: int, worker_index: int, worker_count: int) -> None:
   output pipe: a thread ends it once its parent is gone.
   """
   del worker_index, worker_count
+  track_shared_memory_from_creation()
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.pthread_sigmask(signal.SIG_UNBLOCK, _SCHEDULER_SIGNALS)
@@ -178,6 +179,47 @@ def _exit_with(parent: int, poll_seconds: float = 0.5) -> None:
   while os.getppid() == parent:
     time.sleep(poll_seconds)
   os._exit(1)
+
+
+class _TrackedPosixShm:
+  """CPython's ``_posixshmem``, whose exclusive ``shm_open`` registers the
+  name with the resource tracker before the segment exists."""
+
+  def __init__(self, module):
+    self._module = module
+
+  def __getattr__(self, name):
+    return getattr(self._module, name)
+
+  def shm_open(self, path, flags, mode=0o777):
+    exclusive = os.O_CREAT | os.O_EXCL
+    if flags & exclusive != exclusive:
+      return self._module.shm_open(path, flags, mode=mode)
+    resource_tracker.register(path, 'shared_memory')
+    try:
+      return self._module.shm_open(path, flags, mode=mode)
+    except FileExistsError:  # another's name: not ours to free
+      resource_tracker.unregister(path, 'shared_memory')
+      raise
+
+
+def track_shared_memory_from_creation() -> None:
+  """Shared memory this process creates is tracked from its first instant.
+
+  ``SharedMemory(create=True)`` (grain's workers hand each batch over in
+  one) creates the segment, sizes it, maps it and only then registers it
+  with the resource tracker. A worker killed in between (a scheduler's
+  SIGKILL to the group; on a busy machine the worker can lose the CPU in
+  that gap) leaves a segment that nothing frees: CI saw it twice, once
+  sized and once empty. Registered before it exists, it is freed by the
+  tracker whenever the process dies (a process killed between the two
+  costs the tracker one warning line). No public API: CPython looks
+  ``_posixshmem`` up at call time, so the module's global is replaced.
+  """
+  if shared_memory._USE_POSIX and not isinstance(
+    shared_memory._posixshmem, _TrackedPosixShm
+  ):
+    shared_memory._posixshmem = _TrackedPosixShm(shared_memory._posixshmem)
 
 
 def start_resource_tracker() -> None:
@@ -258,6 +300,7 @@ class _StartHeld(grain.IterDataset):
     # The tracker first, from this thread (the workers register their
     # batches' shared memory with it), then the workers, signals held.
     start_resource_tracker()
+    track_shared_memory_from_creation()
     with _signals_held():
       return _StartHeldIterator(iter(self._parent), self._num_workers)
 
