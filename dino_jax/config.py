@@ -117,6 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.baselines = False  # also score random init and raw pixels
   c.eval.attention_images = 0  # test images to draw attention maps for
   c.eval.attention_threshold = 0.6  # mask keeps this much attention mass
+  c.eval.attention_size = 0  # attention maps' image side; 0: as the k-NN's
 
   c.linear = ml_collections.ConfigDict()  # linear probe (SPEC §7.2)
   c.linear.epochs = 100

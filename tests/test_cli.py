@@ -182,6 +182,7 @@ class EndToEndTest(absltest.TestCase):
       '--config.total_steps=8',
       '--config.eval_every_steps=4',
       '--config.eval.baselines=True',
+      '--config.eval.attention_size=24',  # k-NN at 32 px
     )
 
   @classmethod
@@ -244,6 +245,9 @@ class EndToEndTest(absltest.TestCase):
     self.assertTrue(os.listdir(os.path.join(workdir, 'tensorboard')))
     attention = os.listdir(os.path.join(workdir, 'eval', 'attention'))
     self.assertIn('test0-overview.png', attention)
+    head = os.path.join(workdir, 'eval', 'attention', 'test0-head0.png')
+    with Image.open(head) as image:
+      self.assertEqual(image.size, (24, 24))  # eval.attention_size
     self.assertIn('k-NN trained', result.stdout)
 
   def test_sigkill_resume_is_exact(self):

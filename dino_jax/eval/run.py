@@ -63,7 +63,11 @@ def after_training(
     out['knn'] = results
   if final and e.attention_images > 0 and jax.process_index() == 0:
     source = sources.make_source(config.data, e.test_split)
-    transform = features.EvalTransform(e.resize_size, e.crop_size)
+    size = e.attention_size  # shorter side resized to it, centre crop
+    if size:
+      transform = features.EvalTransform(size, size)
+    else:
+      transform = features.EvalTransform(e.resize_size, e.crop_size)
     paths = []
     for i in range(min(e.attention_images, len(source))):
       image = transform.map(source[i])['image']
