@@ -80,7 +80,7 @@ def draw(curves: dict, out: str, k: int, title: str) -> None:
       top.plot(steps, values, marker='o', **style)
   top.set_ylabel(f'k-NN top-1 (%), k = {k}')
   top.grid(alpha=0.3)
-  top.legend(loc='center right')
+  top.legend(loc='best')  # the fewest points covered
   top.set_title(title)
   if curves['loss']:
     bottom.plot(*zip(*curves['loss'], strict=True), label='loss')
