@@ -339,6 +339,7 @@ class WorkerInitTest(absltest.TestCase):
     proc = subprocess.Popen(
       [sys.executable, '-c', worker],
       stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,  # the tracker's 'leaked' warning
       text=True,
       start_new_session=True,
     )
