@@ -6,13 +6,14 @@
 Variants, ``--config=configs/fashion_mnist.py:NAME``:
 
 - ``cpu`` (the default): the Quickstart, 2,800 steps of 32 images on 16 px
-  global crops, under 15 minutes on a 2-core CPU, evaluation included.
+  global crops, k-NN at 16 px, under 15 minutes on a 2-core CPU,
+  evaluation included.
 - ``parity``: the recipe ``benchmarks/convergence.py`` trains with dino_jax
   and with the official code (360 steps of 128 images on 28 px global
   crops, the Quickstart until 2026-11-30; it stays fixed when the demo is
   retuned, since parity is measured on it).
-- ``gpu``: the ``parity`` recipe at batch 512 for 25 epochs, as measured on one
-  H200 (README), with 8 data workers.
+- ``gpu``: the ``parity`` recipe at batch 512 for 25 epochs, as measured on
+  one H200 (README), with 8 data workers.
 
 Data: /usr/share/datasets/fashion-mnist (Debian `dataset-fashion-mnist`).
 At the end: weighted k-NN on the test set (training set as memory) for the
