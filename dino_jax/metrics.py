@@ -32,15 +32,36 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     if os.path.exists(self.path):
       # Rows past the restored step came from a run that died before its
-      # next checkpoint; they are recomputed, so drop them.
-      with open(self.path) as f:
-        rows = [line for line in f if line.strip()]
-      keep = [r for r in rows if json.loads(r).get('step', 0) <= resume_step]
-      with open(self.path, 'w') as f:
-        f.writelines(keep)
+      # next checkpoint; they are recomputed, so drop them. So are lines
+      # that do not parse (a run killed, or a disk filled, mid-line), or the
+      # next row would be appended to a broken one. Atomic: a run killed
+      # meanwhile leaves the old file whole.
+      rows, bad = read_rows(self.path)
+      if bad:
+        logger.warning(
+          'dropped %d unreadable line(s) of %s (line %s)',
+          len(bad),
+          self.path,
+          ', '.join(map(str, bad[:5])) + (', ...' if len(bad) > 5 else ''),
+        )
+      keep = [r for r in rows if r.get('step', 0) <= resume_step]
+      partial = f'{self.path}.{os.getpid()}.tmp'
+      with open(partial, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in keep)
+      os.replace(partial, self.path)
     from tensorboardX import SummaryWriter  # light, but only on process 0
 
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def has_evaluation(self, step: int) -> bool:
+    """Whether ``metrics.jsonl`` holds k-NN columns for ``step``."""
+    if not os.path.exists(self.path):
+      return False
+    rows, _ = read_rows(self.path)
+    return any(
+      r.get('step') == step and any(k.startswith('knn_') for k in r)
+      for r in rows
+    )
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active or not scalars:
@@ -55,6 +76,26 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def read_rows(path: str) -> tuple[list[dict], list[int]]:
+  """The rows of a ``metrics.jsonl``, and the numbers of lines that do not
+  parse as a JSON object with a ``step``."""
+  rows, bad = [], []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError:
+        bad.append(number)
+        continue
+      if isinstance(row, dict) and 'step' in row:
+        rows.append(row)
+      else:
+        bad.append(number)
+  return rows, bad
 
 
 def _plain(value):

@@ -9,11 +9,12 @@ and raw pixels, with ``eval.baselines``) are drawn as horizontal lines.
 Needs matplotlib (``pip install -e '.[plot]'``).
 """
 
-import json
 import os
 import sys
 
 from absl import app, flags
+
+from dino_jax import metrics as metrics_lib
 
 _LABELS = {
   'trained': 'trained (teacher)',
@@ -37,19 +38,16 @@ def read_curves(workdir: str, k: int) -> dict:
     raise PlotError(f'{path} does not exist; pass --workdir of a training run')
   knn, loss, entropy = {}, {}, {}
   suffix = f'_k{k}'
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      row = json.loads(line)
-      step = row['step']
-      for name, value in row.items():
-        if name.startswith('knn_') and name.endswith(suffix):
-          knn.setdefault(name[4 : -len(suffix)], {})[step] = value
-      if 'loss' in row:
-        loss[step] = row['loss']
-      if 'teacher_entropy' in row:
-        entropy[step] = row['teacher_entropy']
+  rows, _ = metrics_lib.read_rows(path)  # a broken line is skipped
+  for row in rows:
+    step = row['step']
+    for name, value in row.items():
+      if name.startswith('knn_') and name.endswith(suffix):
+        knn.setdefault(name[4 : -len(suffix)], {})[step] = value
+    if 'loss' in row:
+      loss[step] = row['loss']
+    if 'teacher_entropy' in row:
+      entropy[step] = row['teacher_entropy']
   if not knn:
     raise PlotError(
       f'{path} has no k-NN top-1 at k={k}; train with '

@@ -266,6 +266,15 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
     return values
 
   with Preemption(jax.process_count() > 1) as preemption:
+    if _evaluation_missing(config, writer, start, total_steps):
+      # A signal stopped this step's evaluation after the step was saved:
+      # evaluate it now, or its point of the learning curve is lost.
+      logger.info('step %d was saved before its evaluation: evaluating', start)
+      results = _evaluate_unless_stopped(
+        preemption, config, workdir, mesh, state, start, final=False
+      )
+      if results is not None:  # else stopped: the top of the loop exits
+        writer.write(start, _knn_scalars(results))
     while True:
       if preemption.stop_at(step):
         if last_saved != step and metrics is not None:
@@ -361,6 +370,22 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
     finally:
       writer.close()
   return {**scalars, **results}
+
+
+def _evaluation_missing(config, writer, step: int, total_steps: int) -> bool:
+  """Whether ``step``, restored, is an ``eval_every_steps`` step whose k-NN
+  is not in ``metrics.jsonl`` (the same answer on every process)."""
+  every = config.eval_every_steps
+  if not (config.eval.knn and every > 0 and 0 < step < total_steps):
+    return False
+  if step % every:
+    return False
+  missing = not writer.has_evaluation(step) if writer.active else False
+  if jax.process_count() > 1:  # process 0 holds metrics.jsonl
+    from jax.experimental import multihost_utils
+
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
 
 
 def _evaluate_unless_stopped(preemption, *args, **kwargs) -> dict | None:

@@ -291,6 +291,8 @@ class EndToEndTest(absltest.TestCase):
     self.assertTrue(checkpoints(workdir))
     resumed_from = max(checkpoints(workdir))
     self.assertLess(resumed_from, 8)
+    with open(metrics_path(workdir), 'a') as f:
+      f.write('{"step": 7, "lo')  # as if the kill came mid-line
     result = run(
       workdir,
       '--config.total_steps=8',
@@ -511,6 +513,9 @@ class SignalTest(absltest.TestCase):
     self.assertEqual(checkpoints(workdir), [8])
     text = stop_in_evaluation(16)
     self.assertIn('resuming from step 8', text)
+    # The evaluation the signal stopped is done first: no point of the
+    # learning curve is lost (before: none for step 8).
+    self.assertIn('step 8 was saved before its evaluation: evaluating', text)
     self.assertIn(
       f'SIGTERM: stopped the evaluation, exiting; step 16 is saved in '
       f'{workdir}; rerun the same command to evaluate',
@@ -523,9 +528,9 @@ class SignalTest(absltest.TestCase):
     self.assertIn('k-NN trained (step 16)', result.stdout + result.stderr)
     steps = [r['step'] for r in read_metrics(workdir)]
     self.assertEqual(steps, list(range(1, 17)))  # each step once
-    self.assertEqual(
-      [r['step'] for r in read_metrics(workdir, evaluations=True)], [16]
-    )
+    evaluations = read_metrics(workdir, evaluations=True)
+    self.assertEqual([r['step'] for r in evaluations], [8, 16])
+    self.assertIn('knn_trained_k2', evaluations[0])
 
   def test_nonfinite_stops_without_saving(self):
     workdir = self.create_tempdir().full_path
@@ -637,3 +642,28 @@ def test_health_guard_names_the_bad_state():
     metrics.check_health(3, {**ok, 'state_finite': 0.0}, 64, 2)
   with pytest.raises(metrics.NonFiniteLossError, match='loss is inf: not'):
     metrics.check_health(3, {**ok, 'loss': float('inf')}, 64, None)
+
+
+def test_metrics_writer_drops_a_broken_line(tmp_path):
+  # A run killed (or a full disk) mid-line leaves a partial last row; the
+  # resumed run must neither crash on it nor append its next row to it.
+  from dino_jax import metrics
+
+  path = tmp_path / 'metrics.jsonl'
+  rows = [{'step': s, 'loss': 5.0 - s} for s in (1, 2, 3)]
+  path.write_text(
+    ''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 4, "lo'
+  )
+  writer = metrics.MetricWriter(str(tmp_path), resume_step=2)
+  assert writer.has_evaluation(2) is False
+  writer.write(3, {'loss': 1.5})
+  writer.write(3, {'knn_trained_k20': 60.0})
+  writer.close()
+  lines = path.read_text().splitlines()
+  assert [json.loads(line) for line in lines] == [
+    rows[0],
+    rows[1],
+    {'step': 3, 'loss': 1.5},
+    {'step': 3, 'knn_trained_k20': 60.0},
+  ]
+  assert writer.has_evaluation(3) and not writer.has_evaluation(2)

@@ -41,3 +41,11 @@ def test_no_knn_rows_is_one_clear_error(tmp_path):
     plot.read_curves(str(tmp_path), 20)
   with pytest.raises(plot.PlotError, match='does not exist'):
     plot.read_curves(str(tmp_path / 'missing'), 20)
+
+
+def test_a_broken_line_is_skipped(tmp_path):
+  _write(tmp_path, [{'step': 10, 'knn_trained_k20': 50.0}])
+  with open(os.path.join(tmp_path, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 20, "knn_trai')  # a run killed mid-line
+  curves = plot.read_curves(str(tmp_path), 20)
+  assert curves['knn'] == {'trained': [(10, 50.0)]}
