@@ -3,6 +3,7 @@
 The same command on a laptop CPU, one GPU, or every host of a TPU pod.
 """
 
+import gc
 import logging
 import sys
 
@@ -101,6 +102,7 @@ def main(argv):
     jax.local_device_count(),
     jax.local_devices(),
   )
+  result = None
   try:
     result = train.train_and_evaluate(config, flags.FLAGS.workdir)
   except (
@@ -115,6 +117,13 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C, or one before training
+    pass  # below, once the traceback's frames are gone
+  # Batches of the data workers still referenced from reference cycles (a
+  # traceback's frames, the pipeline's threads) free their shared memory
+  # when collected: now, not left to the resource tracker at exit (which
+  # frees them too, with a warning about leaked objects).
+  gc.collect()
+  if result is None:
     print('interrupted', file=sys.stderr)
     sys.exit(130)
   if result.get('stopped_by') == 'SIGINT':

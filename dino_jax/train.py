@@ -46,6 +46,7 @@ class Preemption:
   def __init__(self, multiprocess: bool = False):
     self.multiprocess = multiprocess
     self.signal_name = None
+    self.aborted = False
     self._interruptible = False
     self._previous = {}
 
@@ -65,7 +66,10 @@ class Preemption:
     name = signal.Signals(signum).name
     if self.signal_name is not None:
       if signum == signal.SIGINT:
-        raise KeyboardInterrupt  # second Ctrl-C: stop now, no save
+        # Second Ctrl-C: stop now, no save. Also remembered, as Python
+        # swallows an exception raised where a finalizer or gc callback runs.
+        self.aborted = True
+        raise KeyboardInterrupt
       return
     self.signal_name = name
     logger.warning(
@@ -102,6 +106,8 @@ class Preemption:
 
   def stop_at(self, step: int) -> bool:
     """Whether to save ``step`` and stop; the same on every process."""
+    if self.aborted:
+      raise KeyboardInterrupt
     if self.multiprocess:
       from jax.experimental import multihost_utils
 
@@ -265,7 +271,10 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
       logger.warning('step %d: %s', step, warning)
     return values
 
-  with Preemption(jax.process_count() > 1) as preemption:
+  with (
+    Preemption(jax.process_count() > 1) as preemption,
+    _stop_workers_if_interrupted(writer, data_iter, lambda: metrics),
+  ):
     if _evaluation_missing(config, writer, start, total_steps):
       # A signal stopped this step's evaluation after the step was saved:
       # evaluate it now, or its point of the learning curve is lost.
@@ -421,6 +430,34 @@ def _knn_scalars(results: dict) -> dict[str, float]:
     for name, table in results.get('knn', {}).items()
     for k, row in table.items()
   }
+
+
+@contextlib.contextmanager
+def _stop_workers_if_interrupted(writer, data_iter, in_flight):
+  """A second Ctrl-C (KeyboardInterrupt): exit without saving, but leave
+  nothing behind. The data workers are stopped, and the last step
+  dispatched is waited for (on CPU a running step may hold its batch, which
+  can alias a worker's shared memory); otherwise the resource tracker frees
+  those blocks at exit, with a warning about leaked objects. A save in
+  flight is left unfinished (Orbax never restores its temporary
+  directory).
+
+  Args:
+    writer: the run's MetricWriter.
+    data_iter: the training batches.
+    in_flight: returns the metrics of the last step dispatched, or None.
+  """
+  try:
+    yield
+  except KeyboardInterrupt:
+    close = getattr(data_iter, 'close', None)
+    if close is not None:
+      close()
+    writer.close()
+    pending = in_flight()
+    if pending is not None:
+      jax.block_until_ready(pending)
+    raise
 
 
 def _close(ckpt, writer, data_iter) -> None:
