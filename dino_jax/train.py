@@ -170,6 +170,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
+  # Signals are handled from the start: during the restore, the data
+  # workers' start and the compiles a Ctrl-C or SIGTERM is recorded and the
+  # run stops at the top of the loop, before the first step. (Python's
+  # default KeyboardInterrupt could be raised inside a gc callback, which
+  # Python swallows: the run went on as if no Ctrl-C had come.)
+  with Preemption(jax.process_count() > 1) as preemption:
+    return _run(
+      preemption, config, workdir, source, steps_per_epoch, total_steps
+    )
+
+
+def _run(
+  preemption, config, workdir, source, steps_per_epoch, total_steps
+) -> dict:
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   logger.info(
     'mesh %s over %d devices, %d processes',
@@ -271,10 +285,7 @@ def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
       logger.warning('step %d: %s', step, warning)
     return values
 
-  with (
-    Preemption(jax.process_count() > 1) as preemption,
-    _stop_workers_if_interrupted(writer, data_iter, lambda: metrics),
-  ):
+  with _stop_workers_if_interrupted(writer, data_iter, lambda: metrics):
     if _evaluation_missing(config, writer, start, total_steps):
       # A signal stopped this step's evaluation after the step was saved:
       # evaluate it now, or its point of the learning curve is lost.

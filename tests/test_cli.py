@@ -478,6 +478,32 @@ class SignalTest(absltest.TestCase):
     )
     self.assertNotIn('Ctrl-C', text)  # a second SIGTERM does not stop it
 
+  def test_ctrl_c_at_startup_is_never_lost(self):
+    # A Ctrl-C while the run restores, starts its workers or compiles stops
+    # it before the first step. Before, Python's KeyboardInterrupt could be
+    # raised inside a gc callback, which swallows it: the run trained on.
+    workdir = self.create_tempdir().full_path
+    result = subprocess.run(
+      [
+        sys.executable,
+        os.path.join(ROOT, 'tests', 'gc_signal_main.py'),
+        *command(workdir)[3:],
+        '--config.data.num_workers=2',
+      ],
+      env=env(),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    self.assertEqual(result.returncode, 130, result.stderr[-3000:])
+    self.assertIn(
+      'SIGINT: no step done yet, nothing to save, exiting', result.stderr
+    )
+    self.assertNotIn('step 1/', result.stderr)
+    self.assertNotIn('Traceback', result.stderr)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints', '1')))
+
   def test_second_ctrl_c_exits_at_once_and_stops_the_workers(self):
     # Ctrl-C twice from a terminal (SIGINT to the group) while the device is
     # busy: exit 130 at once, no save, no traceback, the data workers stopped
