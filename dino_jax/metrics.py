@@ -44,11 +44,7 @@ class MetricWriter:
           self.path,
           ', '.join(map(str, bad[:5])) + (', ...' if len(bad) > 5 else ''),
         )
-      keep = [r for r in rows if r.get('step', 0) <= resume_step]
-      partial = f'{self.path}.{os.getpid()}.tmp'
-      with open(partial, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in keep)
-      os.replace(partial, self.path)
+      self._rewrite([r for r in rows if r['step'] <= resume_step])
     from tensorboardX import SummaryWriter  # light, but only on process 0
 
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -58,14 +54,27 @@ class MetricWriter:
     if not os.path.exists(self.path):
       return False
     rows, _ = read_rows(self.path)
-    return any(
-      r.get('step') == step and any(k.startswith('knn_') for k in r)
-      for r in rows
-    )
+    return any(r['step'] == step and _is_evaluation(r) for r in rows)
 
-  def write(self, step: int, scalars: dict[str, float]) -> None:
+  def _rewrite(self, rows: list[dict]) -> None:
+    """Replaces the file's rows; atomic (a kill leaves the old file)."""
+    partial = f'{self.path}.{os.getpid()}.tmp'
+    with open(partial, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in rows)
+    os.replace(partial, self.path)
+
+  def write(
+    self, step: int, scalars: dict[str, float], replace: bool = False
+  ) -> None:
+    """Appends a row; ``replace``: k-NN rows already at ``step`` go first
+    (a rerun of a finished run evaluates its last step again)."""
     if not self.active or not scalars:
       return
+    if replace and self.has_evaluation(step):
+      rows, _ = read_rows(self.path)
+      self._rewrite(
+        [r for r in rows if not (r['step'] == step and _is_evaluation(r))]
+      )
     row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(row) + '\n')
@@ -76,6 +85,10 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _is_evaluation(row: dict) -> bool:
+  return any(k.startswith('knn_') for k in row)
 
 
 def read_rows(path: str) -> tuple[list[dict], list[int]]:

@@ -386,7 +386,7 @@ def _run(
           workdir,
         )
         return {**scalars, 'stopped_by': preemption.signal_name}
-      writer.write(step, _knn_scalars(results))
+      writer.write(step, _knn_scalars(results), replace=True)
     finally:
       writer.close()
   return {**scalars, **results}

@@ -307,6 +307,29 @@ class EndToEndTest(absltest.TestCase):
     for row in rows:  # bit-identical on CPU, before and after the kill
       self.assertEqual(row['loss'], expected[row['step']], row['step'])
 
+  def test_rerun_of_a_finished_run_evaluates_it_once_more(self):
+    # The same command again on a finished run: no step, the last step
+    # evaluated again, its row replaced (before: a second row for step 8).
+    self.assertEqual(self.result.returncode, 0, self.result.stderr[-3000:])
+    workdir = os.path.join(self.create_tempdir().full_path, 'work')
+    shutil.copytree(self.reference, workdir)
+    result = run(
+      workdir,
+      '--config.total_steps=8',
+      '--config.eval_every_steps=4',
+      '--config.eval.baselines=True',
+      '--config.eval.attention_size=24',
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('resuming from step 8', result.stderr)
+    self.assertNotIn('step 8/8 ', result.stderr)  # nothing trained
+    self.assertEqual(read_metrics(workdir), read_metrics(self.reference))
+    evaluations = read_metrics(workdir, evaluations=True)
+    self.assertEqual([r['step'] for r in evaluations], [4, 8])
+    self.assertEqual(
+      evaluations, read_metrics(self.reference, evaluations=True)
+    )
+
   def test_refused_resume_keeps_config_json(self):
     self.assertEqual(self.result.returncode, 0, self.result.stderr[-3000:])
     workdir = os.path.join(self.create_tempdir().full_path, 'work')
