@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 
 import jax
 import ml_collections
@@ -41,6 +42,13 @@ class Preemption:
   (True at the same step on every process); Ctrl-C sends SIGTERM to its own
   process to take that path. A second Ctrl-C raises KeyboardInterrupt at
   once (no save).
+
+  Python swallows an exception raised where a finalizer, a weakref or a gc
+  callback runs, and a handler may run there: such a lost ``_StopWaiting``
+  or KeyboardInterrupt reaches ``sys.unraisablehook``, which here raises it
+  again 10 ms later from a SIGALRM handler (else a stalled pipeline or a
+  long evaluation would hold the save back, and a traceback would say
+  "Exception ignored").
   """
 
   def __init__(self, multiprocess: bool = False):
@@ -48,18 +56,59 @@ class Preemption:
     self.signal_name = None
     self.aborted = False
     self._interruptible = False
+    self._in_region = False
+    self._abort_lost = False
+    self._entered = False
     self._previous = {}
 
   def __enter__(self):
     signals = [signal.SIGINT] + ([] if self.multiprocess else [signal.SIGTERM])
     for signum in signals:
       self._previous[signum] = signal.signal(signum, self._handle)
+    if not self.multiprocess:
+      self._previous[signal.SIGALRM] = signal.signal(
+        signal.SIGALRM, self._raise_again
+      )
+      previous_hook = sys.unraisablehook
+
+      def hook(unraisable):
+        if self._entered and self._lost(unraisable.exc_value):
+          return
+        previous_hook(unraisable)
+
+      sys.unraisablehook = hook  # passes all on once the block has ended
+    self._entered = True
     return self
 
   def __exit__(self, *exc):
+    self._entered = False
+    if not self.multiprocess:
+      signal.setitimer(signal.ITIMER_REAL, 0)
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
+
+  def _lost(self, error) -> bool:
+    """Schedules a swallowed ``_StopWaiting`` or second-Ctrl-C interrupt
+    to be raised again; whether ``error`` was one."""
+    if isinstance(error, _StopWaiting):
+      if self._in_region:
+        self._interruptible = True
+    elif isinstance(error, KeyboardInterrupt) and self.aborted:
+      self._abort_lost = True
+    else:
+      return False
+    signal.setitimer(signal.ITIMER_REAL, 0.01)
+    return True
+
+  def _raise_again(self, signum, frame):
+    del signum, frame
+    if self._abort_lost:
+      self._abort_lost = False
+      raise KeyboardInterrupt
+    if self._interruptible:
+      self._interruptible = False
+      raise _StopWaiting
 
   def _handle(self, signum, frame):
     del frame
@@ -93,11 +142,11 @@ class Preemption:
     """
     if self.signal_name is not None and not self.multiprocess:
       raise _StopWaiting
-    self._interruptible = not self.multiprocess
+    self._interruptible = self._in_region = not self.multiprocess
     try:
       yield
     finally:
-      self._interruptible = False
+      self._interruptible = self._in_region = False
 
   def next_batch(self, data_iter):
     """``next(data_iter)``; a signal meanwhile raises ``_StopWaiting``."""

@@ -1,34 +1,37 @@
-"""``python -m dino_jax.main`` that gets a Ctrl-C inside a gc callback at
-startup, as the checkpoint restore begins.
+"""``python -m dino_jax.main`` that gets a signal inside a gc callback.
 
 Python swallows an exception raised in a gc callback ("Exception ignored
-in"), and its default SIGINT handler raises KeyboardInterrupt wherever the
-main thread is: a Ctrl-C that lands while a callback runs (JAX registers
-one, and tracing and compiling collect often) is lost. This makes that
-landing certain: the callback sends SIGINT to its own process and runs a
-loop, in which the Python-level handler runs.
+in"), and a signal's Python handler runs wherever the main thread is: a
+signal that lands while a callback runs (JAX registers one, and tracing and
+compiling collect often) can lose the exception its handler raises. This
+makes that landing certain: the callback sends the signal to its own
+process and runs a loop, in which the handler runs.
+
+GC_SIGNAL=startup: SIGINT as the checkpoint restore begins.
+GC_SIGNAL=wait: SIGTERM while the loop waits for batch 3, which the data
+  pipeline then delays by 120 s (a stalled pipeline).
 """
 
 import gc
 import os
 import signal
+import time
 
 import jax
 from absl import app
 
 from dino_jax import checkpoint, main
+from dino_jax.data import pipeline
 
-_restore_newest = checkpoint.Checkpointer.restore_newest
 
-
-def _restore_newest_after_ctrl_c(self, *args, **kwargs):
+def signal_in_gc_callback(signum):
   fired = []
 
   def callback(phase, info):
     del info
     if phase == 'start' and not fired:
       fired.append(True)
-      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signum)
       for _ in range(100_000):  # the signal's Python handler runs in here
         pass
 
@@ -37,10 +40,51 @@ def _restore_newest_after_ctrl_c(self, *args, **kwargs):
     gc.collect()
   finally:
     gc.callbacks.remove(callback)
+
+
+_restore_newest = checkpoint.Checkpointer.restore_newest
+
+
+def _restore_newest_after_ctrl_c(self, *args, **kwargs):
+  signal_in_gc_callback(signal.SIGINT)
   return _restore_newest(self, *args, **kwargs)
 
 
+class _StallingIterator:
+  def __init__(self, it):
+    self._it = it
+    self._calls = 0
+
+  def __next__(self):
+    self._calls += 1
+    if self._calls == 3:
+      signal_in_gc_callback(signal.SIGTERM)
+      time.sleep(120)
+    return next(self._it)
+
+  def close(self):
+    self._it.close()
+
+
+class _Stalling:
+  def __init__(self, ds):
+    self._ds = ds
+
+  def __iter__(self):
+    return _StallingIterator(iter(self._ds))
+
+
+_train_dataset = pipeline.train_dataset
+
+
+def _stalling_train_dataset(*args, **kwargs):
+  return _Stalling(_train_dataset(*args, **kwargs))
+
+
 if __name__ == '__main__':
-  checkpoint.Checkpointer.restore_newest = _restore_newest_after_ctrl_c
+  if os.environ.get('GC_SIGNAL', 'startup') == 'startup':
+    checkpoint.Checkpointer.restore_newest = _restore_newest_after_ctrl_c
+  else:
+    pipeline.train_dataset = _stalling_train_dataset
   jax.config.update('jax_threefry_partitionable', True)
   app.run(main.main, flags_parser=main.parse_flags)

@@ -527,6 +527,34 @@ class SignalTest(absltest.TestCase):
     self.assertNotIn('Traceback', result.stderr)
     self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints', '1')))
 
+  def test_sigterm_lost_in_a_gc_callback_still_stops_a_stalled_wait(self):
+    # SIGTERM while the loop waits for data, its handler running inside a
+    # gc callback, where Python swallows the exception that ends the wait;
+    # then the pipeline stalls for 120 s. The run must save within seconds
+    # anyway. Before: "Exception ignored in ... _StopWaiting", and the save
+    # waited out the stall.
+    workdir = self.create_tempdir().full_path
+    argv = [
+      sys.executable,
+      os.path.join(ROOT, 'tests', 'gc_signal_main.py'),
+      *command(workdir)[3:],
+      '--config.checkpoint_every_steps=1000',
+    ]
+    began = time.time()
+    result = subprocess.run(
+      argv,
+      env={**env(), 'GC_SIGNAL': 'wait'},
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertLess(time.time() - began, 90)  # the stall alone is 120 s
+    self.assertIn(f'SIGTERM: saved step 2 in {workdir}', result.stderr)
+    self.assertNotIn('Exception ignored', result.stderr)
+    self.assertEqual(checkpoints(workdir), [2])
+
   def test_second_ctrl_c_exits_at_once_and_stops_the_workers(self):
     # Ctrl-C twice from a terminal (SIGINT to the group) while the device is
     # busy: exit 130 at once, no save, no traceback, the data workers stopped
