@@ -3,8 +3,10 @@
 The same command on a laptop CPU, one GPU, or every host of a TPU pod.
 """
 
+import atexit
 import gc
 import logging
+import os
 import sys
 
 import jax
@@ -125,7 +127,15 @@ def main(argv):
   gc.collect()
   if result is None:
     print('interrupted', file=sys.stderr)
-    sys.exit(130)
+    # Exit without the interpreter's teardown, after the exit handlers
+    # (multiprocessing's among them: its semaphores): threads of XLA or
+    # Orbax that the interrupt left running crashed the teardown (SIGSEGV,
+    # seen after a second Ctrl-C during the first compile).
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
   if result.get('stopped_by') == 'SIGINT':
     sys.exit(130)  # the shell's convention for Ctrl-C (after the save)
 
