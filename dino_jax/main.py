@@ -4,7 +4,6 @@ The same command on a laptop CPU, one GPU, or every host of a TPU pod.
 """
 
 import atexit
-import gc
 import logging
 import os
 import sys
@@ -85,6 +84,7 @@ def main(argv):
     IncompatibleCheckpointError,
   )
   from dino_jax.config import ConfigError
+  from dino_jax.data import pipeline
   from dino_jax.data.sources import DataError
   from dino_jax.metrics import NonFiniteLossError
   from dino_jax.workdir import WorkdirError
@@ -120,11 +120,11 @@ def main(argv):
     sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C, or one before training
     pass  # below, once the traceback's frames are gone
-  # Batches of the data workers still referenced from reference cycles (a
-  # traceback's frames, the pipeline's threads) free their shared memory
-  # when collected: now, not left to the resource tracker at exit (which
-  # frees them too, with a warning about leaked objects).
-  gc.collect()
+  # The data workers' batches still in reference cycles (a traceback's
+  # frames, the pipeline's threads) or on grain's deletion thread: freed
+  # now, not left to the resource tracker at exit (which frees them too,
+  # with a warning about leaked objects).
+  pipeline.release_shared_memory()
   if result is None:
     print('interrupted', file=sys.stderr)
     # Exit without the interpreter's teardown, after the exit handlers

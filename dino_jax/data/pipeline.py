@@ -11,6 +11,7 @@ The augmentation runs on device (``multicrop``), so the host only decodes.
 
 import contextlib
 import functools
+import gc
 import io
 import logging
 import os
@@ -422,6 +423,27 @@ class SkippedFiles:
         )
       elif n & (n - 1) == 0:
         logger.warning('%d distinct undecodable images skipped so far', n)
+
+
+def release_shared_memory() -> None:
+  """Frees now the shared memory of grain batches no longer referenced.
+
+  A batch read from a data worker unlinks its shared memory when deleted,
+  but asynchronously, on grain's deletion thread, and batches held in a
+  reference cycle (grain's prefetch threads end in a StopIteration whose
+  traceback keeps their last batches alive; a traceback keeps the loop's
+  last batch) wait for the collector. Left to the exit, they are freed by
+  the resource tracker with a warning about leaked objects. Collected here,
+  and the deletion thread drained.
+  """
+  gc.collect()
+  from grain._src.python.ipc import shared_memory_array  # no public API
+
+  deleter = getattr(
+    shared_memory_array.SharedMemoryArray, '_del_thread_pool', None
+  )
+  if deleter is not None:
+    deleter.apply(lambda: None)  # one thread, in order: all before are done
 
 
 def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict:

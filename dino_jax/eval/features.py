@@ -4,7 +4,6 @@ Eval preprocessing (SPEC §7.1): resize the shorter side to ``resize_size``
 (bicubic), centre-crop ``crop_size``, ImageNet normalization.
 """
 
-import gc
 import logging
 from collections.abc import Callable
 
@@ -241,7 +240,7 @@ def extract(
     if close is not None:
       close()
       it = None  # with its buffers
-      _release_shared_memory()
+      pipeline.release_shared_memory()
   index_all = np.concatenate(indices)
   valid_all = np.concatenate(valid).astype(bool)
   real = index_all >= 0  # padding rows carry index -1
@@ -250,24 +249,6 @@ def extract(
   keep = keep[np.argsort(index_all[keep], kind='stable')]  # source order
   feats = np.concatenate(feats).reshape(len(index_all), -1)
   return feats[keep], np.concatenate(labels)[keep].astype(np.int32)
-
-
-def _release_shared_memory() -> None:
-  """Frees the shared memory of closed grain iterators' batches now.
-
-  grain's prefetch threads end in a StopIteration whose traceback keeps
-  their last batches alive in a reference cycle; left to the exit, their
-  shared memory is reported leaked (``resource_tracker``). Collected here,
-  and grain's deletion thread drained (it unlinks asynchronously).
-  """
-  gc.collect()
-  from grain._src.python.ipc import shared_memory_array  # no public API
-
-  deleter = getattr(
-    shared_memory_array.SharedMemoryArray, '_del_thread_pool', None
-  )
-  if deleter is not None:
-    deleter.apply(lambda: None)  # one thread, in order: all before are done
 
 
 def cls_feature_fn(model, params, dtype=jnp.float32):
