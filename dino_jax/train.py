@@ -59,6 +59,7 @@ class Preemption:
     self._in_region = False
     self._abort_lost = False
     self._entered = False
+    self._hooks = None
     self._previous = {}
 
   def __enter__(self):
@@ -76,6 +77,7 @@ class Preemption:
           return
         previous_hook(unraisable)
 
+      self._hooks = (hook, previous_hook)
       sys.unraisablehook = hook  # passes all on once the block has ended
     self._entered = True
     return self
@@ -84,6 +86,9 @@ class Preemption:
     self._entered = False
     if not self.multiprocess:
       signal.setitimer(signal.ITIMER_REAL, 0)
+      hook, previous_hook = self._hooks
+      if sys.unraisablehook is hook:  # else another hook wraps ours: keep
+        sys.unraisablehook = previous_hook
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
@@ -495,12 +500,11 @@ def _knn_scalars(results: dict) -> dict[str, float]:
 @contextlib.contextmanager
 def _stop_workers_if_interrupted(writer, data_iter, in_flight):
   """A second Ctrl-C (KeyboardInterrupt): exit without saving, but leave
-  nothing behind. The data workers are stopped, and the last step
-  dispatched is waited for (on CPU a running step may hold its batch, which
-  can alias a worker's shared memory); otherwise the resource tracker frees
-  those blocks at exit, with a warning about leaked objects. A save in
-  flight is left unfinished (Orbax never restores its temporary
-  directory).
+  nothing behind: the data workers are stopped (their buffered batches'
+  shared memory freed; else the resource tracker frees it at exit, with a
+  warning about leaked objects), and the last step dispatched, which holds
+  its input batch until it ends, is waited for. A save in flight is left
+  unfinished (Orbax never restores its temporary directory).
 
   Args:
     writer: the run's MetricWriter.
