@@ -66,18 +66,21 @@ class MetricWriter:
   def write(
     self, step: int, scalars: dict[str, float], replace: bool = False
   ) -> None:
-    """Appends a row; ``replace``: k-NN rows already at ``step`` go first
-    (a rerun of a finished run evaluates its last step again)."""
+    """Appends a row; ``replace``: k-NN rows already at ``step`` give way
+    to it, in one atomic rewrite (a rerun of a finished run evaluates its
+    last step again)."""
     if not self.active or not scalars:
       return
+    row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
     if replace and self.has_evaluation(step):
       rows, _ = read_rows(self.path)
       self._rewrite(
         [r for r in rows if not (r['step'] == step and _is_evaluation(r))]
+        + [row]
       )
-    row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    else:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
     for name, value in row.items():
       if name != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(f'train/{name}', value, step)
