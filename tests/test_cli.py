@@ -45,6 +45,15 @@ def command(workdir, *overrides, config=TINY):
   ]
 
 
+def helper_command(script, workdir, *overrides):
+  """``command`` run by a helper in tests/ that patches ``dino_jax.main``."""
+  return [
+    sys.executable,
+    os.path.join(ROOT, 'tests', script),
+    *command(workdir, *overrides)[3:],  # after python -m dino_jax.main
+  ]
+
+
 def run(workdir, *overrides, devices=1, config=TINY, timeout=600):
   return subprocess.run(
     command(workdir, *overrides, config=config),
@@ -340,16 +349,15 @@ class EndToEndTest(absltest.TestCase):
     # interpreter's teardown crashed (SIGSEGV).
     workdir = self.create_tempdir().full_path
     log = os.path.join(workdir, 'stderr.txt')
-    argv = [
-      sys.executable,
-      os.path.join(ROOT, 'tests', 'slow_step_main.py'),
-      *command(workdir)[3:],
+    argv = helper_command(
+      'slow_step_main.py',
+      workdir,
       '--config.epochs=3',
       '--config.checkpoint_every_steps=1000',
       '--config.data.num_workers=2',
       '--config.eval.knn=False',
       '--config.eval.attention_images=0',
-    ]
+    )
     with open(log, 'w') as stderr:
       proc = start_command(
         argv, stderr=stderr, environ={'SLOW_STEP_MATMULS': '400'}
@@ -509,16 +517,15 @@ class SignalTest(absltest.TestCase):
     # after the signal.
     workdir = self.create_tempdir().full_path
     log = os.path.join(workdir, 'stderr.txt')
-    argv = [
-      sys.executable,
-      os.path.join(ROOT, 'tests', 'slow_step_main.py'),
-      *command(workdir)[3:],  # after python -m dino_jax.main
+    argv = helper_command(
+      'slow_step_main.py',
+      workdir,
       '--config.epochs=6',  # 48 steps
       '--config.log_every_steps=16',
       '--config.checkpoint_every_steps=1000',
       '--config.eval.knn=False',
       '--config.eval.attention_images=0',
-    ]
+    )
     with open(log, 'w') as stderr:
       proc = start_command(
         argv, stderr=stderr, environ={'SLOW_STEP_MATMULS': '50'}
@@ -547,12 +554,11 @@ class SignalTest(absltest.TestCase):
     # raised inside a gc callback, which swallows it: the run trained on.
     workdir = self.create_tempdir().full_path
     result = subprocess.run(
-      [
-        sys.executable,
-        os.path.join(ROOT, 'tests', 'gc_signal_main.py'),
-        *command(workdir)[3:],
+      helper_command(
+        'gc_signal_main.py',
+        workdir,
         '--config.data.num_workers=2',
-      ],
+      ),
       env=env(),
       cwd=ROOT,
       capture_output=True,
@@ -574,12 +580,11 @@ class SignalTest(absltest.TestCase):
     # anyway. Before: "Exception ignored in ... _StopWaiting", and the save
     # waited out the stall.
     workdir = self.create_tempdir().full_path
-    argv = [
-      sys.executable,
-      os.path.join(ROOT, 'tests', 'gc_signal_main.py'),
-      *command(workdir)[3:],
+    argv = helper_command(
+      'gc_signal_main.py',
+      workdir,
       '--config.checkpoint_every_steps=1000',
-    ]
+    )
     began = time.time()
     result = subprocess.run(
       argv,
