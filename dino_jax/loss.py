@@ -90,9 +90,8 @@ def update_center(
   Returns:
     m_c * center + (1 - m_c) * mean(teacher_out), in the shape of ``center``.
   """
-  batch_center = jnp.mean(
-    teacher_out.astype(jnp.float32).reshape(-1, teacher_out.shape[-1]),
-    axis=0,
-  )
+  # A mean over both leading axes, not a reshape to [2 * B, K]: a merge with
+  # the split batch axis minor would gather every row onto every device.
+  batch_center = jnp.mean(teacher_out.astype(jnp.float32), axis=(0, 1))
   new = momentum * center + (1 - momentum) * batch_center.reshape(center.shape)
   return new.astype(center.dtype)

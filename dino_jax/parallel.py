@@ -12,33 +12,104 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ('data', 'fsdp')
 
 
+def slice_index(device: jax.Device) -> int:
+  """The TPU slice (ICI island) a device is in; 0 where there is one."""
+  return int(getattr(device, 'slice_index', 0) or 0)
+
+
 def make_mesh(
-  data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None
+  data: int = -1,
+  fsdp: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+  slice_of: Callable[[jax.Device], int] = slice_index,
 ) -> Mesh:
-  """A ('data', 'fsdp') mesh over ``devices`` (default: all devices).
+  """A ('data', 'fsdp') mesh over ``devices``, laid out on their topology.
+
+  Within a slice, ``mesh_utils.create_device_mesh`` places the axes on the
+  physical interconnect (TPU torus coordinates; other devices in order),
+  so fsdp's gathers run between neighbours. With several slices (multi-
+  slice TPU, ``slice_of`` >0 on some device) the slices are stacked along
+  'data': data parallelism crosses the slow data-centre network once per
+  step (the gradient reduction), fsdp stays inside a slice's ICI.
 
   Args:
     data: devices on the data axis; -1 takes what fsdp leaves.
-    fsdp: devices on the fsdp axis.
+    fsdp: devices on the fsdp axis (at most one slice's devices).
     devices: the devices; default ``jax.devices()``.
+    slice_of: a device's slice (default: its ``slice_index``).
+
+  Raises:
+    ValueError: the axes do not divide the devices or the slices.
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(
+      f'mesh.fsdp={fsdp} does not divide the {n} devices; use a divisor of {n}'
+    )
   if data == -1:
-    if n % fsdp:
-      raise ValueError(f'mesh.fsdp={fsdp} does not divide the {n} devices')
     data = n // fsdp
   if data * fsdp != n:
     raise ValueError(
-      f'mesh data={data} x fsdp={fsdp} = {data * fsdp} != {n} devices'
+      f'mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} != {n} devices;'
+      ' set mesh.data=-1 to take what fsdp leaves'
     )
-  return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+  groups: dict[int, list[jax.Device]] = {}
+  for device in devices:
+    groups.setdefault(slice_of(device), []).append(device)
+  n_slices = len(groups)
+  if data % n_slices:
+    raise ValueError(
+      f'mesh.data={data} is not a multiple of the {n_slices} slices '
+      f"(mesh.fsdp={fsdp} must divide one slice's {n // n_slices} devices)"
+    )
+  per_slice = [
+    _slice_mesh((data // n_slices, fsdp), groups[k]) for k in sorted(groups)
+  ]
+  return Mesh(
+    np.concatenate(per_slice, axis=0),
+    BATCH_AXES,
+    axis_types=(AxisType.Auto,) * len(BATCH_AXES),
+  )
+
+
+def _slice_mesh(shape: tuple[int, int], devices: list) -> np.ndarray:
+  """``devices`` (one slice) as an array of ``shape`` on their topology."""
+  try:
+    return mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # A shape the torus cannot take whole (e.g. fsdp=3): split its axes.
+    return mesh_utils.create_device_mesh(
+      shape, devices, allow_split_physical_axes=True
+    )
+
+
+def constrain_batch(x: jax.Array, batch_axis: int = 0) -> jax.Array:
+  """``x`` split over all devices along ``batch_axis``, inside a mesh context.
+
+  Activations of the batch stay where their rows are: without this GSPMD may
+  compute a layer whose weights are fsdp-split tensor-parallel, gathering
+  the activations of all the fsdp devices instead of the weights. A no-op
+  outside ``jax.sharding.use_abstract_mesh`` (``jit_train_step`` and the
+  evaluation functions trace inside one) or on a mesh without the batch axes.
+
+  Args:
+    x: an activation with the batch along ``batch_axis``.
+    batch_axis: the batch dimension.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(
+    x, P(*([None] * batch_axis), BATCH_AXES)
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -97,8 +168,13 @@ def jit_train_step(
     state_sh: state shardings (``state_sharding``).
     batch_shape: a batch (or its shapes), for the batch shardings.
   """
+
+  def step_in_mesh(state, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return train_step(state, batch)
+
   return jax.jit(
-    train_step,
+    step_in_mesh,
     in_shardings=(state_sh, tree_batch_sharding(mesh, batch_shape)),
     out_shardings=(state_sh, replicated(mesh)),
     donate_argnums=0,

@@ -20,7 +20,8 @@ import optax
 
 from dino_jax import config as config_lib
 from dino_jax import loss as loss_lib
-from dino_jax import optim, schedules
+from dino_jax import optim, parallel, schedules
+from dino_jax.data import multicrop
 from dino_jax.models import DINOHead, MultiCropModel, VisionTransformer
 
 Batch = dict[str, jax.Array]
@@ -88,16 +89,17 @@ class Schedules:
 
 
 def build_models(
-  config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict, backend: str | None = None
 ) -> tuple[MultiCropModel, MultiCropModel]:
   """(student, teacher); the teacher has no stochastic depth (SPEC §2.2).
 
-  ``model.dtype`` and ``model.attention`` 'auto' are resolved here, for the
-  default backend, by ``config.resolve_compute`` (docs/precision.md); the
-  resolved values are logged.
+  ``model.dtype`` and ``model.attention`` 'auto' are resolved here, for
+  ``backend`` ('cpu', 'gpu', 'tpu'; default: JAX's default backend), by
+  ``config.resolve_compute`` (docs/precision.md); the resolved values are
+  logged.
   """
   m = config.model
-  backend = jax.default_backend()
+  backend = backend or jax.default_backend()
   dtype_name, attention = config_lib.resolve_compute(m, backend)
   logging.info(
     'model compute: dtype %s, attention %s on %s (model.dtype=%r, '
@@ -279,7 +281,7 @@ def make_train_step(
       new_student, state.teacher, step_size=1.0 - momentum
     )
     center = loss_lib.update_center(state.center, teacher_out, center_momentum)
-    prototypes = jnp.argmax(teacher_out, axis=-1).reshape(-1)
+    prototypes = jnp.argmax(teacher_out, axis=-1)  # [2, B], B split
     metrics = {
       'loss': loss,
       # 1.0 while every updated student parameter is finite; the loop never
@@ -298,8 +300,11 @@ def make_train_step(
       'teacher_temp': teacher_temp,
       'grad_norm': optax.tree.norm(grads),
       'center_norm': jnp.linalg.norm(center),
+      # Prototypes that are some row's argmax. Counted by a scatter-add:
+      # each device adds its own rows, then one all-reduce of [K] (a scatter
+      # of set values gathered every row's index onto every device).
       'teacher_prototypes': jnp.sum(
-        jnp.zeros(teacher_out.shape[-1], jnp.int32).at[prototypes].set(1)
+        jnp.zeros(teacher_out.shape[-1], jnp.int32).at[prototypes].add(1) > 0
       ),
     }
     new_state = state.replace(
@@ -312,3 +317,84 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedStep:
+  """The train step as the training program compiles it.
+
+  Attributes:
+    jitted: ``(state, batch) -> (state, metrics)``, jitted over the mesh
+      with the state donated; the batch holds uint8 canvases and the
+      multi-crop augmentation runs inside.
+    init_fn: ``() -> TrainState``, a fresh state (the config's seed).
+    state_shape: the state's shapes (``jax.eval_shape(init_fn)``).
+    state_sharding: the state's shardings (``parallel.state_sharding``).
+    batch_shape: the global batch's shapes: ``image`` uint8 [B, C, C, 3],
+      ``size`` int32 [B, 2], ``label`` int32 [B].
+    student: the student model.
+    teacher: the teacher model.
+  """
+
+  jitted: Callable
+  init_fn: Callable[[], TrainState]
+  state_shape: Any
+  state_sharding: Any
+  batch_shape: dict[str, jax.ShapeDtypeStruct]
+  student: MultiCropModel
+  teacher: MultiCropModel
+
+
+def build_sharded_step(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  steps_per_epoch: int,
+  backend: str | None = None,
+) -> ShardedStep:
+  """Models, optimizer, state shardings and the jitted step for ``mesh``.
+
+  The one place the training program (``train.py``) and the ahead-of-time
+  compile (``aot.py``) build the step, so both compile the same program.
+
+  Args:
+    config: the run's config.
+    mesh: the device mesh (``parallel.make_mesh``).
+    steps_per_epoch: iterations per epoch (the schedules' unit).
+    backend: the platform the step is compiled for; resolves
+      ``model.dtype``/``model.attention`` 'auto' (default: JAX's).
+  """
+  sched = Schedules.from_config(config, steps_per_epoch)
+  student, teacher = build_models(config, backend)
+  tx = build_optimizer(config, sched)
+  train_step = make_train_step(
+    student,
+    teacher,
+    tx,
+    sched,
+    student_temp=config.loss.student_temp,
+    center_momentum=config.loss.center_momentum,
+    augment=multicrop.make_multicrop(config.crops),
+  )
+  init_fn = init_fn_for(config, student, tx)
+  state_shape = jax.eval_shape(init_fn)
+  state_sharding = parallel.state_sharding(
+    mesh, state_shape, config.mesh.fsdp_min_size
+  )
+  c = config.data.canvas_size
+  batch_shape = {
+    'image': jax.ShapeDtypeStruct((config.batch_size, c, c, 3), np.uint8),
+    'size': jax.ShapeDtypeStruct((config.batch_size, 2), np.int32),
+    'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32),
+  }
+  jitted = parallel.jit_train_step(
+    train_step, mesh, state_sharding, batch_shape
+  )
+  return ShardedStep(
+    jitted=jitted,
+    init_fn=init_fn,
+    state_shape=state_shape,
+    state_sharding=state_sharding,
+    batch_shape=batch_shape,
+    student=student,
+    teacher=teacher,
+  )

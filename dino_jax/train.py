@@ -20,7 +20,7 @@ from dino_jax import metrics as metrics_lib
 from dino_jax import parallel
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
-from dino_jax.data import multicrop, pipeline, sources
+from dino_jax.data import pipeline, sources
 
 logger = logging.getLogger(__name__)
 
@@ -255,23 +255,9 @@ def _run(
     config.batch_size,
     config.optim.lr * config.batch_size / 256,
   )
-  sched = step_lib.Schedules.from_config(config, steps_per_epoch)
-  student, teacher = step_lib.build_models(config)
-  tx = step_lib.build_optimizer(config, sched)
-  train_step = step_lib.make_train_step(
-    student,
-    teacher,
-    tx,
-    sched,
-    student_temp=config.loss.student_temp,
-    center_momentum=config.loss.center_momentum,
-    augment=multicrop.make_multicrop(config.crops),
-  )
-  init_fn = step_lib.init_fn_for(config, student, tx)
-  state_shape = jax.eval_shape(init_fn)
-  state_sharding = parallel.state_sharding(
-    mesh, state_shape, config.mesh.fsdp_min_size
-  )
+  built = step_lib.build_sharded_step(config, mesh, steps_per_epoch)
+  init_fn, state_sharding = built.init_fn, built.state_sharding
+  state_shape = built.state_shape
   abstract = checkpoint_lib.abstract_like(state_shape, state_sharding)
 
   def check(saved: dict):
@@ -298,15 +284,7 @@ def _run(
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
 
-  c = config.data.canvas_size
-  batch_shape = {
-    'image': jax.ShapeDtypeStruct((config.batch_size, c, c, 3), np.uint8),
-    'size': jax.ShapeDtypeStruct((config.batch_size, 2), np.int32),
-    'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32),
-  }
-  jitted = parallel.jit_train_step(
-    train_step, mesh, state_sharding, batch_shape
-  )
+  jitted = built.jitted
   # The data position is the step: batch k is fixed by the config.
   data_iter = iter(
     pipeline.train_dataset(

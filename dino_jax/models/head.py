@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dino_jax import parallel
 from dino_jax.models import vit
 
 _TRUNC_NORMAL = nn.initializers.normal(0.02)
@@ -112,9 +113,12 @@ class DINOHead(nn.Module):
           )(x)
           index += 1
         x = vit.gelu(x)  # exact erf GELU
+        # Rows stay on their devices: the fsdp-split weights are gathered
+        # instead (else GSPMD may gather the rows, tensor-parallel).
+        x = parallel.constrain_batch(x)
         index += 1
       x = dense(self.bottleneck_dim, name=f'mlp_{index}')(x)
-    x = l2_normalize(x.astype(jnp.float32))
+    x = parallel.constrain_batch(l2_normalize(x.astype(jnp.float32)))
     return WeightNormLinear(
       self.out_dim,
       trainable_norm=not self.norm_last_layer,
@@ -149,16 +153,22 @@ class MultiCropModel(nn.Module):
     Returns:
       [G + L, B, K] float32, crop-major (globals first).
     """
-    n_global, batch = global_crops.shape[:2]
-    # [G, B, H, W, C] -> [G * B, H, W, C]: rows [v*B, (v+1)*B) are crop v.
-    feats = [
-      self.backbone(global_crops.reshape(-1, *global_crops.shape[2:]), train)
-    ]
-    n_crops = n_global
+    # Rows stay batch-major: [V, B, ...] -> [B, V, ...] -> [B * V, ...]. The
+    # batch axis B is split over the devices; a merge whose major factor is
+    # B keeps that split, while [V * B] (B minor) cannot, and GSPMD would
+    # gather every crop of the global batch onto every device.
+    batch = global_crops.shape[1]
+
+    def features(crops):  # [V, B, S, S, C] -> [B, V, D]
+      n_views = crops.shape[0]
+      rows = jnp.swapaxes(crops, 0, 1).reshape(-1, *crops.shape[2:])
+      rows = parallel.constrain_batch(rows)
+      return self.backbone(rows, train).reshape(batch, n_views, -1)
+
+    feats = [features(global_crops)]
     if local_crops is not None and local_crops.shape[0] > 0:
-      feats.append(
-        self.backbone(local_crops.reshape(-1, *local_crops.shape[2:]), train)
-      )
-      n_crops += local_crops.shape[0]
-    out = self.head(jnp.concatenate(feats, axis=0), train)
-    return out.astype(jnp.float32).reshape(n_crops, batch, -1)
+      feats.append(features(local_crops))
+    # [B, G + L, D]: joined on the crop axis, so B stays split.
+    out = self.head(jnp.concatenate(feats, axis=1), train)  # [B, V, K]
+    out = parallel.constrain_batch(out)
+    return jnp.swapaxes(out.astype(jnp.float32), 0, 1)  # [V, B, K]
