@@ -7,14 +7,15 @@ the pipeline is fixed by the config, and a run resumes at batch
 writes to a temporary directory and renames it when complete, so a run
 killed mid-save resumes from the previous checkpoint. A checkpoint damaged
 later (truncated files, a missing item) is skipped on restore, moved to
-``WORKDIR/damaged_checkpoints/`` and never deleted.
+``WORKDIR/damaged_checkpoints/`` and never deleted. The directory may be a
+URL (``gs://bucket/run/checkpoints``): Orbax writes through TensorStore,
+the move goes through ``dino_jax.storage``.
 """
 
 import gc
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from dino_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +127,14 @@ class Checkpointer:
     """Logs each damaged step and moves it out of the manager's reach."""
     if not damaged:
       return
-    target_root = os.path.join(
-      os.path.dirname(os.path.abspath(self.directory)), 'damaged_checkpoints'
-    )
+    directory = storage.as_path(self.directory)
+    if not storage.is_remote(self.directory):
+      directory = directory.absolute()
+    target_root = directory.parent / 'damaged_checkpoints'
     for step, error in damaged:
-      target = os.path.join(target_root, str(step))
-      if os.path.exists(target):
-        target += f'.{time.strftime("%Y%m%d-%H%M%S")}'
+      target = target_root / str(step)
+      if target.exists():
+        target = target.with_name(f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
       logger.warning(
         'checkpoint %d in %s is damaged (%s); skipped it and moved it to %s',
         step,
@@ -139,8 +143,8 @@ class Checkpointer:
         target,
       )
       if jax.process_index() == 0:
-        os.makedirs(target_root, exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), target)
+        # A prefix on object storage cannot be renamed: copied, then deleted.
+        storage.move_tree(os.fspath(directory / str(step)), os.fspath(target))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 

@@ -14,10 +14,11 @@ CLI:
 """
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import re
-import shutil
 import sys
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 from absl import flags
 
 from dino_jax import checkpoint as checkpoint_lib
-from dino_jax import optim
+from dino_jax import optim, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.models import DINOHead, VisionTransformer
@@ -55,9 +56,15 @@ def _torch_load(path: str):
       'reading .pth files needs PyTorch: pip install "dino_jax[torch]" '
       '(or pip install torch==2.13.0 for the CPU build)'
     ) from e
+  # A URL (gs://...) is read whole into memory first; torch reads a file.
+  source = (
+    io.BytesIO(storage.as_path(path).read_bytes())
+    if storage.is_remote(path)
+    else path
+  )
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
-      return torch.load(path, map_location='cpu', weights_only=True)
+      return torch.load(source, map_location='cpu', weights_only=True)
   except Exception as e:  # noqa: BLE001 - pickled non-tensor objects
     raise InteropError(
       f'{path}: not a tensor-only checkpoint ({type(e).__name__}: '
@@ -333,7 +340,9 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     workdir.WorkdirError: ``workdir`` cannot be created or already holds a
       checkpoint.
   """
-  if not os.path.isfile(path):
+  if storage.is_remote(path):
+    storage.check_reachable(path, 'the .pth')
+  if not storage.as_path(path).is_file():
     raise InteropError(f'{path} is not a file; pass an official DINO .pth')
   workdir_lib.check_path(workdir)
   if workdir_lib.has_checkpoint(workdir):
@@ -408,20 +417,23 @@ def _reason(error: Exception) -> str:
 
 def _save_new(workdir: str, step: int, state, config) -> None:
   """Saves the first checkpoint; on failure removes what it created."""
-  path = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  directory = storage.join(workdir, 'checkpoints')
   top = None  # the outermost directory this save creates
-  while not os.path.exists(path):
-    top, path = path, os.path.dirname(path)
+  if storage.is_remote(workdir):
+    top = directory  # a prefix: nothing exists until the save writes
+  else:
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+      top, path = path, os.path.dirname(path)
   try:
-    ckpt = checkpoint_lib.Checkpointer(
-      f'{workdir}/checkpoints', async_save=False
-    )
+    ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
     ckpt.save(step, state, config)
     ckpt.wait()
     ckpt.close()
   except BaseException:
     if top is not None:
-      shutil.rmtree(top, ignore_errors=True)
+      with contextlib.suppress(OSError):
+        storage.as_path(top).rmtree()
     raise
 
 
@@ -462,7 +474,9 @@ def export_checkpoint(workdir: str, path: str, what: str = 'backbone') -> dict:
     }
   else:
     raise ValueError(f"what={what!r}; use 'backbone' or 'full'")
-  torch.save(payload, path)
+  data = io.BytesIO()
+  torch.save(payload, data)
+  storage.write_bytes(path, data.getvalue())  # whole or not at all
   return payload
 
 

@@ -87,6 +87,7 @@ def main(argv):
   from dino_jax.data import pipeline
   from dino_jax.data.sources import DataError
   from dino_jax.metrics import NonFiniteLossError
+  from dino_jax.storage import StorageError
   from dino_jax.workdir import WorkdirError
 
   # Libraries (orbax, grain) log every step of a save through absl at INFO;
@@ -113,6 +114,7 @@ def main(argv):
     DamagedCheckpointError,
     IncompatibleCheckpointError,
     NonFiniteLossError,
+    StorageError,
     WorkdirError,
   ) as e:
     logging.error('%s', e)

@@ -7,11 +7,12 @@ signatures into warnings and a non-finite loss into an error.
 import json
 import logging
 import math
-import os
 import time
 
 import jax
 import numpy as np
+
+from dino_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -21,21 +22,28 @@ class NonFiniteLossError(RuntimeError):
 
 
 class MetricWriter:
-  """Writes ``metrics.jsonl`` and TensorBoard events under ``workdir``."""
+  """Writes ``metrics.jsonl`` and TensorBoard events under ``workdir``.
+
+  The rows live in memory and each write replaces the file whole (one
+  atomic write; an upload on object storage, which has no append): a run
+  killed at any moment leaves the previous file intact, and no row is ever
+  lost half-written or written twice. The cost grows with the rows: about
+  0.2 MB at 1,000 rows, rewritten once per log step.
+  """
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = storage.join(workdir, 'metrics.jsonl')
     self._tb = None
+    self._rows: list[dict] = []
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(self.path):
+    storage.makedirs(workdir)
+    if storage.exists(self.path, 'metrics'):
       # Rows past the restored step came from a run that died before its
       # next checkpoint; they are recomputed, so drop them. So are lines
-      # that do not parse (a run killed, or a disk filled, mid-line), or the
-      # next row would be appended to a broken one. Atomic: a run killed
-      # meanwhile leaves the old file whole.
+      # that do not parse (a file written by hand, or by an older version
+      # that appended).
       rows, bad = read_rows(self.path)
       if bad:
         logger.warning(
@@ -44,43 +52,37 @@ class MetricWriter:
           self.path,
           ', '.join(map(str, bad[:5])) + (', ...' if len(bad) > 5 else ''),
         )
-      self._rewrite([r for r in rows if r['step'] <= resume_step])
+      self._rows = [r for r in rows if r['step'] <= resume_step]
+      if bad or len(self._rows) < len(rows):
+        self._rewrite()
     from tensorboardX import SummaryWriter  # light, but only on process 0
 
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = SummaryWriter(storage.join(workdir, 'tensorboard'))
 
   def has_evaluation(self, step: int) -> bool:
     """Whether ``metrics.jsonl`` holds k-NN columns for ``step``."""
-    if not os.path.exists(self.path):
-      return False
-    rows, _ = read_rows(self.path)
-    return any(r['step'] == step and _is_evaluation(r) for r in rows)
+    return any(r['step'] == step and _is_evaluation(r) for r in self._rows)
 
-  def _rewrite(self, rows: list[dict]) -> None:
-    """Replaces the file's rows; atomic (a kill leaves the old file)."""
-    partial = f'{self.path}.{os.getpid()}.tmp'
-    with open(partial, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in rows)
-    os.replace(partial, self.path)
+  def _rewrite(self) -> None:
+    """Replaces the file with the rows; whole or not at all."""
+    storage.write_text(
+      self.path, ''.join(json.dumps(r) + '\n' for r in self._rows)
+    )
 
   def write(
     self, step: int, scalars: dict[str, float], replace: bool = False
   ) -> None:
-    """Appends a row; ``replace``: k-NN rows already at ``step`` give way
-    to it, in one atomic rewrite (a rerun of a finished run evaluates its
-    last step again)."""
+    """Adds a row; ``replace``: k-NN rows already at ``step`` give way to
+    it (a rerun of a finished run evaluates its last step again)."""
     if not self.active or not scalars:
       return
     row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
-    if replace and self.has_evaluation(step):
-      rows, _ = read_rows(self.path)
-      self._rewrite(
-        [r for r in rows if not (r['step'] == step and _is_evaluation(r))]
-        + [row]
-      )
-    else:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
+    if replace:
+      self._rows = [
+        r for r in self._rows if not (r['step'] == step and _is_evaluation(r))
+      ]
+    self._rows.append(row)
+    self._rewrite()
     for name, value in row.items():
       if name != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(f'train/{name}', value, step)
@@ -98,7 +100,7 @@ def read_rows(path: str) -> tuple[list[dict], list[int]]:
   """The rows of a ``metrics.jsonl``, and the numbers of lines that do not
   parse as a JSON object with a ``step``."""
   rows, bad = [], []
-  with open(path) as f:
+  with storage.as_path(path).open() as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue

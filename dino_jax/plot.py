@@ -1,6 +1,7 @@
 """Draws a run's learning curve: k-NN top-1 against steps, loss and entropy.
 
-CLI: ``python -m dino_jax.plot --workdir=DIR [--out=PNG] [--k=20]``
+CLI: ``python -m dino_jax.plot --workdir=DIR [--out=PNG] [--k=20]``; DIR
+and PNG may be URLs (``gs://bucket/run``).
 
 Reads ``DIR/metrics.jsonl``: the ``knn_<features>_k<k>`` columns written by
 every evaluation (``eval_every_steps`` and the one at the end), and the
@@ -9,12 +10,14 @@ and raw pixels, with ``eval.baselines``) are drawn as horizontal lines.
 Needs matplotlib (``pip install -e '.[plot]'``).
 """
 
+import io
 import os
 import sys
 
 from absl import app, flags
 
 from dino_jax import metrics as metrics_lib
+from dino_jax import storage
 
 _LABELS = {
   'trained': 'trained (teacher)',
@@ -33,8 +36,12 @@ def read_curves(workdir: str, k: int) -> dict:
 
   A step logged twice (a resumed run) keeps its last value.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isfile(path):
+  path = storage.join(workdir, 'metrics.jsonl')
+  try:
+    found = storage.exists(path, '--workdir')
+  except storage.StorageError as error:
+    raise PlotError(str(error)) from error
+  if not found:
     raise PlotError(f'{path} does not exist; pass --workdir of a training run')
   knn, loss, entropy = {}, {}, {}
   suffix = f'_k{k}'
@@ -88,9 +95,12 @@ def draw(curves: dict, out: str, k: int, title: str) -> None:
   bottom.grid(alpha=0.3)
   bottom.legend(loc='upper right')
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=100)
+  if not storage.is_remote(out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  image = io.BytesIO()
+  fig.savefig(image, format='png', dpi=100)
   plt.close(fig)
+  storage.write_bytes(out, image.getvalue())
 
 
 def _define_flags() -> None:
@@ -106,7 +116,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   if not f.workdir:
     sys.exit('error: --workdir is required (the workdir of a training run)')
-  out = f.out or os.path.join(f.workdir, 'curve.png')
+  out = f.out or storage.join(f.workdir, 'curve.png')
   try:
     curves = read_curves(f.workdir, f.k)
   except PlotError as error:

@@ -17,7 +17,7 @@ import numpy as np
 from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import config as config_lib
 from dino_jax import metrics as metrics_lib
-from dino_jax import parallel
+from dino_jax import parallel, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import pipeline, sources
@@ -214,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lock = None
   if jax.process_index() == 0:
     workdir_lib.create(workdir)
-    lock = workdir_lib.Lock(workdir)
+    lock = workdir_lib.lock(workdir)
     lock.acquire()
   try:
     return _train(config, workdir, source, steps_per_epoch, total_steps)
@@ -265,7 +265,7 @@ def _run(
     return abstract
 
   ckpt = checkpoint_lib.Checkpointer(
-    os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
+    storage.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
   )
   try:
     restored = ckpt.restore_newest(check)
@@ -281,8 +281,9 @@ def _run(
   # Only now, after the compatibility check: config.json describes the
   # checkpoints in the workdir.
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
+    storage.write_text(
+      storage.join(workdir, 'config.json'), config.to_json(indent=2)
+    )
 
   jitted = built.jitted
   # The data position is the step: batch k is fixed by the config.

@@ -1,11 +1,14 @@
 """The run directory: path checks and the one-run-per-workdir lock.
 
 A workdir holds one run: ``checkpoints/``, ``metrics.jsonl``,
-``config.json``, ``eval/``. Two runs writing into it at once would overwrite
-each other's checkpoints and double every metrics row, so process 0 of a run
-holds an exclusive ``flock`` on ``WORKDIR/lock`` for as long as it trains.
-The kernel drops the lock when the process dies (even by SIGKILL), so a lock
-is never stale; the file itself stays and names the last holder.
+``config.json``, ``eval/``; a local directory or a URL (``gs://bucket/run``,
+read and written through ``dino_jax.storage``). Two runs writing into it at
+once would overwrite each other's checkpoints and double every metrics row,
+so process 0 of a run holds ``WORKDIR/lock`` for as long as it trains. On a
+disk that is an exclusive ``flock``: the kernel drops it when the process
+dies (even by SIGKILL), so it is never stale; the file itself stays and
+names the last holder. On ``gs://`` it is an object created only if absent,
+kept alive by a heartbeat and taken over when stale (``ObjectLock``).
 """
 
 import contextlib
@@ -24,6 +27,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from dino_jax import storage
+
 
 class WorkdirError(ValueError):
   """The workdir cannot be used; the message says why and what to do."""
@@ -32,10 +37,20 @@ class WorkdirError(ValueError):
 def check_path(workdir: str) -> None:
   """Raises WorkdirError unless ``workdir`` is, or can become, a directory.
 
-  Creates nothing: a run that fails its checks leaves no trace.
+  A URL (``gs://bucket/run``) must name a bucket that exists and answers
+  (``storage.check_reachable``: StorageError otherwise, within a bounded
+  time) and must not be an object itself. Creates nothing: a run that fails
+  its checks leaves no trace.
   """
   if not workdir:
     raise WorkdirError('--workdir is empty; pass a directory')
+  if storage.is_remote(workdir):
+    storage.check_reachable(workdir)
+    if storage.as_path(workdir).is_file():
+      raise WorkdirError(
+        f'--workdir={workdir} is an object, not a prefix; pass a directory'
+      )
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path):
     if not os.path.isdir(path):
@@ -64,8 +79,14 @@ def check_path(workdir: str) -> None:
 
 
 def create(workdir: str) -> None:
-  """``os.makedirs`` with a WorkdirError instead of an OSError."""
+  """``os.makedirs`` with a WorkdirError instead of an OSError.
+
+  A URL needs nothing: a prefix exists once an object is under it (and a
+  local folder named ``gs:`` must never appear).
+  """
   check_path(workdir)
+  if storage.is_remote(workdir):
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -73,6 +94,14 @@ def create(workdir: str) -> None:
       f'--workdir={workdir} cannot be created: {e.strerror}; pass a '
       'directory you can write to'
     ) from e
+
+
+def lock(workdir: str):
+  """The lock of ``workdir``: ``Lock`` (flock) on a disk, ``ObjectLock``
+  on ``gs://``; a context manager either way."""
+  if storage.is_remote(workdir):
+    return ObjectLock(workdir)
+  return Lock(workdir)
 
 
 class Lock:
@@ -129,6 +158,197 @@ def _read_holder(fd: int) -> str:
     )
   except (ValueError, KeyError):
     return 'another process'
+
+
+# Object storage has no flock: the lock is an object, created only if absent.
+LOCK_HEARTBEAT_S = 60.0
+LOCK_STALE_S = 600.0
+
+
+class ObjectLock:
+  """``gs://.../WORKDIR/lock``: one run per workdir on object storage.
+
+  Acquire uploads the holder's record (pid, host, start, heartbeat) only if
+  no object exists (``if_generation_match=0``): of runs that start
+  together, exactly one creates it. The holder rewrites it every
+  ``heartbeat_s`` seconds, each time only if it is still the generation it
+  wrote, and on exit marks it released (the object stays and names the last
+  holder, as the local lock file does). A lock not refreshed for
+  ``stale_s`` seconds, by the server's clock against this host's, is
+  taken over (a run killed without warning, e.g. a TPU VM that was
+  preempted), and so is one whose holder was on this host and is gone. A
+  holder that finds its lock taken over stops as on SIGTERM (save, exit).
+
+  Raises WorkdirError on entry when another run holds it.
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    heartbeat_s: float = LOCK_HEARTBEAT_S,
+    stale_s: float = LOCK_STALE_S,
+  ):
+    from google.cloud import storage as gcs
+
+    self.workdir = workdir
+    self.path = storage.join(workdir, 'lock')
+    if not self.path.startswith('gs://'):
+      raise WorkdirError(
+        f'--workdir={workdir}: no lock for this kind of URL (only gs:// and '
+        'local paths); pass one of those'
+      )
+    bucket, name = self.path[len('gs://') :].split('/', 1)
+    self._blob = gcs.Client(project=None).bucket(bucket).blob(name)
+    self._precondition_failed = _precondition_failed()
+    self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+    self._generation = None
+    self._started = datetime.datetime.now().isoformat(timespec='seconds')
+    self._stop = threading.Event()
+    self._thread = None
+    self.lost = False
+
+  def _record(self, state: str) -> str:
+    return json.dumps(
+      {
+        'pid': os.getpid(),
+        'host': socket.gethostname(),
+        'started': self._started,
+        'heartbeat': datetime.datetime.now().isoformat(timespec='seconds'),
+        'state': state,
+      }
+    )
+
+  def _upload(self, state: str, generation: int) -> None:
+    self._blob.upload_from_string(
+      self._record(state),
+      content_type='application/json',
+      if_generation_match=generation,
+      timeout=_LOCK_REQUEST_S,
+    )
+    self._generation = self._blob.generation
+
+  def acquire(self) -> None:
+    try:
+      self._upload('held', 0)
+    except self._precondition_failed:
+      self._take_over_or_raise()
+    self._thread = threading.Thread(
+      target=self._beat, daemon=True, name='dino-lock-heartbeat'
+    )
+    self._thread.start()
+
+  def _take_over_or_raise(self) -> None:
+    blob = self._blob.bucket.get_blob(self._blob.name, timeout=_LOCK_REQUEST_S)
+    if blob is None:  # released by deletion meanwhile: create it again
+      self._upload('held', 0)
+      return
+    try:
+      record = json.loads(blob.download_as_text(timeout=_LOCK_REQUEST_S))
+    except ValueError:
+      record = {}
+    now = datetime.datetime.now(datetime.UTC)
+    age = (now - blob.updated).total_seconds()
+    gone = (
+      record.get('host') == socket.gethostname()
+      and isinstance(record.get('pid'), int)
+      and not _pid_alive(record['pid'])
+    )
+    holder = _describe(record)
+    if record.get('state') == 'held' and age <= self.stale_s and not gone:
+      raise WorkdirError(
+        f'--workdir={self.workdir} is in use by {holder}, last heartbeat '
+        f'{age:.0f} s ago; wait for that run to end or pass another '
+        f'--workdir (a lock not refreshed for {self.stale_s:.0f} s is taken '
+        f'over; if that run is gone: gcloud storage rm {self.path})'
+      )
+    try:
+      self._upload('held', blob.generation)
+    except self._precondition_failed:  # another run took it first
+      raise WorkdirError(
+        f'--workdir={self.workdir} was just taken by another run; wait for '
+        'it to end or pass another --workdir'
+      ) from None
+    if record.get('state') == 'held':
+      logging.getLogger(__name__).warning(
+        'took over the lock %s of %s (%s)',
+        self.path,
+        holder,
+        'gone from this host'
+        if gone
+        else f'no heartbeat for {age:.0f} s > {self.stale_s:.0f} s',
+      )
+
+  def _beat(self) -> None:
+    logger = logging.getLogger(__name__)
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        self._upload('held', self._generation)
+      except self._precondition_failed:
+        self.lost = True
+        logger.error(
+          'lock %s was taken over by another run: stopping this one as on '
+          'SIGTERM (saving first)',
+          self.path,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      except Exception as e:  # noqa: BLE001 - a missed beat is retried
+        logger.warning('lock heartbeat to %s failed: %s', self.path, e)
+
+  def release(self) -> None:
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
+    if self.lost:
+      return
+    try:
+      self._upload('released', self._generation)
+    except Exception as e:  # noqa: BLE001 - the next run sees it stale
+      logging.getLogger(__name__).warning(
+        'could not release the lock %s (%s); the next run takes it over '
+        'after %.0f s',
+        self.path,
+        e,
+        self.stale_s,
+      )
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+_LOCK_REQUEST_S = 30.0
+
+
+def _precondition_failed() -> type[Exception]:
+  from google.api_core import exceptions
+
+  return exceptions.PreconditionFailed
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _describe(record: dict) -> str:
+  try:
+    return (
+      f'pid {record["pid"]} on host {record["host"]} (started '
+      f'{record["started"]})'
+    )
+  except KeyError:
+    return 'another run'
 
 
 # Evaluation and interop: reading a workdir, and the command-line front.
@@ -293,20 +513,23 @@ def checkpoint_dir(workdir: str) -> str:
 
   Raises:
     WorkdirError: the workdir or its checkpoints are missing.
+    storage.StorageError: a remote workdir cannot be reached.
   """
   if not workdir:
     raise WorkdirError('--workdir is empty; pass the workdir of a run')
-  if not os.path.exists(workdir):
-    raise WorkdirError(
-      f'--workdir={workdir} does not exist; pass the workdir of a training '
-      'run (python -m dino_jax.main --workdir=...)'
-    )
-  if not os.path.isdir(workdir):
-    raise WorkdirError(
-      f'--workdir={workdir} is a file, not a directory; pass the workdir '
-      'of a training run'
-    )
-  path = os.path.join(workdir, 'checkpoints')
+  storage.check_reachable(workdir)
+  path = storage.join(workdir, 'checkpoints')
+  if not storage.is_remote(workdir):
+    if not os.path.exists(workdir):
+      raise WorkdirError(
+        f'--workdir={workdir} does not exist; pass the workdir of a '
+        'training run (python -m dino_jax.main --workdir=...)'
+      )
+    if not os.path.isdir(workdir):
+      raise WorkdirError(
+        f'--workdir={workdir} is a file, not a directory; pass the workdir '
+        'of a training run'
+      )
   if not has_checkpoint(workdir):
     raise WorkdirError(
       f'--workdir={workdir} holds no checkpoint (nothing in {path}); train '
@@ -318,11 +541,10 @@ def checkpoint_dir(workdir: str) -> str:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether ``WORKDIR/checkpoints`` holds a step directory; reads only."""
-  path = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(path) and any(
-    name.isdigit() and os.path.isdir(os.path.join(path, name))
-    for name in os.listdir(path)
-  )
+  path = storage.as_path(storage.join(workdir, 'checkpoints'))
+  if not storage.exists(os.fspath(path), '--workdir'):
+    return False
+  return any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
 
 
 def load_workdir(workdir: str, overrides: list[str] = ()):
@@ -439,6 +661,7 @@ def run_cli(
     ConfigOverrideError,
     checkpoint_lib.DamagedCheckpointError,
     checkpoint_lib.IncompatibleCheckpointError,
+    storage.StorageError,
     *errors,
   )
 

@@ -13,6 +13,8 @@ import time
 import ml_collections
 import numpy as np
 
+from dino_jax import storage
+
 # torchvision's IMG_EXTENSIONS.
 IMG_EXTENSIONS = (
   '.jpg',
@@ -49,48 +51,63 @@ class ImageFolderSource:
 
   With class subfolders, labels are the sorted class indices; a folder of
   images with no subfolders is accepted too (labels -1). Files without an
-  image extension are skipped and counted in ``skipped``.
+  image extension are skipped and counted in ``skipped``. ``root`` may be a
+  URL (``gs://bucket/imagenet/train``): the listing and the reads go through
+  ``dino_jax.storage``, and records then carry the file's bytes.
   """
 
   def __init__(self, root: str):
-    if not os.path.isdir(root):
-      raise DataError(f'ImageFolder root {root!r} is not a directory')
-    entries = sorted(os.listdir(root))
-    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    self.classes = classes
-    self.skipped = 0
-    self.samples: list[tuple[str, int]] = []
-    if classes:
-      for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in sorted(
-          os.walk(os.path.join(root, name), followlinks=True)
-        ):
-          dirnames.sort()
-          self._add(dirpath, sorted(filenames), label)
-    else:
-      self._add(root, entries, -1)
+    self.remote = storage.is_remote(root)
+    try:
+      storage.check_reachable(root, 'data.path')
+      top = storage.as_path(root)
+      if not top.is_dir():
+        raise DataError(f'ImageFolder root {root!r} is not a directory')
+      entries = sorted(top.iterdir(), key=lambda p: p.name)
+      classes = [e for e in entries if e.is_dir()]
+      self.classes = [c.name for c in classes]
+      self.skipped = 0
+      self.samples: list[tuple[str, int]] = []
+      if classes:
+        for label, folder in enumerate(classes):
+          self._add_tree(folder, label)
+      else:
+        self._add(entries, -1)
+    except storage.StorageError as e:
+      raise DataError(str(e)) from e
     if not self.samples:
       raise DataError(
         f'no images found in {root!r} (looked for {IMG_EXTENSIONS} in '
         f'{len(classes)} class folders'
-        f'{" " + str(classes[:5]) if classes else ""} or at the top level)'
+        f'{" " + str(self.classes[:5]) if classes else ""} or at the top '
+        'level)'
       )
 
-  def _add(self, dirpath, filenames, label):
-    for name in filenames:
-      path = os.path.join(dirpath, name)
-      if not os.path.isfile(path):
-        continue
-      if name.lower().endswith(IMG_EXTENSIONS):
-        self.samples.append((path, label))
-      else:
-        self.skipped += 1
+  def _add_tree(self, folder, label):
+    """Adds the images under ``folder``, depth first, in name order (as
+    torchvision's sorted ``os.walk``)."""
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    files = [e for e in entries if not e.is_dir()]
+    self._add(files, label)
+    for sub in entries:
+      if sub.is_dir():
+        self._add_tree(sub, label)
+
+  def _add(self, paths, label):
+    for path in paths:
+      if self.remote or path.is_file():
+        if path.name.lower().endswith(IMG_EXTENSIONS):
+          self.samples.append((os.fspath(path), label))
+        else:
+          self.skipped += 1
 
   def __len__(self) -> int:
     return len(self.samples)
 
   def __getitem__(self, index: int) -> dict:
     path, label = self.samples[index]
+    if self.remote:  # the decoder opens local paths only
+      return {'bytes': storage.as_path(path).read_bytes(), 'label': label}
     return {'path': path, 'label': label}
 
   def __repr__(self):
@@ -101,9 +118,9 @@ class ImageFolderSource:
 
 
 def _read_idx(path: str) -> np.ndarray:
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  data = storage.as_path(path).read_bytes()
+  if path.endswith('.gz'):
+    data = gzip.decompress(data)
   zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
   if zero != 0 or dtype_code != 0x08:
     raise DataError(f'{path!r} is not an IDX file of uint8')
@@ -128,8 +145,8 @@ class FashionMNISTSource:
       )
     found = []
     for stem in self.FILES[split]:
-      candidates = [os.path.join(root, stem + ext) for ext in ('.gz', '')]
-      existing = [c for c in candidates if os.path.exists(c)]
+      candidates = [storage.join(root, stem + ext) for ext in ('.gz', '')]
+      existing = [c for c in candidates if storage.exists(c, 'data.path')]
       if not existing:
         raise DataError(
           f'Fashion-MNIST file {stem}(.gz) not found in {root!r}. Install '
@@ -158,6 +175,11 @@ class TFDSSource:
   def __init__(self, name: str, split: str = 'train', data_dir: str = ''):
     import tensorflow_datasets as tfds  # heavy import, only when used
 
+    if data_dir:
+      try:
+        storage.check_reachable(data_dir, 'data.path')
+      except storage.StorageError as e:
+        raise DataError(str(e)) from e
     try:
       self.source = tfds.data_source(
         name, split=split, data_dir=data_dir or None
@@ -217,13 +239,14 @@ def make_source(data: ml_collections.ConfigDict, split: str | None = None):
   """The source named by the ``data`` config group."""
   split = split or data.split
   if data.source == 'imagefolder':
-    root = (
-      os.path.join(data.path, split)
-      if os.path.isdir(os.path.join(data.path, split))
-      else data.path
-    )
     if not data.path:
       raise DataError('data.source=imagefolder needs data.path=/path/to/root')
+    try:
+      storage.check_reachable(data.path, 'data.path')
+      with_split = storage.join(data.path, split)
+      root = with_split if storage.as_path(with_split).is_dir() else data.path
+    except storage.StorageError as e:
+      raise DataError(str(e)) from e
     return ImageFolderSource(root)
   if data.source == 'fashion_mnist':
     return FashionMNISTSource(split, data.path)
