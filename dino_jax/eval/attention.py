@@ -8,17 +8,17 @@ grid; the mask keeps the highest-attention patches holding ``threshold`` of
 the mass. Maps are upsampled by nearest with factor p and written as PNGs.
 """
 
-import os
+import io
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from PIL import Image
-
 from dino_jax import step as step_lib
+from dino_jax import storage
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
+from PIL import Image
 
 # A small perceptual colour map (dark blue -> magenta -> orange -> yellow).
 _ANCHORS = np.array(
@@ -105,7 +105,7 @@ def save_maps(
   Returns:
     paths written; the last is ``{prefix}-overview.png``.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   up = lambda a: np.repeat(np.repeat(a, patch_size, -2), patch_size, -1)
   h, w = attn.shape[1] * patch_size, attn.shape[2] * patch_size
   image = image[:h, :w]
@@ -118,8 +118,8 @@ def save_maps(
       up(m)[..., None], 0.45 * overlay + 0.55 * color, 0.6 * overlay
     ).astype(np.uint8)
     for name, pic in (('head', heat), ('mask', overlay)):
-      path = os.path.join(out_dir, f'{prefix}-{name}{i}.png')
-      Image.fromarray(pic).save(path)
+      path = storage.join(out_dir, f'{prefix}-{name}{i}.png')
+      _save_png(pic, path)
       paths.append(path)
     tiles.append(heat)
     masked_tiles.append(overlay)
@@ -128,8 +128,8 @@ def save_maps(
   )
   scale = max(1, 96 // h)  # small images are enlarged to stay visible
   overview = np.repeat(np.repeat(overview, scale, 0), scale, 1)
-  path = os.path.join(out_dir, f'{prefix}-overview.png')
-  Image.fromarray(overview).save(path)
+  path = storage.join(out_dir, f'{prefix}-overview.png')
+  _save_png(overview, path)
   paths.append(path)
   return paths
 
@@ -149,11 +149,18 @@ def attention_for_image(
   return save_maps(denormalize(image), attn, mask, patch_size, out_dir, prefix)
 
 
+def _save_png(pixels: np.ndarray, path: str) -> None:
+  """One PNG, written whole (a local file or an object, ``storage``)."""
+  data = io.BytesIO()
+  Image.fromarray(pixels).save(data, format='PNG')
+  storage.write_bytes(path, data.getvalue())
+
+
 def load_image(path: str, image_size: int, patch_size: int) -> np.ndarray:
   """File -> normalized float32 [S', S', 3], resized to image_size square,
   cropped to a multiple of p (visualize_attention.py defaults)."""
   image = (
-    Image.open(path)
+    Image.open(io.BytesIO(storage.as_path(path).read_bytes()))
     .convert('RGB')
     .resize((image_size, image_size), Image.BICUBIC)
   )
@@ -173,7 +180,7 @@ def attention_from_workdir(
   overrides: list[str] = (),
 ) -> list[str]:
   """Maps of the teacher backbone in ``workdir`` for one image file."""
-  if not os.path.isfile(image_path):
+  if not storage.as_path(image_path).is_file():
     raise workdir_lib.WorkdirError(
       f'--image={image_path} is not a file; pass an image file'
     )
@@ -181,8 +188,8 @@ def attention_from_workdir(
   _, teacher = step_lib.build_models(config)
   p = config.model.patch_size
   image = load_image(image_path, image_size, p)
-  out = output_dir or os.path.join(workdir, 'eval', 'attention')
-  stem = os.path.splitext(os.path.basename(image_path))[0]
+  out = output_dir or storage.join(workdir, 'eval', 'attention')
+  stem = storage.as_path(image_path).stem
   return attention_for_image(
     teacher.backbone, state.teacher['backbone'], image, p, threshold, out, stem
   )

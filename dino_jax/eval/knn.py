@@ -8,15 +8,13 @@ set (memory); the k nearest vote with weight exp(sim / T), T = 0.07.
 
 import json
 import logging
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-
-from dino_jax import hostmem, interop
+from dino_jax import hostmem, interop, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import sources
@@ -109,13 +107,10 @@ def write_results(workdir: str, name: str, payload: dict) -> str:
 
   Atomic: a run stopped meanwhile leaves the previous file whole.
   """
-  path = os.path.join(workdir, 'eval', f'{name}.json')
+  path = storage.join(workdir, 'eval', f'{name}.json')
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = f'{path}.{os.getpid()}.tmp'
-    with open(partial, 'w') as f:
-      json.dump(payload, f, indent=2)
-    os.replace(partial, path)
+    storage.makedirs(storage.join(workdir, 'eval'))
+    storage.write_text(path, json.dumps(payload, indent=2))
   return path
 
 

@@ -2,12 +2,11 @@
 
 import functools
 import logging
-import os
 
 import jax
 import numpy as np
-
 from dino_jax import step as step_lib
+from dino_jax import storage
 from dino_jax.data import sources
 from dino_jax.eval import attention, features, knn
 
@@ -77,7 +76,7 @@ def after_training(
         image,
         config.model.patch_size,
         e.attention_threshold,
-        os.path.join(workdir, 'eval', 'attention'),
+        storage.join(workdir, 'eval', 'attention'),
         f'test{i}',
       )
     logger.info(
