@@ -1,5 +1,6 @@
 """Evaluation: weighted k-NN, attention maps, sharded feature extraction."""
 
+import functools
 import gc
 import os
 import time
@@ -31,6 +32,11 @@ def knn_reference(train_x, train_y, test_x, test_y, k, t, num_classes):
     top1 += order[0] == label
     top5 += label in order[: min(5, k)]
   return 100 * top1 / len(test_y), 100 * top5 / len(test_y)
+
+
+def cls_fn(model, mesh, params):
+  """images -> CLS features of ``model`` at ``params``."""
+  return functools.partial(features.jit_feature_fn(model, mesh), params)
 
 
 class KnnTest(parameterized.TestCase):
@@ -135,11 +141,16 @@ class FeaturesTest(absltest.TestCase):
     )
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
     source = sources.SyntheticSource(size=21, image_size=40)
-    fn = features.cls_feature_fn(model, params)
     kw = dict(batch_size=8, resize_size=32, crop_size=32)
-    x8, y8 = features.extract(fn, source, mesh=parallel.make_mesh(), **kw)
+    meshes = [
+      parallel.make_mesh(),
+      parallel.make_mesh(devices=jax.devices()[:1]),
+    ]
+    x8, y8 = features.extract(
+      cls_fn(model, meshes[0], params), source, mesh=meshes[0], **kw
+    )
     x1, y1 = features.extract(
-      fn, source, mesh=parallel.make_mesh(devices=jax.devices()[:1]), **kw
+      cls_fn(model, meshes[1], params), source, mesh=meshes[1], **kw
     )
     self.assertEqual(x8.shape, (21, 32))
     np.testing.assert_array_equal(y8, [i % 10 for i in range(21)])
@@ -160,8 +171,8 @@ class FeaturesTest(absltest.TestCase):
     )
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
     source = sources.SyntheticSource(size=21, image_size=40)
-    fn = features.cls_feature_fn(model, params)
     mesh = parallel.make_mesh()
+    fn = cls_fn(model, mesh, params)
     kw = dict(mesh=mesh, resize_size=32, crop_size=32, log_every=0)
     x0, y0 = features.extract(fn, source, batch_size=8, num_workers=0, **kw)
     from grain._src.python.ipc import shared_memory_array
@@ -258,7 +269,7 @@ class FeaturesTest(absltest.TestCase):
     both = knn.knn_eval_many(
       config,
       mesh,
-      {'vit': features.cls_feature_fn(model, params), 'pixels': pixels},
+      {'vit': cls_fn(model, mesh, params), 'pixels': pixels},
     )
     self.assertEqual(set(both), {'vit', 'pixels'})
     alone = knn.knn_eval(config, mesh, model, params, 'vit')

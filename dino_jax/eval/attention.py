@@ -11,14 +11,18 @@ the mass. Maps are upsampled by nearest with factor p and written as PNGs.
 import io
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from jax.sharding import Mesh
+from PIL import Image
+
+from dino_jax import parallel, storage
 from dino_jax import step as step_lib
-from dino_jax import storage
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
-from PIL import Image
+from dino_jax.eval import features
 
 # A small perceptual colour map (dark blue -> magenta -> orange -> yellow).
 _ANCHORS = np.array(
@@ -35,26 +39,46 @@ def colorize(values: np.ndarray) -> np.ndarray:
   return ((1 - t) * _ANCHORS[lo] + t * _ANCHORS[lo + 1]).astype(np.uint8)
 
 
-def cls_attention(model, params, image: np.ndarray, patch_size: int):
-  """Per-head CLS attention over the patch grid.
+def cls_attention_batch(
+  model, params, images: np.ndarray, patch_size: int, mesh: Mesh | None = None
+) -> np.ndarray:
+  """Per-head CLS attention over the patch grid, for a batch of images.
+
+  With a mesh, every process calls this with the same images (a collective):
+  the batch is padded to a multiple of the device count, split over the
+  devices, and the maps gathered to every process.
 
   Args:
     model: the ViT backbone module.
-    params: its params.
-    image: float32 [H, W, 3] normalized; cropped to a multiple of p here.
+    params: its params (on ``mesh``, in any sharding; or local arrays).
+    images: float32 [B, H, W, 3] normalized; cropped to multiples of p here.
     patch_size: p.
+    mesh: the device mesh the params live on; None: local arrays.
 
   Returns:
-    float32 [heads, H // p, W // p], each head summing to <= 1.
+    float32 [B, heads, H // p, W // p], each head summing to <= 1.
   """
-  h, w = image.shape[0] // patch_size, image.shape[1] // patch_size
-  image = image[: h * patch_size, : w * patch_size]
-  attn = model.apply(
-    {'params': params},
-    jnp.asarray(image)[None],
-    method='last_self_attention',
-  )  # [1, heads, 1 + N, 1 + N]
-  return np.asarray(attn[0, :, 0, 1:]).reshape(-1, h, w)
+  b = images.shape[0]
+  h, w = images.shape[1] // patch_size, images.shape[2] // patch_size
+  images = np.asarray(images[:, : h * patch_size, : w * patch_size])
+  fn = features.jit_feature_fn(model, mesh, 'attention')
+  if mesh is None:
+    attn = np.asarray(fn(params, jnp.asarray(images)))
+  else:
+    pad = -b % mesh.devices.size
+    images = np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
+    sharded = jax.make_array_from_callback(
+      images.shape, parallel.batch_sharding(mesh), lambda i: images[i]
+    )
+    attn = features.gather(mesh, fn(params, sharded))[:b]
+  return attn.reshape(b, -1, h, w)  # [B, heads, N] -> the patch grid
+
+
+def cls_attention(
+  model, params, image: np.ndarray, patch_size: int, mesh: Mesh | None = None
+) -> np.ndarray:
+  """``cls_attention_batch`` of one image [H, W, 3]: [heads, H/p, W/p]."""
+  return cls_attention_batch(model, params, image[None], patch_size, mesh)[0]
 
 
 def attention_mask(attn: np.ndarray, threshold: float) -> np.ndarray:
@@ -142,11 +166,40 @@ def attention_for_image(
   threshold: float,
   out_dir: str,
   prefix: str,
+  mesh: Mesh | None = None,
 ) -> list[str]:
   """Maps and masks for one normalized image [H, W, 3]; returns the paths."""
-  attn = cls_attention(model, params, image, patch_size)
-  mask = attention_mask(attn, threshold)
-  return save_maps(denormalize(image), attn, mask, patch_size, out_dir, prefix)
+  return attention_maps(
+    model, params, image[None], patch_size, threshold, out_dir, [prefix], mesh
+  )
+
+
+def attention_maps(
+  model,
+  params,
+  images: np.ndarray,
+  patch_size: int,
+  threshold: float,
+  out_dir: str,
+  prefixes: list[str],
+  mesh: Mesh | None = None,
+) -> list[str]:
+  """Maps and masks of a batch of normalized images [B, H, W, 3].
+
+  Every process takes part (the same images on each, see
+  ``cls_attention_batch``); process 0 writes the PNGs.
+
+  Returns:
+    The paths written (process 0; the others return []).
+  """
+  attn = cls_attention_batch(model, params, images, patch_size, mesh)
+  if jax.process_index() != 0:
+    return []
+  paths = []
+  for image, a, prefix in zip(images, attn, prefixes, strict=True):
+    mask = attention_mask(a, threshold)
+    paths += save_maps(denormalize(image), a, mask, patch_size, out_dir, prefix)
+  return paths
 
 
 def _save_png(pixels: np.ndarray, path: str) -> None:
@@ -184,14 +237,21 @@ def attention_from_workdir(
     raise workdir_lib.WorkdirError(
       f'--image={image_path} is not a file; pass an image file'
     )
-  config, _, state, _ = workdir_lib.load_workdir(workdir, overrides)
+  config, mesh, state, _ = workdir_lib.load_workdir(workdir, overrides)
   _, teacher = step_lib.build_models(config)
   p = config.model.patch_size
   image = load_image(image_path, image_size, p)
   out = output_dir or storage.join(workdir, 'eval', 'attention')
   stem = storage.as_path(image_path).stem
   return attention_for_image(
-    teacher.backbone, state.teacher['backbone'], image, p, threshold, out, stem
+    teacher.backbone,
+    state.teacher['backbone'],
+    image,
+    p,
+    threshold,
+    out,
+    stem,
+    mesh,
   )
 
 

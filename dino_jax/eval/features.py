@@ -4,14 +4,17 @@ Eval preprocessing (SPEC §7.1): resize the shorter side to ``resize_size``
 (bicubic), centre-crop ``crop_size``, ImageNet normalization.
 """
 
+import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from PIL import Image
 
 from dino_jax import parallel
@@ -156,25 +159,173 @@ def report_undecodable(source, indices, show: int = 5) -> str | None:
   return message
 
 
+def cls_features(model, params, images: jax.Array) -> jax.Array:
+  """[B, S, S, 3] -> [B, D]: backbone CLS after the final norm (SPEC §7.1)."""
+  return model.apply({'params': params}, images).astype(jnp.float32)
+
+
+def probe_features(
+  model,
+  params,
+  images: jax.Array,
+  n_last_blocks: int = 4,
+  avgpool: bool = False,
+) -> jax.Array:
+  """[B, S, S, 3] -> [B, F] linear-probe features (SPEC §7.2).
+
+  The CLS tokens of the last ``n_last_blocks`` blocks (each after the final
+  norm) concatenated, F = n * D; with ``avgpool`` (n = 1) the CLS and the
+  mean patch token interleaved element-wise, F = 2 * D.
+  """
+  layers = model.apply(
+    {'params': params}, images, n=n_last_blocks, method='intermediate_layers'
+  )
+  feats = jnp.concatenate([x[:, 0] for x in layers], axis=-1)
+  if avgpool:
+    if n_last_blocks != 1:
+      raise ValueError('avgpool needs n_last_blocks=1 (official code)')
+    mean_patch = jnp.mean(layers[-1][:, 1:], axis=1)
+    # cat on a new last axis, then flatten: cls_0, avg_0, cls_1, avg_1, ...
+    feats = jnp.stack([feats, mean_patch], axis=-1).reshape(feats.shape[0], -1)
+  return jax.lax.stop_gradient(feats.astype(jnp.float32))
+
+
+def attention_features(model, params, images: jax.Array) -> jax.Array:
+  """[B, H, W, 3] -> [B, heads, N]: the last block's CLS -> patch attention.
+
+  H and W are multiples of the patch size p; N = (H / p) * (W / p) patches
+  in row-major order (SPEC §7.3).
+  """
+  attn = model.apply(
+    {'params': params}, images, method='last_self_attention'
+  )  # [B, heads, 1 + N, 1 + N]
+  return attn[:, :, 0, 1:].astype(jnp.float32)
+
+
+def pixel_features(model, params, images: jax.Array) -> jax.Array:
+  """[B, S, S, 3] -> [B, S * S * 3]: the raw-pixel baseline (no model)."""
+  del model, params
+  return images.reshape(images.shape[0], -1)
+
+
+FEATURE_KINDS = {
+  'cls': cls_features,
+  'probe': probe_features,
+  'attention': attention_features,
+  'pixels': pixel_features,
+}
+
+
+@functools.lru_cache(maxsize=64)
+def jit_feature_fn(
+  model, mesh: Mesh | None = None, kind: str = 'cls', **options
+):
+  """The jitted ``features(params, images)`` of one feature kind; cached.
+
+  One function (and so one compile per parameter and image shape) per
+  ``(model, mesh, kind, options)``: the parameters are arguments, never
+  constants, so the trained teacher, a random init or the next checkpoint
+  reuse the same executable, and parameters spanning other processes'
+  devices are accepted. ``dino_jax.aot`` lowers it ahead of time:
+  ``jit_feature_fn(model, mesh).lower(params_shapes, images_shape)``.
+
+  Signature of the returned function: ``features(params, images)``:
+
+  - ``params``: the model's parameter tree (``{'params': ...}`` inner dict;
+    ignored by 'pixels'), in any sharding over ``mesh``: the jitted function
+    takes the arguments' own (fsdp-split or replicated);
+  - ``images``: float32 ``[B, H, W, 3]`` normalized, B a multiple of the
+    mesh's device count, split over the batch axes ('data', 'fsdp');
+  - returns float32 ``[B, F]`` ('attention': ``[B, heads, N]``) split over
+    the batch axes: row i belongs to image i.
+
+  The body is traced inside ``jax.sharding.use_abstract_mesh``, so the
+  model's ``parallel.constrain_batch`` keeps activations on their rows.
+
+  Args:
+    model: the ViT backbone module (hashable; None for 'pixels').
+    mesh: the device mesh; None: no shardings (one device, local arrays).
+    kind: one of FEATURE_KINDS: 'cls' (k-NN), 'probe' (linear probe;
+      options ``n_last_blocks``, ``avgpool``), 'attention', 'pixels'.
+    **options: keyword arguments of the kind's function (hashable).
+
+  Returns:
+    A ``jax.jit``-wrapped function (``.lower``, ``._cache_size`` work).
+
+  Raises:
+    ValueError: an unknown kind (the valid ones are listed).
+  """
+  if kind not in FEATURE_KINDS:
+    raise ValueError(
+      f'unknown feature kind {kind!r}; use one of {sorted(FEATURE_KINDS)}'
+    )
+  fn = functools.partial(FEATURE_KINDS[kind], model, **options)
+  if mesh is None:
+    return jax.jit(fn)
+
+  def features(params, images):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return parallel.constrain_batch(
+        fn(params, parallel.constrain_batch(images))
+      )
+
+  batch = parallel.batch_sharding(mesh)
+  # None: the parameters keep the sharding they come with.
+  return jax.jit(features, in_shardings=(None, batch), out_shardings=batch)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicate_fn(mesh: Mesh):
+  return jax.jit(lambda tree: tree, out_shardings=parallel.replicated(mesh))
+
+
+def gather(mesh: Mesh, tree):
+  """Every row of each global array of ``tree``, on every process, as numpy.
+
+  All leaves are gathered by the same program, so rows that share a
+  position in their global arrays (an image's features, label and index)
+  share it in the result, whatever the order of the devices and processes.
+  """
+  replicated = _replicate_fn(mesh)(tree)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicated)
+
+
+def replicate(mesh: Mesh, tree):
+  """Host numpy arrays, equal on every process -> replicated global arrays."""
+  sharding = parallel.replicated(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  return jax.tree.map(put, tree)
+
+
 def extract(
-  feature_fn: Callable[[jax.Array], jax.Array],
+  feature_fn: Callable[[jax.Array], Any],
   source,
   *,
-  mesh,
+  mesh: Mesh,
   batch_size: int,
   resize_size: int,
   crop_size: int,
   max_images: int = -1,
   num_workers: int = 0,
   log_every: int = 50,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[Any, np.ndarray]:
   """Features and labels of every image of a source, once, in source order.
 
-  The result is the same for any ``num_workers``, batch size and process
-  count. Undecodable images are dropped and named in one warning.
+  The result is the same for any ``num_workers``, batch size, process count
+  and device order. Each process feeds its share of a batch; the images,
+  labels, valid flags and source indices of the batch become global arrays
+  with the same sharding, and are gathered with the features by one call:
+  a row's label can only be its image's. Undecodable images are dropped and
+  named in one warning.
 
   Args:
-    feature_fn: jittable ``images [B, S, S, 3] -> features [B, F]``.
+    feature_fn: ``images [B, S, S, 3] -> features [B, F]`` (or a dict of
+      such) on global arrays split over ``mesh``'s batch axes, e.g.
+      ``functools.partial(jit_feature_fn(model, mesh), params)``.
     source: random-access source.
     mesh: device mesh; each global batch is split over its devices.
     batch_size: global batch size (a multiple of the device count).
@@ -185,8 +336,9 @@ def extract(
     log_every: progress line every this many batches.
 
   Returns:
-    (features float32 [N, F], labels int32 [N]) gathered from all processes,
-    N = the number of decodable images among the first ``max_images``.
+    (features float32 [N, F] (or a dict of them), labels int32 [N]),
+    the same on every process, N = the number of decodable images among the
+    first ``max_images``.
   """
   count, index = jax.process_count(), jax.process_index()
   local_batch = batch_size // count
@@ -200,19 +352,12 @@ def extract(
     process_index=index,
     process_count=count,
   )
-  sharding = parallel.batch_sharding(mesh, 0)
-  run = jax.jit(feature_fn, in_shardings=sharding, out_shardings=sharding)
   # Every process runs the same number of steps (pads with invalid rows).
   if count > 1:
     n_batches = int(
       multihost_utils.process_allgather(np.int32(n_batches)).max()
     )
-  gather = (
-    (lambda x: np.asarray(multihost_utils.process_allgather(x)))
-    if count > 1
-    else np.asarray
-  )
-  feats, labels, valid, indices = [], [], [], []
+  rows = []
   it = iter(ds)
   empty = {
     'image': np.zeros((0, crop_size, crop_size, 3), np.float32),
@@ -222,17 +367,11 @@ def extract(
   }
   try:
     for i in range(n_batches):
-      batch = _pad(_private(next(it, empty)), local_batch)
-      images = jax.make_array_from_process_local_data(sharding, batch['image'])
-      out = run(images)
-      out = multihost_utils.process_allgather(out) if count > 1 else out
-      feats.append(np.asarray(jax.device_get(out), np.float32))
-      for name, rows in (
-        ('label', labels),
-        ('valid', valid),
-        ('index', indices),
-      ):
-        rows.append(gather(batch[name]).reshape(-1))
+      batch = pipeline.global_batch(
+        mesh, _pad(_private(next(it, empty)), local_batch)
+      )
+      images = batch.pop('image')
+      rows.append(gather(mesh, {**batch, 'features': feature_fn(images)}))
       if log_every and (i + 1) % log_every == 0:
         logger.info('features: batch %d/%d', i + 1, n_batches)
   finally:
@@ -241,22 +380,13 @@ def extract(
       close()
       it = None  # with its buffers
       pipeline.release_shared_memory()
-  index_all = np.concatenate(indices)
-  valid_all = np.concatenate(valid).astype(bool)
+  rows = jax.tree.map(lambda *xs: np.concatenate(xs), *rows)
+  index_all, valid_all = rows['index'], rows['valid'].astype(bool)
   real = index_all >= 0  # padding rows carry index -1
   report_undecodable(source, index_all[real & ~valid_all])
   keep = np.flatnonzero(real & valid_all)
   keep = keep[np.argsort(index_all[keep], kind='stable')]  # source order
-  feats = np.concatenate(feats).reshape(len(index_all), -1)
-  return feats[keep], np.concatenate(labels)[keep].astype(np.int32)
-
-
-def cls_feature_fn(model, params, dtype=jnp.float32):
-  """Backbone CLS after the final norm (the k-NN feature, SPEC §7.1)."""
-
-  def fn(images):
-    return model.apply({'params': params}, images.astype(dtype)).astype(
-      jnp.float32
-    )
-
-  return fn
+  feats = jax.tree.map(
+    lambda x: np.asarray(x[keep], np.float32), rows['features']
+  )
+  return feats, rows['label'][keep].astype(np.int32)

@@ -6,6 +6,7 @@ Teacher backbone CLS features, L2-normalized; cosine similarity to the train
 set (memory); the k nearest vote with weight exp(sim / T), T = 0.07.
 """
 
+import functools
 import json
 import logging
 import sys
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+
 from dino_jax import hostmem, interop, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
@@ -26,6 +28,25 @@ logger = logging.getLogger(__name__)
 
 def _normalize(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.partial(
+  jax.jit, static_argnames=('ks', 'temperature', 'num_classes')
+)
+def _class_scores(
+  queries, memory, memory_labels, *, ks, temperature, num_classes
+):
+  """Weighted votes per class for each k: [len(ks), q, C].
+
+  Module level, features as arguments: one compile per shape, not per call.
+  """
+  sim = _normalize(queries) @ memory.T  # [q, N] cosine
+  top_sim, top_idx = jax.lax.top_k(sim, max(ks))  # sorted, descending
+  top_labels = memory_labels[top_idx]  # [q, max_k]
+  weights = jnp.exp(top_sim / temperature)
+  votes = jax.nn.one_hot(top_labels, num_classes) * weights[..., None]
+  cumulative = jnp.cumsum(votes, axis=1)  # [q, max_k, C]
+  return jnp.stack([cumulative[:, k - 1] for k in ks])
 
 
 def knn_classify(
@@ -60,32 +81,32 @@ def knn_classify(
   ks = tuple(k for k in ks if k <= len(train_labels))
   if not ks:
     raise ValueError(f'every k exceeds the {len(train_labels)} train images')
-  max_k = max(ks)
   memory = _normalize(jnp.asarray(train_features, jnp.float32))
   memory_labels = jnp.asarray(train_labels, jnp.int32)
-
-  @jax.jit
-  def scores(queries, memory, memory_labels):  # arguments, not constants
-    sim = _normalize(queries) @ memory.T  # [q, N] cosine
-    top_sim, top_idx = jax.lax.top_k(sim, max_k)  # sorted, descending
-    top_labels = memory_labels[top_idx]  # [q, max_k]
-    weights = jnp.exp(top_sim / temperature)
-    votes = jax.nn.one_hot(top_labels, num_classes) * weights[..., None]
-    cumulative = jnp.cumsum(votes, axis=1)  # [q, max_k, C]
-    return jnp.stack([cumulative[:, k - 1] for k in ks])  # [len(ks), q, C]
-
+  total = len(test_labels)
+  chunk = min(chunk_size, total)  # one query shape: one compile
   correct1 = np.zeros(len(ks))
   correct5 = np.zeros(len(ks))
-  for start in range(0, len(test_labels), chunk_size):
-    queries = jnp.asarray(test_features[start : start + chunk_size])
-    labels = np.asarray(test_labels[start : start + chunk_size])
-    class_scores = np.asarray(scores(queries, memory, memory_labels))
+  for start in range(0, total, chunk):
+    queries = np.asarray(test_features[start : start + chunk], np.float32)
+    labels = np.asarray(test_labels[start : start + chunk])
+    n = len(labels)
+    queries = np.pad(queries, ((0, chunk - n), (0, 0)))  # last chunk
+    class_scores = np.asarray(
+      _class_scores(
+        queries,
+        memory,
+        memory_labels,
+        ks=ks,
+        temperature=temperature,
+        num_classes=num_classes,
+      )
+    )[:, :n]
     order = np.argsort(-class_scores, axis=-1, kind='stable')
     for i, k in enumerate(ks):
       correct1[i] += np.sum(order[i, :, 0] == labels)
       top = order[i, :, : min(5, k)]
       correct5[i] += np.sum(np.any(top == labels[:, None], axis=1))
-  total = len(test_labels)
   return {
     k: {
       'top1': 100.0 * correct1[i] / total,
@@ -157,23 +178,19 @@ def knn_eval_many(config, mesh, feature_fns: dict) -> dict:
   Args:
     config: the run config (eval group: splits, sizes, ks, temperature).
     mesh: device mesh for the extraction.
-    feature_fns: {name: jittable images [B, S, S, 3] -> [B, F_name]}.
+    feature_fns: {name: images [B, S, S, 3] -> [B, F_name]} on global
+      arrays, e.g. ``functools.partial(features.jit_feature_fn(model, mesh),
+      params)``.
 
   Returns:
     {name: {k: {'top1', 'top5'}}}. The images are decoded once; every map
-    runs on each batch in one jitted call and the columns are split after.
+    runs on each batch.
   """
-  names = list(feature_fns)
   e = config.eval
   _check_labels(config)
-  probe = jax.ShapeDtypeStruct((1, e.crop_size, e.crop_size, 3), np.float32)
-  widths = [jax.eval_shape(feature_fns[n], probe).shape[-1] for n in names]
-  bounds = np.cumsum([0] + widths)
 
   def fn(images):
-    return jnp.concatenate(
-      [feature_fns[n](images).astype(jnp.float32) for n in names], axis=-1
-    )
+    return {name: f(images) for name, f in feature_fns.items()}
 
   (train_x, train_y), classes = _extract(
     config, mesh, fn, e.train_split, e.max_train_images
@@ -182,19 +199,18 @@ def knn_eval_many(config, mesh, feature_fns: dict) -> dict:
     config, mesh, fn, e.test_split, e.max_test_images
   )
   results = {}
-  for i, name in enumerate(names):
-    lo, hi = bounds[i], bounds[i + 1]
+  for name in feature_fns:
     logger.info(
       'k-NN (%s): %d memory, %d queries, %d-d features',
       name,
       len(train_y),
       len(test_y),
-      hi - lo,
+      train_x[name].shape[1],
     )
     results[name] = knn_classify(
-      train_x[:, lo:hi],
+      train_x[name],
       train_y,
-      test_x[:, lo:hi],
+      test_x[name],
       test_y,
       ks=tuple(e.ks),
       temperature=e.temperature,
@@ -204,8 +220,8 @@ def knn_eval_many(config, mesh, feature_fns: dict) -> dict:
 
 
 def knn_eval(config, mesh, model, params, label: str = 'trained') -> dict:
-  """k-NN accuracies of a backbone, {k: {'top1', 'top5'}}."""
-  fn = features.cls_feature_fn(model, params)
+  """k-NN accuracies of a backbone's CLS, {k: {'top1', 'top5'}}."""
+  fn = functools.partial(features.jit_feature_fn(model, mesh), params)
   return knn_eval_many(config, mesh, {label: fn})[label]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from dino_jax import hostmem, parallel
+from dino_jax import hostmem
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop, pipeline, sources
@@ -31,19 +31,7 @@ from dino_jax.eval import features, knn
 logger = logging.getLogger(__name__)
 
 
-def probe_features(model, params, images, n_last_blocks, avgpool):
-  """[B, H, W, 3] -> [B, F] linear-probe features (no gradient)."""
-  layers = model.apply(
-    {'params': params}, images, n=n_last_blocks, method='intermediate_layers'
-  )
-  feats = jnp.concatenate([x[:, 0] for x in layers], axis=-1)
-  if avgpool:
-    if n_last_blocks != 1:
-      raise ValueError('avgpool needs n_last_blocks=1 (official code)')
-    mean_patch = jnp.mean(layers[-1][:, 1:], axis=1)
-    # cat on a new last axis, then flatten: cls_0, avg_0, cls_1, avg_1, ...
-    feats = jnp.stack([feats, mean_patch], axis=-1).reshape(feats.shape[0], -1)
-  return jax.lax.stop_gradient(feats.astype(jnp.float32))
+probe_features = features.probe_features  # [B, H, W, 3] -> [B, F]
 
 
 def epoch_lrs(base_lr: float, epochs: int) -> np.ndarray:
@@ -91,16 +79,16 @@ def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
   lc, e = config.linear, config.eval
   train_source = sources.make_source(config.data, e.train_split)
   classes = getattr(train_source, 'classes', ()) or ()
-  feature_fn = functools.partial(
-    probe_features,
+  jitted = features.jit_feature_fn(
     model,
-    params,
+    mesh,
+    'probe',
     n_last_blocks=lc.n_last_blocks,
     avgpool=lc.avgpool,
   )
   extract = functools.partial(
     features.extract,
-    feature_fn,
+    functools.partial(jitted, params),
     mesh=mesh,
     batch_size=e.batch_size,
     resize_size=e.resize_size,
@@ -124,9 +112,10 @@ def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
     momentum=0.9,
   )
   linear = init_linear(jax.random.PRNGKey(seed), val_x.shape[1], num_classes)
-  opt_state = tx.init(linear)
-  replicated = parallel.replicated(mesh)
-  linear, opt_state = jax.device_put((linear, opt_state), replicated)
+  # Host values, equal on every process -> arrays on the whole mesh.
+  linear, opt_state = features.replicate(
+    mesh, jax.device_get((linear, tx.init(linear)))
+  )
 
   def update(linear, opt_state, feats, labels):
     loss, grads = jax.value_and_grad(_loss)(linear, feats, labels)
@@ -145,9 +134,9 @@ def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
     )
 
     @jax.jit
-    def step(linear, opt_state, key, batch):
+    def step(linear, opt_state, params, key, batch):
       crops = _train_crops(key, batch, e.crop_size)
-      return update(linear, opt_state, feature_fn(crops), batch['label'])
+      return update(linear, opt_state, jitted(params, crops), batch['label'])
   else:
     train_x, train_y = extract(train_source, max_images=n_train)
     step = jax.jit(update)
@@ -163,13 +152,18 @@ def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
         linear, opt_state, loss = step(
           linear,
           opt_state,
-          jax.random.fold_in(key, len(history) * 100003 + i),
+          params,
+          features.replicate(
+            mesh, jax.random.fold_in(key, len(history) * 100003 + i)
+          ),
           batch,
         )
       else:
         idx = order[i * lc.batch_size : (i + 1) * lc.batch_size]
         linear, opt_state, loss = step(
-          linear, opt_state, train_x[idx], train_y[idx]
+          linear,
+          opt_state,
+          *features.replicate(mesh, (train_x[idx], train_y[idx])),
         )
     top1, top5 = accuracy(jax.device_get(linear), val_x, val_y)
     history.append(

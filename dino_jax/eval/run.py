@@ -4,17 +4,30 @@ import functools
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from dino_jax import parallel, storage
 from dino_jax import step as step_lib
-from dino_jax import storage
 from dino_jax.data import sources
 from dino_jax.eval import attention, features, knn
 
 logger = logging.getLogger(__name__)
 
 
-def _identity_fn(images):
-  return images.reshape(images.shape[0], -1)
+def _random_init(config, mesh, backbone):
+  """The backbone at random init (seed + 1), sharded as the teacher's."""
+  size = config.eval.crop_size
+  init = functools.partial(
+    backbone.init,
+    jax.random.PRNGKey(config.seed + 1),
+    jnp.zeros((1, size, size, 3), jnp.float32),
+  )
+  shape = jax.eval_shape(init)['params']
+  # The teacher's rules on the same shapes: the same shardings, so both
+  # run through one compiled feature function.
+  shardings = parallel.state_sharding(mesh, shape, config.mesh.fsdp_min_size)
+  return jax.jit(lambda: init()['params'], out_shardings=shardings)()
 
 
 def after_training(
@@ -33,13 +46,13 @@ def after_training(
   backbone = teacher.backbone
   params = state.teacher['backbone']
   if e.knn:
-    fns = {'trained': features.cls_feature_fn(backbone, params)}
+    cls = features.jit_feature_fn(backbone, mesh)
+    fns = {'trained': functools.partial(cls, params)}
     if e.baselines and final:
-      init = jax.jit(
-        functools.partial(backbone.init, jax.random.PRNGKey(config.seed + 1))
-      )(np.zeros((1, e.crop_size, e.crop_size, 3), np.float32))['params']
-      fns['random_init'] = features.cls_feature_fn(backbone, init)
-      fns['raw_pixels'] = _identity_fn
+      init = _random_init(config, mesh, backbone)
+      fns['random_init'] = functools.partial(cls, init)
+      pixels = features.jit_feature_fn(None, mesh, 'pixels')
+      fns['raw_pixels'] = functools.partial(pixels, None)
     try:
       results = knn.knn_eval_many(config, mesh, fns)
     except sources.DataError as error:  # e.g. a folder without labels
@@ -60,25 +73,24 @@ def after_training(
         },
       )
     out['knn'] = results
-  if final and e.attention_images > 0 and jax.process_index() == 0:
+  if final and e.attention_images > 0:  # every process takes part
     source = sources.make_source(config.data, e.test_split)
     size = e.attention_size  # shorter side resized to it, centre crop
     if size:
       transform = features.EvalTransform(size, size)
     else:
       transform = features.EvalTransform(e.resize_size, e.crop_size)
-    paths = []
-    for i in range(min(e.attention_images, len(source))):
-      image = transform.map(source[i])['image']
-      paths += attention.attention_for_image(
-        backbone,
-        params,
-        image,
-        config.model.patch_size,
-        e.attention_threshold,
-        storage.join(workdir, 'eval', 'attention'),
-        f'test{i}',
-      )
+    n = min(e.attention_images, len(source))
+    paths = attention.attention_maps(
+      backbone,
+      params,
+      np.stack([transform.map(source[i])['image'] for i in range(n)]),
+      config.model.patch_size,
+      e.attention_threshold,
+      storage.join(workdir, 'eval', 'attention'),
+      [f'test{i}' for i in range(n)],
+      mesh,
+    )
     logger.info(
       'attention maps: %d files in %s/eval/attention', len(paths), workdir
     )

@@ -1,0 +1,58 @@
+"""One process of a train-and-evaluate run (tests/test_multihost_eval.py).
+
+  python tests/multihost_eval_worker.py MODE WORKDIR DEVICES NUM_PROCESSES \
+      PROCESS_ID PORT [--config.a.b=c ...]
+
+MODE 'train': trains the tiny config (tests/tiny_config.py, overridden by
+the arguments) on DEVICES fake CPU devices per process, with the
+end-of-training evaluations (k-NN, attention maps). MODE 'eval': the same
+evaluations of WORKDIR's newest checkpoint, as the run would do them at its
+end. Both then run the linear probe of the saved teacher (as ``python -m
+dino_jax.eval.linear`` does). With NUM_PROCESSES > 1 the processes join
+through jax.distributed at 127.0.0.1:PORT.
+"""
+
+import os
+import sys
+
+DEVICES = int(sys.argv[3])
+os.environ['XLA_FLAGS'] = (  # the suite's flags, then this run's devices
+  os.environ.get('XLA_FLAGS', '')
+  + f' --xla_force_host_platform_device_count={DEVICES}'
+)
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def main():
+  mode, workdir = sys.argv[1:3]
+  num_processes, process_id, port = map(int, sys.argv[4:7])
+  overrides = sys.argv[7:]
+  jax.config.update('jax_threefry_partitionable', True)
+  if num_processes > 1:
+    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
+  import tiny_config
+
+  from dino_jax import train
+  from dino_jax import workdir as workdir_lib
+  from dino_jax.eval import linear, run
+
+  assert jax.device_count() == DEVICES * num_processes
+  if mode == 'train':
+    config = workdir_lib.apply_overrides(tiny_config.get_config(), overrides)
+    train.train_and_evaluate(config, workdir)
+  else:
+    config, mesh, state, step = workdir_lib.load_workdir(workdir)
+    run.after_training(config, workdir, mesh, state, step, final=True)
+  linear.linear_from_workdir(workdir)
+  if num_processes > 1:
+    jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  main()
