@@ -2,6 +2,7 @@
 
 import functools
 import gc
+import logging
 import os
 import time
 from unittest import mock
@@ -289,6 +290,48 @@ class FeaturesTest(absltest.TestCase):
     for k in (2, 4):
       self.assertAlmostEqual(both['pixels'][k]['top1'], direct[k]['top1'])
       self.assertAlmostEqual(both['pixels'][k]['top5'], direct[k]['top5'])
+
+
+class CompileOnceTest(absltest.TestCase):
+  def test_no_compile_per_evaluation(self):
+    """Other parameters, the same shapes: nothing compiles again.
+
+    The parameters are arguments of one cached jitted feature function, not
+    constants (which would compile each extraction again, and which JAX
+    refuses for arrays spanning other processes' devices).
+    """
+    config = tiny_config.get_config()
+    model = models.VisionTransformer(
+      patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32
+    )
+    mesh = parallel.make_mesh(fsdp=2)
+    params = []
+    for seed in (0, 1):
+      p = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+      p = p['params']
+      params.append(jax.device_put(p, parallel.state_sharding(mesh, p, 1024)))
+    first = knn.knn_eval(config, mesh, model, params[0])  # compiles
+    compiled = []
+
+    class Count(logging.Handler):
+      def emit(self, record):
+        if record.getMessage().startswith('Compiling'):
+          compiled.append(record.getMessage()[:80])
+
+    handler = Count()
+    logger = logging.getLogger('jax._src.interpreters.pxla')
+    logger.addHandler(handler)
+    try:
+      with jax.log_compiles(True):
+        # Two k-NN evaluations: four extractions and two classifications.
+        other = knn.knn_eval(config, mesh, model, params[1])
+        again = knn.knn_eval(config, mesh, model, params[0])
+    finally:
+      logger.removeHandler(handler)
+    self.assertEqual(compiled, [])
+    self.assertEqual(again, first)
+    self.assertNotEqual(other, first)  # the parameters did reach it
+    self.assertEqual(features.jit_feature_fn(model, mesh)._cache_size(), 1)
 
 
 if __name__ == '__main__':
