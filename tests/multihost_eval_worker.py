@@ -7,9 +7,13 @@ MODE 'train': trains the tiny config (tests/tiny_config.py, overridden by
 the arguments) on DEVICES fake CPU devices per process, with the
 end-of-training evaluations (k-NN, attention maps). MODE 'eval': the same
 evaluations of WORKDIR's newest checkpoint, as the run would do them at its
-end. Both then run the linear probe of the saved teacher (as ``python -m
+end (the arguments override its saved config's eval, linear, data and mesh
+fields). Both then run the linear probe of the saved teacher (as ``python -m
 dino_jax.eval.linear`` does). With NUM_PROCESSES > 1 the processes join
-through jax.distributed at 127.0.0.1:PORT.
+through jax.distributed at 127.0.0.1:PORT, and the mesh takes the devices
+in reverse order: the first rows of a batch then live on the last process's
+devices (a TPU pod does not promise ``jax.devices()`` grouped by process),
+so a label gathered in process order would miss its image.
 """
 
 import os
@@ -38,18 +42,26 @@ def main():
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   import tiny_config
 
-  from dino_jax import train
+  from dino_jax import parallel, train
   from dino_jax import workdir as workdir_lib
   from dino_jax.eval import linear, run
 
   assert jax.device_count() == DEVICES * num_processes
+  if num_processes > 1:
+    make_mesh = parallel.make_mesh
+    parallel.make_mesh = lambda data=-1, fsdp=1: make_mesh(
+      data, fsdp, devices=jax.devices()[::-1]
+    )
+    mesh = parallel.make_mesh(-1, 2)
+    first = mesh.devices.flat[0]
+    assert first.process_index == num_processes - 1, mesh.devices
   if mode == 'train':
     config = workdir_lib.apply_overrides(tiny_config.get_config(), overrides)
     train.train_and_evaluate(config, workdir)
   else:
-    config, mesh, state, step = workdir_lib.load_workdir(workdir)
+    config, mesh, state, step = workdir_lib.load_workdir(workdir, overrides)
     run.after_training(config, workdir, mesh, state, step, final=True)
-  linear.linear_from_workdir(workdir)
+  linear.linear_from_workdir(workdir, overrides if mode == 'eval' else ())
   if num_processes > 1:
     jax.distributed.shutdown()
 

@@ -29,8 +29,10 @@ OVERRIDES = (
   '--config.mesh.fsdp_min_size=1024',
   '--config.eval.baselines=true',
   '--config.eval.attention_images=3',  # padded to the 4 devices
+  '--config.eval.ks=(3, 5, 10)',
   '--config.linear.augment=false',
-  '--config.linear.epochs=2',
+  '--config.linear.epochs=3',
+  '--config.linear.lr=2.0',
   '--config.linear.batch_size=16',
   '--config.linear.n_last_blocks=2',
 )
