@@ -7,7 +7,8 @@
 #   bash launch/tpu_pod.sh --config=configs/vit_s16.py
 #
 # Extra arguments are passed to dino_jax.main (e.g. --config.batch_size=1024).
-# WORKDIR should be a GCS path so every worker sees the same checkpoints.
+# WORKDIR should be a GCS path so every worker sees the same checkpoints,
+# metrics and lock (the VMs' service account needs read/write on the bucket).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
 ACCELERATOR=${ACCELERATOR:-v4-32}
@@ -26,9 +27,12 @@ run_all() {
 }
 
 if [[ -n "$REPO" ]]; then
-  run_all "test -d dino_jax || git clone $REPO dino_jax; cd dino_jax && \
-    pip install -q -e . 'jax[tpu]'"
+  run_all "test -d dino_jax || git clone $(printf %q "$REPO") dino_jax; \
+    cd dino_jax && pip install -q -e '.[gcs]' 'jax[tpu]'"
 fi
 # The same command on every host; a preemption notice makes it save and
 # exit 0, and running this script again (CREATE=0) resumes from WORKDIR.
-run_all "cd dino_jax && python -m dino_jax.main --workdir=$WORKDIR $*"
+# Each argument is quoted for the remote shell (printf %q).
+args=$(printf ' %q' "$@")
+run_all "cd dino_jax && python -m dino_jax.main \
+  --workdir=$(printf %q "$WORKDIR")$args"

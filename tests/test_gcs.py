@@ -1,0 +1,357 @@
+"""gs:// workdirs against a local fake GCS server (the ``gcs`` fixture).
+
+The file layer (``dino_jax.storage``), the object lock, one-line errors for
+bad remote paths, and the pod rehearsal: two processes train on a gs://
+workdir and gs:// data, are stopped by SIGTERM, resume, finish and evaluate.
+"""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import portpicker
+import pytest
+from PIL import Image
+from test_cli import env as cli_env
+
+from dino_jax import metrics as metrics_lib
+from dino_jax import storage
+from dino_jax import workdir as workdir_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.join(HERE, 'tiny_config.py')
+_buckets = iter(range(10**6))
+
+
+def new_bucket(gcs) -> str:
+  """A fresh bucket: ``(name, 'gs://name')``."""
+  name = f'b{os.getpid()}-{next(_buckets)}'
+  return name, gcs.create_bucket(name)
+
+
+def test_files_roundtrip_and_move(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a stray local 'gs:' folder would land here
+  name, url = new_bucket(gcs)
+  run = f'{url}/run'
+  assert storage.join(run, 'eval', 'knn.json') == f'{run}/eval/knn.json'
+  storage.makedirs(run)  # a prefix: nothing to create
+  for step, size in (('7', 3), ('9', 1)):
+    for i in range(size):
+      storage.write_bytes(f'{run}/checkpoints/{step}/d/{i}', bytes([i] * 4))
+  storage.write_text(f'{run}/config.json', '{"a": 1}')
+  storage.write_text(f'{run}/config.json', '{"a": 2}')  # replaced whole
+  assert storage.read_text(f'{run}/config.json') == '{"a": 2}'
+  storage.move_tree(f'{run}/checkpoints/7', f'{run}/damaged_checkpoints/7')
+  assert gcs.list(name) == [
+    'run/checkpoints/9/d/0',
+    'run/config.json',
+    'run/damaged_checkpoints/7/d/0',
+    'run/damaged_checkpoints/7/d/1',
+    'run/damaged_checkpoints/7/d/2',
+  ]
+  assert gcs.read(name, 'run/damaged_checkpoints/7/d/2') == bytes([2] * 4)
+  assert not os.path.exists(tmp_path / 'gs:')
+
+
+def test_metrics_rows_rewritten_whole_and_once(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  name, url = new_bucket(gcs)
+  run = f'{url}/run'
+  writer = metrics_lib.MetricWriter(run)
+  for step in (1, 2, 3):
+    writer.write(step, {'loss': float(step)})
+  writer.write(3, {'knn_trained_k2': 50.0})
+  writer.write(3, {'knn_trained_k2': 60.0}, replace=True)
+  writer.close()
+  rows = [
+    json.loads(r) for r in gcs.read(name, 'run/metrics.jsonl').splitlines()
+  ]
+  assert rows == [
+    {'step': 1, 'loss': 1.0},
+    {'step': 2, 'loss': 2.0},
+    {'step': 3, 'loss': 3.0},
+    {'step': 3, 'knn_trained_k2': 60.0},
+  ]
+  # A resume from step 2 drops the later rows, in the bucket too.
+  writer = metrics_lib.MetricWriter(run, resume_step=2)
+  assert not writer.has_evaluation(3)
+  writer.write(3, {'loss': 30.0})
+  writer.close()
+  rows = [
+    json.loads(r) for r in gcs.read(name, 'run/metrics.jsonl').splitlines()
+  ]
+  assert [(r['step'], r['loss']) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30)]
+  assert any(n.startswith('run/tensorboard/') for n in gcs.list(name))
+  assert not os.path.exists(tmp_path / 'gs:')
+
+
+def test_object_lock_one_holder_heartbeat_release(gcs):
+  name, url = new_bucket(gcs)
+  run = f'{url}/run'
+  lock = workdir_lib.ObjectLock(run, heartbeat_s=0.2)
+  lock.acquire()
+  first = json.loads(gcs.read(name, 'run/lock'))
+  assert first['state'] == 'held' and first['pid'] == os.getpid()
+  generation = lock._generation
+  time.sleep(0.7)  # heartbeats rewrite it, each on its own generation
+  assert lock._generation != generation
+  with pytest.raises(workdir_lib.WorkdirError, match='is in use by pid'):
+    workdir_lib.ObjectLock(run).acquire()
+  lock.release()
+  record = json.loads(gcs.read(name, 'run/lock'))
+  assert record['state'] == 'released' and record['pid'] == os.getpid()
+  with workdir_lib.lock(run) as again:  # a released lock is taken at once
+    assert isinstance(again, workdir_lib.ObjectLock)
+    assert json.loads(gcs.read(name, 'run/lock'))['state'] == 'held'
+
+
+def test_object_lock_racers_and_stale_takeover(gcs):
+  name, url = new_bucket(gcs)
+  run = f'{url}/run'
+  won, lost = [], []
+  barrier = threading.Barrier(6)
+
+  def race():
+    lock = workdir_lib.ObjectLock(run, heartbeat_s=3600)
+    barrier.wait()
+    try:
+      lock.acquire()
+      won.append(lock)
+    except workdir_lib.WorkdirError as e:
+      lost.append(str(e))
+
+  threads = [threading.Thread(target=race) for _ in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(won) == 1 and len(lost) == 5, lost
+  # The holder stops beating (a host that died): stale after stale_s.
+  won[0]._stop.set()
+  won[0]._thread.join()
+  with pytest.raises(workdir_lib.WorkdirError, match='in use'):
+    workdir_lib.ObjectLock(run, stale_s=60).acquire()
+  time.sleep(1.5)
+  taker = workdir_lib.ObjectLock(run, stale_s=1.0)
+  taker.acquire()
+  taker.release()
+  assert json.loads(gcs.read(name, 'run/lock'))['state'] == 'released'
+
+
+def _main(workdir, *flags, environ, cwd, stderr=subprocess.PIPE):
+  return subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'dino_jax.main',
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      *flags,
+    ],
+    env=environ,
+    cwd=cwd,
+    stdout=subprocess.DEVNULL,
+    stderr=stderr,
+    text=True,
+  )
+
+
+def _errors(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if line.startswith('error:')]
+
+
+@pytest.mark.slow
+def test_bad_remote_paths_fail_in_one_line(gcs, tmp_path):
+  name, url = new_bucket(gcs)
+  environ = {**cli_env(), **gcs.env()}
+
+  def run(workdir, *flags, extra=None, timeout=60):
+    start = time.time()
+    proc = _main(
+      workdir, *flags, environ={**environ, **(extra or {})}, cwd=tmp_path
+    )
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err, time.time() - start
+
+  rc, err, _ = run('gs://no-such-bucket/run')
+  assert rc == 1, err[-2000:]
+  assert _errors(err) == [
+    'error: --workdir=gs://no-such-bucket/run: bucket gs://no-such-bucket '
+    'does not exist; create it (gcloud storage buckets create '
+    'gs://no-such-bucket) or pass another path'
+  ]
+  rc, err, _ = run(
+    f'{url}/run',
+    extra={
+      'FSSPEC_GCS_TOKEN': 'google_default',
+      'GOOGLE_APPLICATION_CREDENTIALS': str(tmp_path / 'missing.json'),
+    },
+  )
+  assert rc == 1, err[-2000:]
+  (line,) = _errors(err)
+  assert line.startswith(f'error: no credentials for --workdir={url}/run')
+  assert 'gcloud auth application-default login' in line
+  rc, err, _ = run(
+    f'{url}/run',
+    '--config.data.source=imagefolder',
+    f'--config.data.path={url}/missing',
+  )
+  assert rc == 1, err[-2000:]
+  assert _errors(err) == [
+    f"error: ImageFolder root '{url}/missing' is not a directory"
+  ]
+  # A server that accepts connections and never answers.
+  with socket.socket() as silent:
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(16)
+    endpoint = f'http://127.0.0.1:{silent.getsockname()[1]}'
+    rc, err, seconds = run(
+      f'{url}/run', extra={'STORAGE_EMULATOR_HOST': endpoint}, timeout=120
+    )
+  assert rc == 1, err[-2000:]
+  (line,) = _errors(err)
+  assert line.startswith(f'error: no answer for --workdir={url}/run within ')
+  assert seconds < storage.PROBE_TIMEOUT_S + 30
+  assert gcs.list(name) == []  # nothing half-written
+  assert not os.path.exists(tmp_path / 'gs:')
+
+
+def _upload_images(name: str, prefix: str, count: int = 32) -> None:
+  """An ImageFolder of ``count`` 40 px JPEGs in two class folders."""
+  for i in range(count):
+    pixels = np.random.RandomState(i).randint(0, 256, (40, 40, 3), np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format='JPEG')
+    path = f'gs://{name}/{prefix}/c{i % 2}/{i:03d}.jpg'
+    storage.write_bytes(path, data.getvalue())
+
+
+def _metric_rows(gcs, name: str, prefix: str) -> list[dict]:
+  try:
+    text = gcs.read(name, f'{prefix}/metrics.jsonl').decode()
+  except OSError:  # not written yet (HTTP 404)
+    return []
+  return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_gs_workdir_one_trains(gcs, tmp_path):
+  name, url = new_bucket(gcs)
+  environ = {**cli_env(), **gcs.env()}
+  flags = (
+    '--config.total_steps=2',
+    '--config.eval.knn=False',
+    '--config.eval.attention_images=0',
+  )
+  procs = [
+    _main(f'{url}/run', *flags, environ=environ, cwd=tmp_path) for _ in range(2)
+  ]
+  results = [(p.wait(timeout=400), p.stderr.read()) for p in procs]
+  codes = sorted(rc for rc, _ in results)
+  assert codes == [0, 1], [err[-1500:] for _, err in results]
+  (loser,) = [err for rc, err in results if rc == 1]
+  (line,) = _errors(loser)
+  assert line.startswith(f'error: --workdir={url}/run is in use by pid ')
+  assert [r['step'] for r in _metric_rows(gcs, name, 'run')] == [1, 2]
+  assert not os.path.exists(tmp_path / 'gs:')
+
+
+def _pod(url, port, *flags, environ, cwd):
+  """The tiny config on two processes (the multi-host path)."""
+  return [
+    _main(
+      f'{url}/run',
+      f'--coordinator_address=127.0.0.1:{port}',
+      '--num_processes=2',
+      f'--process_id={i}',
+      '--config.data.source=imagefolder',
+      f'--config.data.path={url}/images',
+      *flags,
+      environ=environ,
+      cwd=cwd,
+    )
+    for i in range(2)
+  ]
+
+
+@pytest.mark.slow
+def test_pod_rehearsal_on_gs(gcs, tmp_path):
+  # What README's pod command does, on one machine: two processes, workdir
+  # and data in a bucket, a preemption (SIGTERM to every worker), the same
+  # command again to resume, finish and evaluate.
+  name, url = new_bucket(gcs)
+  _upload_images(name, 'images')
+  environ = {**cli_env(devices=1), **gcs.env()}
+  start = time.time()
+  procs = _pod(
+    url,
+    portpicker.pick_unused_port(),
+    '--config.epochs=100',
+    '--config.total_steps=1000',
+    '--config.checkpoint_every_steps=1000',
+    environ=environ,
+    cwd=tmp_path,
+  )
+  deadline = time.time() + 400
+  while len(_metric_rows(gcs, name, 'run')) < 3:
+    assert time.time() < deadline, 'no progress'
+    for p in procs:
+      assert p.poll() is None, p.communicate()[1][-3000:]
+    time.sleep(0.2)
+  held = json.loads(gcs.read(name, 'run/lock'))
+  assert held['state'] == 'held' and held['pid'] == procs[0].pid
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  logs = [p.communicate(timeout=300)[1] for p in procs]
+  first = time.time() - start
+  for p, log in zip(procs, logs, strict=True):
+    assert p.returncode == 0, log[-3000:]
+    assert 'Traceback' not in log
+  saved = sorted(
+    {int(n.split('/')[2]) for n in gcs.list(name, 'run/checkpoints/')}
+  )
+  assert len(saved) == 1, saved
+  for log in logs:
+    assert f'saved step {saved[0]} in {url}/run' in log
+  start = time.time()
+  procs = _pod(
+    url,
+    portpicker.pick_unused_port(),
+    '--config.epochs=100',
+    f'--config.total_steps={saved[0] + 2}',
+    '--config.checkpoint_every_steps=1000',
+    environ=environ,
+    cwd=tmp_path,
+  )
+  logs = [p.communicate(timeout=400)[1] for p in procs]
+  resumed = time.time() - start
+  for p, log in zip(procs, logs, strict=True):
+    assert p.returncode == 0, log[-3000:]
+    assert f'resuming from step {saved[0]} in {url}/run' in log
+  print(f'pod rehearsal on gs://: {first:.0f} s to SIGTERM, {resumed:.0f} s')
+  rows = _metric_rows(gcs, name, 'run')
+  trained = [r['step'] for r in rows if 'loss' in r]
+  assert trained == list(range(1, saved[0] + 3))  # every row once
+  (knn,) = [r for r in rows if 'knn_trained_k2' in r]
+  assert knn['step'] == saved[0] + 2
+  objects = gcs.list(name, 'run/')
+  final = f'run/checkpoints/{saved[0] + 2}/commit_success.txt'
+  assert f'run/checkpoints/{saved[0]}/commit_success.txt' in objects
+  assert final in objects
+  assert 'run/config.json' in objects
+  config = json.loads(gcs.read(name, 'run/config.json'))
+  assert config['data']['path'] == f'{url}/images'
+  assert 'run/eval/knn.json' in objects
+  assert 'run/eval/attention/test0-overview.png' in objects
+  assert any(n.startswith('run/tensorboard/') for n in objects)
+  released = json.loads(gcs.read(name, 'run/lock'))
+  assert released['state'] == 'released'
+  assert not os.path.exists(tmp_path / 'gs:')
+  assert not os.path.exists(os.path.join(os.path.dirname(HERE), 'gs:'))
