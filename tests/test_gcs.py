@@ -355,3 +355,39 @@ def test_pod_rehearsal_on_gs(gcs, tmp_path):
   assert released['state'] == 'released'
   assert not os.path.exists(tmp_path / 'gs:')
   assert not os.path.exists(os.path.join(os.path.dirname(HERE), 'gs:'))
+
+
+def test_damaged_checkpoint_on_gs_is_moved_whole(gcs, tmp_path, monkeypatch):
+  # Orbax writes through TensorStore; the damaged step is copied object by
+  # object to damaged_checkpoints/ (no rename of a prefix on GCS).
+  import jax
+  import jax.numpy as jnp
+  from tiny import tiny_config
+
+  from dino_jax import checkpoint as checkpoint_lib
+
+  monkeypatch.chdir(tmp_path)
+  name, url = new_bucket(gcs)
+  config = tiny_config()
+  ckpt = checkpoint_lib.Checkpointer(f'{url}/run/checkpoints')
+  for step in (2, 4):
+    ckpt.save(step, {'w': jnp.full((4,), float(step))}, config)
+  ckpt.wait()
+  ckpt.close()
+  damaged = gcs.list(name, 'run/checkpoints/4/')
+  for obj in damaged:
+    if '/d/' in obj:  # the array data of step 4
+      storage.as_path(f'{url}/{obj}').unlink()
+  abstract = {'w': jax.ShapeDtypeStruct((4,), jnp.float32)}
+  ckpt = checkpoint_lib.Checkpointer(f'{url}/run/checkpoints')
+  step, _, state = ckpt.restore_newest(lambda saved: abstract)
+  ckpt.close()
+  assert step == 2 and state['w'].tolist() == [2.0] * 4
+  objects = gcs.list(name, 'run/')
+  assert not any(n.startswith('run/checkpoints/4/') for n in objects)
+  moved = [n for n in objects if n.startswith('run/damaged_checkpoints/4/')]
+  kept = [n for n in damaged if '/d/' not in n]
+  assert sorted(moved) == sorted(
+    n.replace('run/checkpoints/', 'run/damaged_checkpoints/') for n in kept
+  )
+  assert not os.path.exists(tmp_path / 'gs:')
