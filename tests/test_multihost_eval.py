@@ -38,7 +38,7 @@ OVERRIDES = (
 )
 
 
-def _start(mode, workdir, devices, num_processes, process_id, port):
+def _start(mode, workdir, devices, num_processes, process_id, port, *args):
   return subprocess.Popen(
     [
       sys.executable,
@@ -49,7 +49,7 @@ def _start(mode, workdir, devices, num_processes, process_id, port):
       str(num_processes),
       str(process_id),
       str(port),
-      *OVERRIDES,
+      *args,
     ],
     env=cli_env(devices=devices),  # the worker sets its own count last
     cwd=ROOT,
@@ -85,13 +85,13 @@ def _wait(procs):
 def test_two_processes_evaluate_as_one(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   port = portpicker.pick_unused_port()
-  procs = [_start('train', multi, 2, 2, i, port) for i in range(2)]
+  procs = [_start('train', multi, 2, 2, i, port, *OVERRIDES) for i in range(2)]
   _wait(procs)
   os.makedirs(single)
   shutil.copytree(
     os.path.join(multi, 'checkpoints'), os.path.join(single, 'checkpoints')
   )
-  _wait([_start('eval', single, 4, 1, 0, 0)])
+  _wait([_start('eval', single, 4, 1, 0, 0)])  # the checkpoint's config
   got, want = _outputs(multi), _outputs(single)
   assert got['knn']['step'] == 8  # 64 images / batch 8, one epoch
   # Every table: trained, random init, raw pixels, each k.

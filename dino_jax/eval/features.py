@@ -1,7 +1,14 @@
-"""Sharded feature extraction shared by the k-NN and linear evaluations.
+"""Sharded feature extraction shared by the k-NN, linear and attention evals.
 
 Eval preprocessing (SPEC §7.1): resize the shorter side to ``resize_size``
 (bicubic), centre-crop ``crop_size``, ImageNet normalization.
+
+Each feature kind (CLS, linear-probe tokens, CLS attention, raw pixels) is
+one cached jitted function of ``(params, images)`` (``jit_feature_fn``):
+the same executable for every checkpoint, on any number of processes. Every
+process feeds its share of each batch; images and their labels, valid flags
+and source indices become global arrays of one sharding and are gathered
+together (``gather``), so no row can lose its label.
 """
 
 import functools
@@ -9,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -218,8 +226,11 @@ FEATURE_KINDS = {
 
 @functools.lru_cache(maxsize=64)
 def jit_feature_fn(
-  model, mesh: Mesh | None = None, kind: str = 'cls', **options
-):
+  model: nn.Module | None,
+  mesh: Mesh | None = None,
+  kind: str = 'cls',
+  **options,
+) -> Callable[[Any, jax.Array], jax.Array]:
   """The jitted ``features(params, images)`` of one feature kind; cached.
 
   One function (and so one compile per parameter and image shape) per
@@ -279,7 +290,7 @@ def _replicate_fn(mesh: Mesh):
   return jax.jit(lambda tree: tree, out_shardings=parallel.replicated(mesh))
 
 
-def gather(mesh: Mesh, tree):
+def gather(mesh: Mesh, tree: Any) -> Any:
   """Every row of each global array of ``tree``, on every process, as numpy.
 
   All leaves are gathered by the same program, so rows that share a
@@ -290,7 +301,7 @@ def gather(mesh: Mesh, tree):
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicated)
 
 
-def replicate(mesh: Mesh, tree):
+def replicate(mesh: Mesh, tree: Any) -> Any:
   """Host numpy arrays, equal on every process -> replicated global arrays."""
   sharding = parallel.replicated(mesh)
 
