@@ -629,6 +629,21 @@ def _signals_raise():
       signal.signal(signum, handler)
 
 
+def _define_distributed_flags(values: flags.FlagValues) -> None:
+  """``python -m dino_jax.main``'s flags for runs without auto-detection."""
+  flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'host:port of process 0 for multi-process runs without TPU/SLURM '
+    'auto-detection (with --num_processes and --process_id).',
+    flag_values=values,
+  )
+  flags.DEFINE_integer(
+    'num_processes', None, 'Processes in the run.', flag_values=values
+  )
+  flags.DEFINE_integer('process_id', None, 'This process.', flag_values=values)
+
+
 def run_cli(
   define_flags: Callable[[flags.FlagValues], None],
   main: Callable[[flags.FlagValues, list[str], list[str]], None],
@@ -656,6 +671,7 @@ def run_cli(
 
   values = flags.FLAGS if argv is None else flags.FlagValues()
   define_flags(values)
+  _define_distributed_flags(values)
   reported = (
     WorkdirError,
     ConfigOverrideError,
@@ -680,6 +696,13 @@ def run_cli(
     logging.getLogger('absl').setLevel(logging.WARNING)
     overrides = [a for a in args[1:] if a.startswith(_OVERRIDE_PREFIXES)]
     positional = [a for a in args[1:] if a not in overrides]
+    from dino_jax import parallel
+
+    # Every process of a pod or a SLURM job runs the tool; they evaluate
+    # together, as in training (auto-detected, or these flags).
+    parallel.initialize_distributed(
+      values.coordinator_address, values.num_processes, values.process_id
+    )
     with _signals_raise():
       try:
         main(values, positional, overrides)

@@ -8,7 +8,7 @@ the arguments) on DEVICES fake CPU devices per process, with the
 end-of-training evaluations (k-NN, attention maps). MODE 'eval': the same
 evaluations of WORKDIR's newest checkpoint, as the run would do them at its
 end (the arguments override its saved config's eval, linear, data and mesh
-fields). Both then run the linear probe of the saved teacher (as ``python -m
+fields), then the linear probe of the saved teacher (as ``python -m
 dino_jax.eval.linear`` does). With NUM_PROCESSES > 1 the processes join
 through jax.distributed at 127.0.0.1:PORT, and the mesh takes the devices
 in reverse order: the first rows of a batch then live on the last process's
@@ -61,7 +61,7 @@ def main():
   else:
     config, mesh, state, step = workdir_lib.load_workdir(workdir, overrides)
     run.after_training(config, workdir, mesh, state, step, final=True)
-  linear.linear_from_workdir(workdir, overrides if mode == 'eval' else ())
+    linear.linear_from_workdir(workdir, overrides)
   if num_processes > 1:
     jax.distributed.shutdown()
 

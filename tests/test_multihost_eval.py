@@ -1,9 +1,10 @@
 """Evaluation on 2 processes x 2 devices equals 1 process x 4 devices.
 
 Two processes train the tiny config (fsdp-split parameters) and evaluate at
-the end: k-NN (trained, random init, raw pixels), attention maps, then the
-linear probe of the saved teacher. One process with 4 devices evaluates the
-same checkpoint: the same k-NN tables, the same PNGs and the same probe
+the end: k-NN (trained, random init, raw pixels) and attention maps; then
+two processes of ``python -m dino_jax.eval.linear`` train the linear probe
+of the saved teacher. One process with 4 devices evaluates the same
+checkpoint: the same k-NN tables, the same PNGs and the same probe
 accuracy. (The same training on one process would not give the same
 weights: the input pipeline shards and shuffles the data per process.)
 """
@@ -91,7 +92,28 @@ def test_two_processes_evaluate_as_one(tmp_path):
   shutil.copytree(
     os.path.join(multi, 'checkpoints'), os.path.join(single, 'checkpoints')
   )
-  _wait([_start('eval', single, 4, 1, 0, 0)])  # the checkpoint's config
+  port = portpicker.pick_unused_port()
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'dino_jax.eval.linear',
+        f'--workdir={multi}',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      env=cli_env(devices=2),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  # Meanwhile (the checkpoint's config, no overrides):
+  _wait([_start('eval', single, 4, 1, 0, 0), *procs])
   got, want = _outputs(multi), _outputs(single)
   assert got['knn']['step'] == 8  # 64 images / batch 8, one epoch
   # Every table: trained, random init, raw pixels, each k.
