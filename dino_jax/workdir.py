@@ -98,10 +98,33 @@ def create(workdir: str) -> None:
 
 def lock(workdir: str):
   """The lock of ``workdir``: ``Lock`` (flock) on a disk, ``ObjectLock``
-  on ``gs://``; a context manager either way."""
-  if storage.is_remote(workdir):
+  on ``gs://``, none (a warning) on other URLs; a context manager."""
+  if workdir.startswith('gs://'):
     return ObjectLock(workdir)
+  if storage.is_remote(workdir):
+    logging.getLogger(__name__).warning(
+      'no lock for %s: nothing stops a second run on this workdir (only '
+      'gs:// and local workdirs are locked)',
+      workdir,
+    )
+    return _NoLock()
   return Lock(workdir)
+
+
+class _NoLock:
+  """The lock interface, locking nothing (URLs other than gs://)."""
+
+  def acquire(self) -> None:
+    pass
+
+  def release(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
 
 
 class Lock:
@@ -192,11 +215,6 @@ class ObjectLock:
 
     self.workdir = workdir
     self.path = storage.join(workdir, 'lock')
-    if not self.path.startswith('gs://'):
-      raise WorkdirError(
-        f'--workdir={workdir}: no lock for this kind of URL (only gs:// and '
-        'local paths); pass one of those'
-      )
     bucket, name = self.path[len('gs://') :].split('/', 1)
     self._blob = gcs.Client(project=None).bucket(bucket).blob(name)
     self._precondition_failed = _precondition_failed()

@@ -264,15 +264,18 @@ def test_two_runs_on_one_gs_workdir_one_trains(gcs, tmp_path):
 
 
 def _pod(url, port, *flags, environ, cwd):
-  """The tiny config on two processes (the multi-host path)."""
+  """The tiny config on two processes (the multi-host path), on the tiny
+  imagenet2012 in the bucket."""
   return [
     _main(
       f'{url}/run',
       f'--coordinator_address=127.0.0.1:{port}',
       '--num_processes=2',
       f'--process_id={i}',
-      '--config.data.source=imagefolder',
-      f'--config.data.path={url}/images',
+      '--config.data.source=tfds',
+      '--config.data.name=imagenet2012',
+      f'--config.data.path={url}/tfds',
+      '--config.eval.test_split=validation',
       *flags,
       environ=environ,
       cwd=cwd,
@@ -284,10 +287,15 @@ def _pod(url, port, *flags, environ, cwd):
 @pytest.mark.slow
 def test_pod_rehearsal_on_gs(gcs, tmp_path):
   # What README's pod command does, on one machine: two processes, workdir
-  # and data in a bucket, a preemption (SIGTERM to every worker), the same
-  # command again to resume, finish and evaluate.
+  # and TFDS data (imagenet2012 layout, ArrayRecord) in a bucket, a
+  # preemption (SIGTERM to every worker), the same command again to resume,
+  # finish and evaluate.
+  import tfds_imagenet
+
   name, url = new_bucket(gcs)
-  _upload_images(name, 'images')
+  tfds_imagenet.upload(
+    tfds_imagenet.build(str(tmp_path / 'tfds')), f'{url}/tfds'
+  )
   environ = {**cli_env(devices=1), **gcs.env()}
   start = time.time()
   procs = _pod(
@@ -347,7 +355,7 @@ def test_pod_rehearsal_on_gs(gcs, tmp_path):
   assert final in objects
   assert 'run/config.json' in objects
   config = json.loads(gcs.read(name, 'run/config.json'))
-  assert config['data']['path'] == f'{url}/images'
+  assert config['data']['path'] == f'{url}/tfds'
   assert 'run/eval/knn.json' in objects
   assert 'run/eval/attention/test0-overview.png' in objects
   assert any(n.startswith('run/tensorboard/') for n in objects)
@@ -390,4 +398,56 @@ def test_damaged_checkpoint_on_gs_is_moved_whole(gcs, tmp_path, monkeypatch):
   assert sorted(moved) == sorted(
     n.replace('run/checkpoints/', 'run/damaged_checkpoints/') for n in kept
   )
+  assert not os.path.exists(tmp_path / 'gs:')
+
+
+def test_tfds_imagenet_layout_from_local_and_gs(gcs, tmp_path):
+  # The real imagenet2012 builder reads the ArrayRecord files TFDS built
+  # (tests/tfds_imagenet.py), from a local data_dir and from a copy in the
+  # bucket (array_record's reader: CLOUD_STORAGE_EMULATOR_ENDPOINT).
+  import tfds_imagenet
+
+  from dino_jax.data import sources
+
+  local = str(tmp_path / 'tfds')
+  version = tfds_imagenet.build(local)
+  _, url = new_bucket(gcs)
+  tfds_imagenet.upload(version, f'{url}/tfds')
+  for split, size in (
+    ('train', tfds_imagenet.TRAIN),
+    ('validation', tfds_imagenet.VALIDATION),
+  ):
+    here = sources.TFDSSource('imagenet2012', split, local)
+    there = sources.TFDSSource('imagenet2012', split, f'{url}/tfds')
+    assert len(here) == len(there) == size
+    assert len(there.classes) == 1000 and there.classes[0] == 'n01440764'
+    for i in (0, size - 1):
+      a, b = here[i], there[i]
+      assert a['image'].shape == (32, 40, 3)
+      np.testing.assert_array_equal(a['image'], b['image'])
+      assert a['label'] == b['label']
+    assert sorted(here[i]['label'] for i in range(size)) == sorted(
+      i % tfds_imagenet.CLASSES for i in range(size)
+    )
+  with pytest.raises(sources.DataError, match='no-such-bucket'):
+    sources.TFDSSource('imagenet2012', 'train', 'gs://no-such-bucket/tfds')
+
+
+def test_imagefolder_on_gs_lists_and_reads(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  from dino_jax.data import pipeline, sources
+
+  name, url = new_bucket(gcs)
+  _upload_images(name, 'images', count=6)
+  storage.write_bytes(f'{url}/images/c0/notes.txt', b'not an image')
+  source = sources.ImageFolderSource(f'{url}/images')
+  assert (len(source), source.classes, source.skipped) == (6, ['c0', 'c1'], 1)
+  assert [p.rsplit('/', 2)[1:] for p, _ in source.samples][:2] == [
+    ['c0', '000.jpg'],
+    ['c0', '002.jpg'],
+  ]
+  record = source[0]
+  assert record['label'] == 0 and record['bytes'][:2] == b'\xff\xd8'  # JPEG
+  decoded = pipeline.CanvasDecoder(48).map(record)
+  assert decoded['image'].shape == (48, 48, 3)
   assert not os.path.exists(tmp_path / 'gs:')
