@@ -431,6 +431,8 @@ def test_tfds_imagenet_layout_from_local_and_gs(gcs, tmp_path):
     )
   with pytest.raises(sources.DataError, match='no-such-bucket'):
     sources.TFDSSource('imagenet2012', 'train', 'gs://no-such-bucket/tfds')
+  with pytest.raises(sources.DataError, match="no TFDS dataset 'imagenet2012'"):
+    sources.TFDSSource('imagenet2012', 'train', f'{url}/elsewhere')
 
 
 def test_imagefolder_on_gs_lists_and_reads(gcs, tmp_path, monkeypatch):

@@ -176,18 +176,30 @@ class TFDSSource:
     import tensorflow_datasets as tfds  # heavy import, only when used
 
     if data_dir:
+      folder = storage.join(data_dir, name.split(':')[0].split('/')[0])
       try:
         storage.check_reachable(data_dir, 'data.path')
+        found = storage.exists(folder, 'data.path')
       except storage.StorageError as e:
         raise DataError(str(e)) from e
+      if not found:
+        raise DataError(
+          f'no TFDS dataset {name!r} in data.path={data_dir} (nothing at '
+          f'{folder}); build it (tfds build {name} --file_format='
+          'array_record --data_dir=DIR), then copy DIR/'
+          f'{name.split(":")[0]} there'
+        )
     try:
+      # download=False: a missing dataset is an error here, not a build
+      # (imagenet2012 needs a manual download; a build to a bucket fails).
       self.source = tfds.data_source(
-        name, split=split, data_dir=data_dir or None
+        name, split=split, data_dir=data_dir or None, download=False
       )
     except Exception as e:  # tfds raises many types; all mean "can't open"
+      reason = ' '.join(str(e).split())[:300]
       raise DataError(
         f'cannot open TFDS dataset {name!r} split {split!r} '
-        f'(data_dir={data_dir or "default"}): {e}. Prepare it first, e.g. '
+        f'(data_dir={data_dir or "default"}): {reason}. Prepare it first, e.g. '
         f'`tfds build {name} --file_format=array_record`.'
       ) from e
     info = getattr(self.source, 'dataset_info', None)
