@@ -11,9 +11,12 @@ end (the arguments override its saved config's eval, linear, data and mesh
 fields), then the linear probe of the saved teacher (as ``python -m
 dino_jax.eval.linear`` does). With NUM_PROCESSES > 1 the processes join
 through jax.distributed at 127.0.0.1:PORT, and the mesh takes the devices
-in reverse order: the first rows of a batch then live on the last process's
-devices (a TPU pod does not promise ``jax.devices()`` grouped by process),
-so a label gathered in process order would miss its image.
+rotated by one, [1, 2, 3, 0]: each process's rows of a batch are not one
+block (a TPU pod does not promise ``jax.devices()`` grouped by process), so
+a label gathered in process order would miss its image. (Reversed, the
+process halves would swap: with labels index % 10 and images split
+index::2, a mis-pairing would only swap classes 0-1, 2-3, ..., which no
+k-NN accuracy sees.)
 """
 
 import os
@@ -49,12 +52,12 @@ def main():
   assert jax.device_count() == DEVICES * num_processes
   if num_processes > 1:
     make_mesh = parallel.make_mesh
+    devices = jax.devices()[1:] + jax.devices()[:1]
     parallel.make_mesh = lambda data=-1, fsdp=1: make_mesh(
-      data, fsdp, devices=jax.devices()[::-1]
+      data, fsdp, devices=devices
     )
-    mesh = parallel.make_mesh(-1, 2)
-    first = mesh.devices.flat[0]
-    assert first.process_index == num_processes - 1, mesh.devices
+    order = [d.process_index for d in parallel.make_mesh(-1, 2).devices.flat]
+    assert order == [0, 1, 1, 0], order
   if mode == 'train':
     config = workdir_lib.apply_overrides(tiny_config.get_config(), overrides)
     train.train_and_evaluate(config, workdir)
