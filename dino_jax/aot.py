@@ -450,16 +450,41 @@ def xla_flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-_HBM_USED = re.compile(r'Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm')
+# libtpu's two RESOURCE_EXHAUSTED forms: the whole program ("Used 92.80G of
+# 15.75G hbm"), or its temporaries alone, checked before the arguments are
+# placed ("memory required for HLO temporaries (25.01G) exceeds ...").
+_HBM_USED = re.compile(r'Used ([0-9.]+)([KMGT]?) of [0-9.]+[KMGT]? hbm')
+_HBM_TEMPORARIES = re.compile(r'HLO temporaries \(([0-9.]+)([KMGT]?)\)')
 _UNIT = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 
-def hbm_needed(message: str) -> float | None:
-  """Bytes a TPU compile's RESOURCE_EXHAUSTED message says it needed."""
+def hbm_needed(message: str, argument_bytes: int = 0) -> float | None:
+  """Bytes per device a TPU compile's RESOURCE_EXHAUSTED message implies.
+
+  Args:
+    message: the error text.
+    argument_bytes: the program's arguments on one device, added where the
+      message counts only the temporaries.
+
+  Returns:
+    The bytes, or None when the message names no size.
+  """
   match = _HBM_USED.search(message)
-  if not match:
-    return None
-  return float(match.group(1)) * _UNIT[match.group(2)]
+  if match:
+    return float(match.group(1)) * _UNIT[match.group(2)]
+  match = _HBM_TEMPORARIES.search(message)
+  if match:
+    return float(match.group(1)) * _UNIT[match.group(2)] + argument_bytes
+  return None
+
+
+def argument_bytes(tree: Any) -> int:
+  """Bytes of one device's shards of abstract arrays with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * leaf.dtype.itemsize
+  return total
 
 
 # ---------------------------------------------------------------------------
@@ -496,7 +521,8 @@ class Compiled:
     return self.compiled is None
 
 
-def _compile(lowered) -> Compiled:
+def _compile(lowered, arguments: Any) -> Compiled:
+  """``lowered.compile()``, or what a RESOURCE_EXHAUSTED error says."""
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -505,7 +531,7 @@ def _compile(lowered) -> Compiled:
       raise
     return Compiled(
       time.perf_counter() - start,
-      needed=hbm_needed(str(e)),
+      needed=hbm_needed(str(e), argument_bytes(arguments)),
       error=_first_line(e),
     )
   return Compiled(time.perf_counter() - start, compiled=compiled)
@@ -523,7 +549,7 @@ def compile_step(config, mesh, platform: str) -> Compiled:
   batch = _abstract(
     built.batch_shape, parallel.tree_batch_sharding(mesh, built.batch_shape)
   )
-  return _compile(built.jitted.lower(state, batch))
+  return _compile(built.jitted.lower(state, batch), (state, batch))
 
 
 def compile_features(config, mesh, platform: str) -> Compiled:
@@ -556,7 +582,7 @@ def compile_features(config, mesh, platform: str) -> Compiled:
     sharding=parallel.batch_sharding(mesh),
   )
   fn = features.jit_feature_fn(backbone, mesh, 'cls')
-  return _compile(fn.lower(params, images))
+  return _compile(fn.lower(params, images), (params, images))
 
 
 def _with_batch(config, batch: int) -> ml_collections.ConfigDict:

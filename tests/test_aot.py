@@ -1,0 +1,254 @@
+"""``python -m dino_jax.aot``: compiles for hardware this machine lacks.
+
+The TPU tests compile the tiny config for TPU v5e chips through libtpu
+(``pip install -e '.[tpu]'``) in real subprocesses of the CLI, and are
+skipped, saying so, where libtpu is absent; the GPU one needs the CUDA
+plugin (``'.[aot-gpu]'``). The rest reads HLO text and messages and runs
+always.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dino_jax import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'tests', 'tiny_config.py')
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+
+
+def _has_cuda_plugin() -> bool:
+  try:
+    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  except ModuleNotFoundError:  # no jax_plugins namespace at all
+    return False
+
+
+HAS_CUDA_PLUGIN = _has_cuda_plugin()
+needs_libtpu = pytest.mark.skipif(
+  not HAS_LIBTPU,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compile",
+)
+
+
+def run_aot(
+  *args: str, env: dict | None = None, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+  """``python -m dino_jax.aot --config=tests/tiny_config.py ARGS``."""
+  environ = {k: v for k, v in os.environ.items() if k not in unset}
+  # The TPU compiler ignores XLA:CPU's flags; the test suite's fake CPU
+  # devices (conftest.py) would only slow the start.
+  environ.pop('XLA_FLAGS', None)
+  environ.update(env or {})
+  return subprocess.run(
+    [sys.executable, '-m', 'dino_jax.aot', f'--config={TINY}', *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=environ,
+    timeout=900,
+  )
+
+
+def last_line(text: str) -> str:
+  return text.strip().splitlines()[-1]
+
+
+# --- always: targets, HLO reading, messages --------------------------------
+
+
+def test_parse_topology():
+  t = aot.parse_topology('v5e:4x8', slices=2)
+  assert (t.gen, t.shape, t.num_devices) == ('v5e', (4, 8), 64)
+  assert aot.parse_topology('h100:8').num_devices == 8
+  assert aot.parse_topology('v4:2x2x2').chip.memory_gib == 30.75
+  for bad in ('v9:2x2', 'v5e', 'v5e:0x2', 'tpu-v5e-16'):
+    with pytest.raises(aot.AotError, match='unknown topology'):
+      aot.parse_topology(bad)
+  with pytest.raises(aot.AotError, match='without --slices'):
+    aot.parse_topology('h100:8', slices=2)
+
+
+def test_collectives_counts_results_once():
+  hlo = '\n'.join(
+    [
+      '  %all-reduce.1 = f32[1024]{0} all-reduce(f32[1024]{0} %x)',
+      '  %all-reduce.2 = (f32[10]{0}, bf16[6]{0}) all-reduce(%a, %b)',
+      '  %all-gather.3 = bf16[8,128]{1,0} all-gather(bf16[2,128]{1,0} %p)',
+      '  %ags = (bf16[2,64]{1,0}, bf16[8,64]{1,0}) all-gather-start(%q)',
+      '  %agd = bf16[8,64]{1,0} all-gather-done(%ags)',
+      '  ROOT %rs = f32[4,4]{1,0} reduce-scatter(f32[16,4]{1,0} %g)',
+      '  %cp = (f32[3]{0}, f32[3]{0}, u32[]) collective-permute-start(%c)',
+      '  %f = f32[1024]{0} fusion(%all-reduce.1), kind=kLoop',
+    ]
+  )
+  assert aot.collectives(hlo) == {
+    'all-reduce': {'count': 2, 'bytes': 4096 + 40 + 12},
+    'all-gather': {'count': 2, 'bytes': 8 * 128 * 2 + 8 * 64 * 2},
+    'reduce-scatter': {'count': 1, 'bytes': 64},
+    'collective-permute': {'count': 1, 'bytes': 12},
+  }
+
+
+def test_hbm_needed_from_the_tpu_message():
+  message = (
+    'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory '
+    'in memory space hbm. Used 92.80G of 15.75G hbm. Exceeded hbm capacity '
+    'by 77.05G.'
+  )
+  assert aot.hbm_needed(message) == pytest.approx(92.80 * 2**30)
+  temporaries = (
+    'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required '
+    'for HLO temporaries (25.01G) exceeds available HBM (15.75G).'
+  )
+  assert aot.hbm_needed(temporaries, 2**30) == pytest.approx(26.01 * 2**30)
+  assert aot.hbm_needed('RESOURCE_EXHAUSTED: something else') is None
+
+
+def test_verdict_lines():
+  base = {
+    'memory_limit_bytes': 16 * 2**30,
+    'mesh': {'data': 8, 'fsdp': 1},
+    'devices': 8,
+    'slices': 1,
+    'remat': False,
+  }
+  fits = {**base, 'fits': True, 'memory': {'peak': 6 * 2**30}}
+  assert aot.verdict(fits) == 'fits (6.00 of 16.00 GiB per device)'
+  over = {**base, 'fits': False, 'needed_bytes': 20 * 2**30}
+  assert aot.verdict(over) == (
+    'does not fit: needs 20.00 GiB of 16.00 per device; try mesh.fsdp=2, '
+    'model.remat=True, a smaller batch'
+  )
+
+
+def test_gpu_target_config_text():
+  text = aot.gpu_target_config('h100')
+  assert 'core_count: 132' in text
+  assert 'device_memory_size: 84942979072' in text
+  assert (
+    'major: 9' in text and 'feature_extension: ACCELERATED_FEATURES' in text
+  )
+  assert text.count('{') == text.count('}')
+  # The chip table's memory and the target description agree.
+  for gen, target in aot.GPU_TARGETS.items():
+    assert aot.CHIPS[gen].memory_gib * 2**30 == target['device_memory_size']
+
+
+def test_missing_libtpu_names_the_extra(tmp_path):
+  # A libtpu that fails to import, ahead of any installed one.
+  shadow = tmp_path / 'libtpu'
+  shadow.mkdir()
+  (shadow / '__init__.py').write_text('raise ImportError("no libtpu")\n')
+  result = run_aot(
+    '--topology=v5e:2x2',
+    env={'PYTHONPATH': f'{tmp_path}{os.pathsep}{ROOT}'},
+    # Where JAX found libtpu when this process imported it.
+    unset=('TPU_LIBRARY_PATH',),
+  )
+  assert result.returncode == 1, result.stderr
+  assert last_line(result.stderr) == (
+    "error: compiling for TPU v5e needs libtpu: pip install -e '.[tpu]'"
+  )
+
+
+def test_unknown_topology_one_line():
+  result = run_aot('--topology=v9:2x2')
+  assert result.returncode == 1
+  assert result.stderr.strip().startswith("error: unknown topology 'v9:2x2'")
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- with libtpu: real compiles for TPU v5e ---------------------------------
+
+
+@needs_libtpu
+def test_mesh_that_does_not_divide_the_devices():
+  result = run_aot('--topology=v5e:2x2', '--config.mesh.fsdp=3')
+  assert result.returncode == 1
+  assert last_line(result.stderr) == (
+    'error: v5e:2x2 (4 devices): mesh.fsdp=3 does not divide the 4 devices'
+  )
+
+
+@needs_libtpu
+def test_tiny_config_fits_v5e_2x2(tmp_path):
+  out = tmp_path / 'report.json'
+  result = run_aot(
+    '--topology=v5e:2x2',
+    '--config.mesh.fsdp=2',
+    '--config.mesh.fsdp_min_size=1024',
+    '--config.model.dtype=auto',
+    '--config.model.attention=auto',
+    f'--out={out}',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0] == ('target: v5e:2x2, 4 x TPU v5e; mesh data 2 x fsdp 2'), (
+    lines
+  )
+  assert lines[-1].startswith('fits (') and lines[-1].endswith(
+    ' of 15.75 GiB per device)'
+  ), lines[-1]
+  report = json.loads(out.read_text())
+  assert report['fits'] is True
+  assert (report['dtype'], report['attention']) == ('bfloat16', 'fused')
+  assert report['mesh'] == {'data': 2, 'fsdp': 2}
+  # Each device computes its quarter of the batch: XLA's count per device
+  # times 4 is 1.6x the analytic matmul count (XLA also counts the
+  # elementwise work and the augmentation, large at this size); a device
+  # that computed the whole batch would make it 4x that, 6.4.
+  ratio = report['xla_flops_per_image'] / report['flops_per_image']
+  assert 1.0 <= ratio < 2.0, ratio
+  assert 0 < report['memory']['peak'] < 2**30
+  # fsdp gathers parameters and the gradients are all-reduced.
+  assert report['collectives']['all-gather']['count'] > 0
+  assert report['collectives']['all-reduce']['bytes'] > 0
+  assert report['features']['memory']['peak'] > 0
+
+
+@needs_libtpu
+def test_oversized_head_does_not_fit():
+  # K = 2^26 prototypes: the head's last layer is 4 GiB in float32, so
+  # student, teacher and the two Adam moments alone exceed a v5e's HBM. (An
+  # oversized batch is refused as well, but only after minutes of the
+  # compiler's rematerialization attempts: over 13 min for the tiny config
+  # at batch 8192 on 2 busy cores.)
+  result = run_aot(
+    '--topology=v5e:2x2',
+    '--noeval_features',
+    '--config.model.out_dim=67108864',
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  line = last_line(result.stdout)
+  assert line.startswith('does not fit: needs '), line
+  assert line.endswith(
+    'GiB of 15.75 per device; try mesh.fsdp=2, model.remat=True, a smaller '
+    'batch'
+  ), line
+
+
+@needs_libtpu
+def test_two_slices_stack_on_data(tmp_path):
+  out = tmp_path / 'report.json'
+  result = run_aot(
+    '--topology=v5e:2x2',
+    '--slices=2',
+    '--config.mesh.fsdp=4',
+    '--noeval_features',
+    f'--out={out}',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  first = result.stdout.strip().splitlines()[0]
+  assert first == (
+    'target: v5e:2x2 x 2 slices, 8 x TPU v5e; mesh data 2 x fsdp 4'
+  ), first
+  report = json.loads(out.read_text())
+  assert report['fits'] is True and report['devices'] == 8
+  # Each data row (an fsdp group) lies in one slice; the slices stack.
+  assert report['mesh_slices'] == [[0, 0, 0, 0], [1, 1, 1, 1]]
