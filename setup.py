@@ -29,6 +29,15 @@ setup(
     'torch': ['torch==2.13.0'],
     # plot: python -m dino_jax.plot (learning curves as PNG).
     'plot': ['matplotlib>=3.8'],
+    # tpu: libtpu, for TPU VMs and for python -m dino_jax.aot's TPU targets
+    # (compile-only, on any machine); jax's own extra pins the libtpu of
+    # the installed jax (jax 0.10.2: libtpu 0.0.42.x, a 203 MB wheel,
+    # 684 MB installed).
+    'tpu': ['jax[tpu]'],
+    # aot-gpu: the CUDA 12 PJRT plugin of the installed jax, without the
+    # CUDA libraries: python -m dino_jax.aot compiles for NVIDIA GPUs on a
+    # machine without one (a GPU machine installs jax[cuda12] instead).
+    'aot-gpu': ['jax[cuda12-local]'],
     # gcs: gs:// workdirs and data without TensorFlow (etils.epath goes
     # through gcsfs; the workdir lock uses google-cloud-storage directly).
     'gcs': ['gcsfs>=2024.2', 'google-cloud-storage>=2.14'],
