@@ -14,7 +14,7 @@ import pathlib
 import signal
 import subprocess
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 
 import portpicker
@@ -115,6 +115,27 @@ class Server:
     body = json.dumps({'name': name}).encode()
     self._request('POST', '/storage/v1/b?project=test', body)
     return f'gs://{name}'
+
+  def list(self, bucket: str, prefix: str = '') -> list[str]:
+    """Names of the objects under ``prefix``, read from the server (no
+    client cache in between)."""
+    names, token = [], ''
+    while True:
+      query = urllib.parse.urlencode(
+        {'prefix': prefix, 'pageToken': token, 'maxResults': 1000}
+      )
+      page = json.loads(
+        self._request('GET', f'/storage/v1/b/{bucket}/o?{query}')
+      )
+      names += [item['name'] for item in page.get('items', [])]
+      token = page.get('nextPageToken')
+      if not token:
+        return sorted(names)
+
+  def read(self, bucket: str, name: str) -> bytes:
+    """The bytes of one object; urllib.error.HTTPError 404 if absent."""
+    quoted = urllib.parse.quote(name, safe='')
+    return self._request('GET', f'/storage/v1/b/{bucket}/o/{quoted}?alt=media')
 
   def env(self) -> dict[str, str]:
     return client_env(self.endpoint)

@@ -361,6 +361,25 @@ def test_pod_rehearsal_on_gs(gcs, tmp_path):
   assert any(n.startswith('run/tensorboard/') for n in objects)
   released = json.loads(gcs.read(name, 'run/lock'))
   assert released['state'] == 'released'
+  # The tools read the workdir from the bucket and write into it.
+  for tool in (
+    ['dino_jax.plot', f'--workdir={url}/run', '--k=2'],
+    ['dino_jax.interop', 'export', f'{url}/run', f'{url}/teacher.pth'],
+  ):
+    done = subprocess.run(
+      [sys.executable, '-m', *tool],
+      env=cli_env() | gcs.env(),
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+  assert gcs.read(name, 'run/curve.png')[:4] == b'\x89PNG'
+  import torch
+
+  weights = torch.load(io.BytesIO(gcs.read(name, 'teacher.pth')))
+  assert weights['cls_token'].shape == (1, 1, 32)
   assert not os.path.exists(tmp_path / 'gs:')
   assert not os.path.exists(os.path.join(os.path.dirname(HERE), 'gs:'))
 
