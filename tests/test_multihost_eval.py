@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OVERRIDES = (
   '--config.epochs=1',
+  '--config.checkpoint_every_steps=8',  # one save, the evaluated step
   '--config.mesh.fsdp=2',
   # Split the tiny model's larger tensors over fsdp (the default threshold
   # keeps every tensor of it whole).
