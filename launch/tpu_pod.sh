@@ -28,7 +28,7 @@ run_all() {
 
 if [[ -n "$REPO" ]]; then
   run_all "test -d dino_jax || git clone $(printf %q "$REPO") dino_jax; \
-    cd dino_jax && pip install -q -e '.[gcs]' 'jax[tpu]'"
+    cd dino_jax && pip install -q -e '.[gcs,tpu]'"
 fi
 # The same command on every host; a preemption notice makes it save and
 # exit 0, and running this script again (CREATE=0) resumes from WORKDIR.
