@@ -143,8 +143,6 @@ def pipeline_row(source, canvas: int, args, workers: int, targets) -> dict:
     canvas_size=canvas,
     seed=0,
     num_workers=workers,
-    process_index=0,
-    process_count=1,
   )
   it = iter(ds)
   next(it)  # starts the workers and fills their buffers

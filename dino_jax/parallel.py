@@ -121,6 +121,21 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * batch_axis), BATCH_AXES))
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, ascending.
+
+  A process supplies exactly these rows of each global batch (in this
+  order, as ``jax.make_array_from_process_local_data`` takes them), so the
+  global batch is the same on any number of processes and any device
+  order. One process: all rows.
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  rows = set()
+  for index in indices.values():
+    rows.update(range(*index[0].indices(batch_size)))
+  return np.array(sorted(rows), np.int64)
+
+
 def tree_batch_sharding(mesh: Mesh, batch: Any) -> Any:
   """Per-leaf batch shardings: crops [V, B, ...] split B, others split dim 0."""
 

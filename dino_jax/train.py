@@ -290,7 +290,8 @@ def _run(
   data_iter = iter(
     pipeline.train_dataset(
       source,
-      batch_size=config.batch_size // jax.process_count(),
+      batch_size=config.batch_size,
+      rows=parallel.process_rows(mesh, config.batch_size),
       canvas_size=config.data.canvas_size,
       seed=config.seed,
       num_workers=config.data.num_workers,
@@ -300,7 +301,7 @@ def _run(
   skipped = pipeline.SkippedFiles(source)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   progress = metrics_lib.Progress(start, total_steps, config.batch_size)
-  scalars, metrics, in_flight = {}, None, None
+  scalars, metrics, in_flight, pending = {}, None, None, None
   last_saved = start if start > 0 else None
   step = start
 
@@ -345,25 +346,28 @@ def _run(
         return {**scalars, 'stopped_by': preemption.signal_name or 'SIGTERM'}
       if step >= total_steps:
         break
-      try:
-        local = preemption.next_batch(data_iter)
-      except _StopWaiting:
-        continue  # the signal came while waiting: save now
-      except Exception:
-        if preemption.signal_name is None:
-          raise
-        # The input pipeline failed after the signal (a worker that was
-        # killed with the process group): the state is whole, save it.
-        logger.warning('input pipeline stopped after the signal', exc_info=1)
-        continue
-      skipped.update(local.pop('skipped'))
-      state, metrics = jitted(state, pipeline.global_batch(mesh, local))
+      if pending is None:  # the first step, or the read ahead was stopped
+        pending = _read_batch(preemption, data_iter, mesh)
+        if pending is None:
+          continue  # a signal came while waiting: save now
+      skipped_rows, batch = pending
+      pending = None
+      skipped.update(skipped_rows)
+      state, metrics = jitted(state, batch)
       step += 1
-      # At most one step queued behind the running one. Without this, async
-      # dispatch let the loop run up to log_every_steps ahead of the device,
-      # and a signal's save waited for all of them (demo on one core: signal
-      # at step 61, saved step 74 after 20 s; a scheduler's grace period may
-      # be shorter).
+      # Double buffering: the next batch is read and its transfer to the
+      # devices started while this step runs, so the step after it finds
+      # its input on the devices. (A signal meanwhile: the top of the loop
+      # saves; the batch read ahead is dropped, as the data position is the
+      # step.)
+      if step < total_steps:
+        pending = _read_batch(preemption, data_iter, mesh)
+      # At most one step queued behind the running one: the loop waits for
+      # the previous step (the device has this one queued meanwhile).
+      # Without this, async dispatch let the loop run up to log_every_steps
+      # ahead of the device, and a signal's save waited for all of them
+      # (demo on one core: signal at step 61, saved step 74 after 20 s; a
+      # scheduler's grace period may be shorter).
       if in_flight is not None:
         jax.block_until_ready(in_flight)
       in_flight = metrics
@@ -423,6 +427,24 @@ def _run(
     finally:
       writer.close()
   return {**scalars, **results}
+
+
+def _read_batch(preemption, data_iter, mesh):
+  """(skipped, global batch): the next batch, its transfer to the devices
+  started; None when a signal stopped the wait (or, after a signal, the
+  input pipeline failed: a worker killed with the process group)."""
+  try:
+    local = preemption.next_batch(data_iter)
+  except _StopWaiting:
+    return None
+  except Exception:
+    if preemption.signal_name is None:
+      raise
+    # The state is whole: the top of the loop saves it.
+    logger.warning('input pipeline stopped after the signal', exc_info=1)
+    return None
+  skipped = local.pop('skipped')
+  return skipped, pipeline.global_batch(mesh, local)
 
 
 def _evaluation_missing(config, writer, step: int, total_steps: int) -> bool:

@@ -14,6 +14,7 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from dino_jax import config as config_lib
+from dino_jax import parallel
 from dino_jax.data import pipeline, sources
 
 
@@ -109,8 +110,6 @@ class ImageFolderTest(absltest.TestCase):
         batch_size=10,
         canvas_size=64,
         seed=0,
-        process_index=0,
-        process_count=1,
       )
     )
     skipped = pipeline.SkippedFiles(src)
@@ -140,8 +139,6 @@ class ImageFolderTest(absltest.TestCase):
         batch_size=2,
         canvas_size=16,
         seed=0,
-        process_index=0,
-        process_count=1,
       )
     )
     with self.assertRaisesRegex(
@@ -206,8 +203,6 @@ class OtherSourcesTest(absltest.TestCase):
           batch_size=4,
           canvas_size=40,
           seed=0,
-          process_index=0,
-          process_count=1,
         )
       )
       batch = next(it)
@@ -217,28 +212,38 @@ class OtherSourcesTest(absltest.TestCase):
 
 
 class PipelineTest(parameterized.TestCase):
-  def test_shards_cover_without_overlap_and_reshuffle(self):
-    n, count = 24, 3
-    epochs = []
-    for index in range(count):
+  def test_processes_supply_their_rows_of_one_global_batch(self):
+    n, batch_size = 24, 12
+
+    def labels(rows, batches=4):
       it = iter(
         pipeline.train_dataset(
           IndexSource(n),
-          batch_size=4,
+          batch_size=batch_size,
           canvas_size=8,
           seed=3,
-          process_index=index,
-          process_count=count,
+          rows=rows,
         )
       )
-      labels = np.concatenate([next(it)['label'] for _ in range(4)])
-      epochs.append(labels)
-    firsts = [set(e[:8].tolist()) for e in epochs]
-    self.assertEqual(set.union(*firsts), set(range(n)))
-    self.assertEqual(sum(len(f) for f in firsts), n)  # disjoint
-    # The second epoch is a different permutation of the same shard.
-    self.assertEqual(set(epochs[0][8:].tolist()), firsts[0])
-    self.assertFalse(np.array_equal(epochs[0][8:], epochs[0][:8]))
+      return np.stack([next(it)['label'] for _ in range(batches)])
+
+    whole = labels(None)  # one process: [4 batches, 12 rows]
+    # An epoch (2 batches) is a permutation of the data; the next epoch
+    # another one.
+    self.assertEqual(sorted(whole[:2].reshape(-1).tolist()), list(range(n)))
+    self.assertEqual(sorted(whole[2:].reshape(-1).tolist()), list(range(n)))
+    self.assertFalse(np.array_equal(whole[2:], whole[:2]))
+    # Three processes holding interleaved rows (as a mesh whose devices are
+    # not grouped by process gives them) supply exactly those rows of the
+    # same global batches: the run trains on the same data whatever the
+    # number of processes. (Before, each process shuffled its own shard:
+    # other batches.)
+    for rows in ([0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11], [4, 5, 6, 7]):
+      np.testing.assert_array_equal(labels(rows), whole[:, rows])
+    self.assertEqual(
+      parallel.process_rows(parallel.make_mesh(), 16).tolist(),
+      list(range(16)),
+    )
 
   def test_batches_do_not_depend_on_workers_and_start_anywhere(self):
     def labels(workers, start, n):
@@ -250,8 +255,6 @@ class PipelineTest(parameterized.TestCase):
           seed=1,
           num_workers=workers,
           start_batch=start,
-          process_index=0,
-          process_count=1,
         )
       )
       out = np.stack([next(it)['label'] for _ in range(n)])
@@ -270,8 +273,6 @@ class PipelineTest(parameterized.TestCase):
         batch_size=4,
         canvas_size=8,
         seed=0,
-        process_index=0,
-        process_count=1,
       )
 
 

@@ -1,9 +1,10 @@
 """Host input pipeline on grain, and global arrays over the mesh.
 
 source -> decode to a fixed canvas (an undecodable record is replaced by the
-next decodable one) -> slice for this process -> shuffle (per epoch,
-seeded) -> repeat -> batch -> start at batch ``start_batch`` -> worker
-processes -> ``jax.make_array_from_process_local_data``. Every stage is a
+next decodable one) -> shuffle (per epoch, seeded) -> repeat -> this
+process's rows of each global batch -> batch -> start at batch
+``start_batch`` -> worker processes ->
+``jax.make_array_from_process_local_data``. Every stage is a
 random-access ``MapDataset``, so batch k is the same whatever the number of
 workers, and a run resumes at batch ``state.step`` with no iterator state.
 The augmentation runs on device (``multicrop``), so the host only decodes.
@@ -345,6 +346,25 @@ def prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   )
 
 
+class _Rows:
+  """Global batches of ``parent``, restricted to this process's ``rows``.
+
+  Element ``k * len(rows) + t`` is ``parent[k * batch_size + rows[t]]``:
+  batching ``len(rows)`` of them gives rows ``rows`` of global batch k,
+  with nothing else decoded. With every row (one process) it is ``parent``.
+  """
+
+  def __init__(self, parent, batch_size: int, rows: np.ndarray):
+    self.parent, self.batch_size, self.rows = parent, batch_size, rows
+
+  def __len__(self) -> int:
+    return len(self.parent) // self.batch_size * len(self.rows)
+
+  def __getitem__(self, index: int):
+    batch, t = divmod(index, len(self.rows))
+    return self.parent[batch * self.batch_size + int(self.rows[t])]
+
+
 def train_dataset(
   source,
   *,
@@ -353,38 +373,44 @@ def train_dataset(
   seed: int,
   num_workers: int = 0,
   start_batch: int = 0,
-  process_index: int | None = None,
-  process_count: int | None = None,
+  rows: np.ndarray | None = None,
 ) -> grain.IterDataset:
-  """Infinite, shuffled, per-process batches of decoded canvases.
+  """Infinite, shuffled batches of decoded canvases: this process's rows.
+
+  Global batch k holds positions ``[k * batch_size, (k + 1) * batch_size)``
+  of one seeded permutation of the data per epoch, whatever the number of
+  processes, devices or workers: a run resumed with another process count
+  (or mesh) trains on the same batches. Each process decodes only the rows
+  its devices hold (``parallel.process_rows``).
 
   Args:
     source: a random-access source (``sources.make_source``).
-    batch_size: per-process batch size.
+    batch_size: the global batch size.
     canvas_size: C.
     seed: shuffle seed; epoch e uses a permutation derived from (seed, e).
     num_workers: decode processes (0: in the main process).
     start_batch: index of the first batch (a resumed run passes its step).
-    process_index: this process's shard (default ``jax.process_index()``).
-    process_count: number of shards (default ``jax.process_count()``).
+    rows: the global-batch rows this process supplies, ascending (the
+      order ``jax.make_array_from_process_local_data`` expects); default
+      all of them (one process).
 
   Returns:
     A grain ``IterDataset`` of dicts: image uint8 [b, C, C, 3], size int32
-    [b, 2], label int32 [b], skipped int32 [b, MAX_SKIPPED_PER_IMAGE].
-    Batch k is the same for any ``num_workers``.
+    [b, 2], label int32 [b], skipped int32 [b, MAX_SKIPPED_PER_IMAGE], with
+    b = ``len(rows)``.
   """
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  if len(source) < count * batch_size:
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+  if len(source) < batch_size:
     raise ValueError(
       f'the data has {len(source)} images, fewer than one global batch '
-      f'({count} processes x {batch_size})'
+      f'({batch_size})'
     )
   ds = grain.MapDataset.source(DecodedSource(source, canvas_size))
-  ds = ds[index::count]
   # First shuffle, then repeat: a new permutation every epoch.
   ds = ds.shuffle(seed=seed).repeat()
-  ds = ds.batch(batch_size, drop_remainder=True)[start_batch:]
+  if len(rows) < batch_size:
+    ds = grain.MapDataset.source(_Rows(ds, batch_size, rows))
+  ds = ds.batch(len(rows), drop_remainder=True)[start_batch:]
   # A few batches decoded ahead on threads (PIL releases the GIL); grain's
   # default read-ahead of 500 elements would be 500 batches here.
   ds = ds.to_iter_dataset(

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from dino_jax import hostmem
+from dino_jax import hostmem, parallel
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop, pipeline, sources
@@ -126,7 +126,8 @@ def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
     data_iter = iter(
       pipeline.train_dataset(
         _Limit(train_source, n_train),
-        batch_size=lc.batch_size // jax.process_count(),
+        batch_size=lc.batch_size,
+        rows=parallel.process_rows(mesh, lc.batch_size),
         canvas_size=config.data.canvas_size,
         seed=seed,
         num_workers=config.data.num_workers,
