@@ -1,0 +1,192 @@
+"""The ahead-of-time table (docs/aot.md): configs x targets, one compile each.
+
+  python benchmarks/aot_sweep.py --out /tmp/aot.jsonl             # every row
+  python benchmarks/aot_sweep.py --out /tmp/aot.jsonl --rows vit_s16
+  python benchmarks/aot_sweep.py --summarize /tmp/aot.jsonl
+
+Each row runs ``python -m dino_jax.aot`` in its own process (one at a time:
+a ViT-S/16 compile holds one core for minutes) and appends its JSON report,
+with the wall time of the whole process, to ``--out``; rows already there
+are skipped, so an interrupted sweep resumes. ``--summarize`` prints the
+markdown table. Needs libtpu (``pip install -e '.[tpu]'``) for the TPU rows
+and the CUDA plugin (``'.[aot-gpu]'``) for the GPU ones.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Cloud TPU names (v4 and v5p count TensorCores, two per chip; v5e and v6e
+# count chips) and the topologies they are.
+TARGETS = {
+  'v4-8': 'v4:2x2x1',
+  'v4-32': 'v4:2x2x4',
+  'v5e-16': 'v5e:4x4',
+  'v5e-256': 'v5e:16x16',
+  'v5p-8': 'v5p:2x2x1',
+  'v6e-8': 'v6e:2x4',
+  '8 x H100': 'h100:8',
+}
+CONFIGS = {
+  'vit_s16': 'configs/vit_s16.py',
+  'vit_b16': 'configs/vit_b16.py',
+  'vit_s8': 'configs/vit_s8.py',
+}
+
+
+def row_key(config: str, target: str) -> str:
+  return f'{config} {target}'
+
+
+def run_row(
+  config: str, target: str, max_batch: bool, extra: list[str]
+) -> dict:
+  """One ``python -m dino_jax.aot`` process; its report plus wall time."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'report.json')
+    command = [
+      sys.executable,
+      '-m',
+      'dino_jax.aot',
+      f'--config={CONFIGS[config]}',
+      f'--topology={TARGETS[target]}',
+      f'--out={out}',
+      *(['--max_batch'] if max_batch else []),
+      *extra,
+    ]
+    start = time.perf_counter()
+    result = subprocess.run(
+      command, cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    wall = time.perf_counter() - start
+    if not os.path.exists(out):
+      lines = result.stderr.strip().splitlines()
+      return {
+        'key': row_key(config, target),
+        'error': lines[-1] if lines else f'exit {result.returncode}',
+        'wall_seconds': round(wall, 1),
+      }
+    with open(out) as f:
+      report = json.load(f)
+  report['key'] = row_key(config, target)
+  report['target'] = target
+  report['config'] = config
+  report['wall_seconds'] = round(wall, 1)
+  report['verdict'] = result.stdout.strip().splitlines()[-1]
+  report['date'] = time.strftime('%Y-%m-%d')
+  return report
+
+
+def estimated_max_batch(report: dict) -> int | None:
+  """The batch where a line through the step's memory meets the limit.
+
+  Arguments (the state) stay; temporaries grow with the batch. An estimate
+  only (``--max_batch`` compiles to find it): the compiler's choices change
+  with size.
+  """
+  m = report.get('memory')
+  if not m:
+    return None
+  fixed = m['arguments'] + m['outputs'] - m['aliased']
+  per_image = (m['peak'] - fixed) / report['batch_size']
+  if per_image <= 0:
+    return None
+  step = report['devices']
+  batch = (report['memory_limit_bytes'] - fixed) / per_image
+  return int(batch // step * step)
+
+
+def table(rows: list[dict]) -> str:
+  """The markdown table of the docs."""
+  lines = [
+    '| config | target | mesh | fits | peak GiB / device (of) | largest '
+    'batch | img/s / device at 35 % MFU | compile s, host GiB |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  for r in rows:
+    if 'error' in r:
+      error = f'error: {r["error"]}'
+      lines.append(
+        f'| {r["key"]} | | | {error} | | | | {r["wall_seconds"]:.0f} |'
+      )
+      continue
+    mesh = ' x '.join(f'{k} {v}' for k, v in r['mesh'].items())
+    limit = r['memory_limit_bytes'] / 2**30
+    if 'memory' in r:
+      peak = f'{r["memory"]["peak"] / 2**30:.2f} ({limit:.2f})'
+    elif r.get('needed_bytes'):
+      peak = f'> {r["needed_bytes"] / 2**30:.1f} ({limit:.2f})'
+    else:
+      peak = f'? ({limit:.2f})'
+    if 'max_batch' in r:
+      largest = str(r['max_batch'])
+    else:
+      estimate = estimated_max_batch(r)
+      largest = f'~{estimate} (est.)' if estimate else ''
+    lines.append(
+      f'| {r["config"]} | {r["target"]} | {mesh} | '
+      f'{"yes" if r["fits"] else "no"} | {peak} | {largest} | '
+      f'{r["images_per_second_per_device"]:.0f} | '
+      f'{r["wall_seconds"]:.0f}, {r["host_peak_bytes"] / 2**30:.1f} |'
+    )
+  return '\n'.join(lines)
+
+
+def read(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--out', help='JSON Lines file the rows are added to.')
+  parser.add_argument(
+    '--rows',
+    default='',
+    help='Comma-separated filters: a row runs if its "config target" '
+    'contains one (e.g. vit_s16,v5e-16); default all.',
+  )
+  parser.add_argument(
+    '--max_batch', action='store_true', help='Bisect the largest batch too.'
+  )
+  parser.add_argument(
+    '--summarize', nargs='*', help='Print the table of these JSONL files.'
+  )
+  args, extra = parser.parse_known_args()
+  if args.summarize:
+    rows = [r for path in args.summarize for r in read(path)]
+    print(table(rows))
+    return
+  if not args.out:
+    parser.error('--out is needed to run rows')
+  done = {r['key'] for r in read(args.out)}
+  filters = [f for f in args.rows.split(',') if f]
+  start = time.perf_counter()
+  for config in CONFIGS:
+    for target in TARGETS:
+      key = row_key(config, target)
+      if key in done or (filters and not any(f in key for f in filters)):
+        continue
+      print(f'{key}: compiling', flush=True)
+      report = run_row(config, target, args.max_batch, extra)
+      with open(args.out, 'a') as f:
+        f.write(json.dumps(report) + '\n')
+      print(
+        f'{key}: {report.get("verdict", report.get("error"))} '
+        f'({report["wall_seconds"]:.0f} s)',
+        flush=True,
+      )
+  print(f'sweep: {time.perf_counter() - start:.0f} s', flush=True)
+  print(table(read(args.out)))
+
+
+if __name__ == '__main__':
+  main()
