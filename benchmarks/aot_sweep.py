@@ -110,7 +110,7 @@ def table(rows: list[dict]) -> str:
     '|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
-    if 'error' in r:
+    if 'fits' not in r:  # the tool stopped with an error line
       error = f'error: {r["error"]}'
       lines.append(
         f'| {r["key"]} | | | {error} | | | | {r["wall_seconds"]:.0f} |'
