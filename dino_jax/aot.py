@@ -329,12 +329,30 @@ def target_devices(target: Target) -> list:
       f'compiling for {target.chip.name} needs the CUDA plugin: '
       "pip install -e '.[aot-gpu]'"
     ) from e
+  _gpu_compile_flags()
   hosts, gpus = (1, *target.shape) if len(target.shape) == 1 else target.shape
   return topologies.get_topology_desc(
     platform='cuda',
     target_config=gpu_target_config(target.gen),
     topology=f'1x{hosts}x{gpus}',
   ).devices
+
+
+# Without a device XLA:GPU cannot autotune, and on jax 0.10.2 its Triton
+# GEMM tiling then fails on the step's small matmuls ("Couldn't find output
+# tile sizes that satisfy hlo: ... dot"); with Triton GEMMs off those run
+# as cuBLAS calls, as XLA:GPU chooses for most large matmuls anyway.
+GPU_XLA_FLAGS = ('--xla_gpu_enable_triton_gemm=false',)
+
+
+def _gpu_compile_flags() -> None:
+  """Adds GPU_XLA_FLAGS to XLA_FLAGS (read when the CUDA plugin starts);
+  a value the user set for the same flag is kept."""
+  current = os.environ.get('XLA_FLAGS', '')
+  for flag in GPU_XLA_FLAGS:
+    if flag.split('=')[0] not in current:
+      current = f'{current} {flag}'.strip()
+  os.environ['XLA_FLAGS'] = current
 
 
 def _first_line(error: BaseException) -> str:
