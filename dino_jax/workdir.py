@@ -302,6 +302,8 @@ class ObjectLock:
       try:
         self._upload('held', self._generation)
       except self._precondition_failed:
+        if self._still_mine():
+          continue  # an earlier beat landed although its answer was lost
         self.lost = True
         logger.error(
           'lock %s was taken over by another run: stopping this one as on '
@@ -312,6 +314,26 @@ class ObjectLock:
         return
       except Exception as e:  # noqa: BLE001 - a missed beat is retried
         logger.warning('lock heartbeat to %s failed: %s', self.path, e)
+
+  def _still_mine(self) -> bool:
+    """Whether the lock object still names this run; adopts its
+    generation if so."""
+    try:
+      blob = self._blob.bucket.get_blob(
+        self._blob.name, timeout=_LOCK_REQUEST_S
+      )
+      record = json.loads(blob.download_as_text(timeout=_LOCK_REQUEST_S))
+    except Exception:  # noqa: BLE001 - unknown: treated as lost
+      return False
+    mine = (
+      record.get('state') == 'held'
+      and record.get('pid') == os.getpid()
+      and record.get('host') == socket.gethostname()
+      and record.get('started') == self._started
+    )
+    if mine:
+      self._generation = blob.generation
+    return mine
 
   def release(self) -> None:
     if self._thread is None:

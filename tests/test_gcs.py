@@ -472,3 +472,44 @@ def test_imagefolder_on_gs_lists_and_reads(gcs, tmp_path, monkeypatch):
   decoded = pipeline.CanvasDecoder(48).map(record)
   assert decoded['image'].shape == (48, 48, 3)
   assert not os.path.exists(tmp_path / 'gs:')
+
+
+def _overwrite(holder, content) -> None:
+  """Replaces the lock object with ``content(old bytes)``, retrying while
+  the holder's heartbeat wins the race."""
+  from google.api_core import exceptions
+
+  for _ in range(20):
+    blob = holder._blob.bucket.get_blob(holder._blob.name)
+    try:
+      blob.upload_from_string(
+        content(blob.download_as_bytes()), if_generation_match=blob.generation
+      )
+      return
+    except exceptions.PreconditionFailed:
+      time.sleep(0.01)
+  raise AssertionError('could not overwrite the lock')
+
+
+def test_object_lock_holder_stops_when_taken_over(gcs, monkeypatch):
+  name, url = new_bucket(gcs)
+  kills = []
+  monkeypatch.setattr(os, 'kill', lambda pid, sig: kills.append((pid, sig)))
+  holder = workdir_lib.ObjectLock(f'{url}/run', heartbeat_s=0.2)
+  holder.acquire()
+  # A beat that landed though its answer was lost: same record, new
+  # generation. The holder recognises it and keeps the lock.
+  _overwrite(holder, lambda old: old)
+  time.sleep(0.8)
+  assert not holder.lost and kills == []
+  # Another run takes it over: the holder stops as on SIGTERM.
+  _overwrite(
+    holder,
+    lambda old: b'{"pid": 1, "host": "other", "started": "x", "state": "held"}',
+  )
+  deadline = time.time() + 5
+  while not kills and time.time() < deadline:
+    time.sleep(0.05)
+  assert holder.lost and kills == [(os.getpid(), signal.SIGTERM)]
+  holder.release()  # leaves the new holder's record alone
+  assert json.loads(gcs.read(name, 'run/lock'))['host'] == 'other'
