@@ -82,51 +82,49 @@ CHIPS = {
     'tpu',
     30.75,
     275.0,
-    'https://cloud.google.com/tpu/docs/v4 (275 TFLOP/s bf16 per chip)',
+    'https://cloud.google.com/tpu/docs/v4',
   ),
   'v5e': Chip(
     'TPU v5e',
     'tpu',
     15.75,
     197.0,
-    'https://cloud.google.com/tpu/docs/v5e (197 TFLOP/s bf16 per chip)',
+    'https://cloud.google.com/tpu/docs/v5e',
   ),
   'v5p': Chip(
     'TPU v5p',
     'tpu',
     95.74,
     459.0,
-    'https://cloud.google.com/tpu/docs/v5p (459 TFLOP/s bf16 per chip)',
+    'https://cloud.google.com/tpu/docs/v5p',
   ),
   'v6e': Chip(
     'TPU v6e',
     'tpu',
     31.25,
     918.0,
-    'https://cloud.google.com/tpu/docs/v6e (918 TFLOP/s bf16 per chip)',
+    'https://cloud.google.com/tpu/docs/v6e',
   ),
   'a100': Chip(
     'NVIDIA A100-SXM4-80GB',
     'gpu',
     85100068864 / GiB,
     312.0,
-    'NVIDIA A100 Tensor Core GPU datasheet (312 TFLOP/s BF16 dense)',
+    'NVIDIA A100 datasheet, SXM',
   ),
   'h100': Chip(
     'NVIDIA H100 80GB HBM3',
     'gpu',
     84942979072 / GiB,
     989.0,
-    'NVIDIA H100 Tensor Core GPU datasheet, SXM (1979 TFLOP/s BF16 with '
-    'sparsity, 989 dense)',
+    'NVIDIA H100 datasheet, SXM (1979 with sparsity)',
   ),
   'h200': Chip(
     'NVIDIA H200 141GB HBM3e',
     'gpu',
     151397597184 / GiB,
     989.0,
-    'NVIDIA H200 Tensor Core GPU datasheet, SXM (1979 TFLOP/s BF16 with '
-    'sparsity, 989 dense)',
+    'NVIDIA H200 datasheet, SXM (1979 with sparsity)',
   ),
 }
 
