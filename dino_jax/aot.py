@@ -649,14 +649,14 @@ def find_max_batch(
     if hi is not None and hi - lo <= step:
       return lo, probes
     guess = _linear_guess(probes, limit, step)
-    if hi is None:
-      nxt = max(guess or 0, 2 * max(lo, step))
-    elif lo == 0:
-      nxt = guess if guess and guess < hi else hi // 2
-    else:
-      nxt = guess if guess and lo < guess < hi else (lo + hi) // 2
+    if guess is None:  # double up to a failure, then halve
+      nxt = 2 * max(lo, step) if hi is None else (lo + hi) // 2
+    else:  # the line's batch, strictly inside the bracket
+      nxt = max(guess, lo + step)
+      if hi is not None:
+        nxt = min(nxt, hi - step)
     nxt = max(step, nxt // step * step)
-    if nxt in probes:  # the guess was seen: fall back to halving
+    if nxt in probes:  # a batch seen before: halve the bracket instead
       nxt = max(step, (lo + (hi or 2 * lo)) // 2 // step * step)
       if nxt in probes:
         return lo, probes
@@ -665,23 +665,26 @@ def find_max_batch(
 
 
 def _linear_guess(probes: dict, limit: float, step: int) -> int | None:
-  """Where the line through the two nearest measured peaks meets ``limit``."""
-  points = sorted((b, p[1]) for b, p in probes.items() if p[1])
-  if len(points) < 2:
+  """Where the line through two measured peaks meets ``limit``.
+
+  The two are those around the limit (the largest batch that fitted and
+  the smallest that did not) where both were measured, else the two
+  nearest to it on the measured side. None with fewer than two peaks.
+  """
+  fitted = sorted((b, p[1]) for b, p in probes.items() if p[0] and p[1])
+  failed = sorted((b, p[1]) for b, p in probes.items() if not p[0] and p[1])
+  if fitted and failed:
+    (b0, m0), (b1, m1) = fitted[-1], failed[0]
+  elif len(fitted) >= 2:
+    (b0, m0), (b1, m1) = fitted[-2:]
+  elif len(failed) >= 2:
+    (b0, m0), (b1, m1) = failed[:2]
+  else:
     return None
-  (b0, m0), (b1, m1) = points[-2:] if len(points) == 2 else _nearest(points)
-  if m1 <= m0:
+  if m1 <= m0 or b1 <= b0:
     return None
-  slope = (m1 - m0) / (b1 - b0)
-  guess = b0 + (limit - m0) / slope
+  guess = b0 + (limit - m0) * (b1 - b0) / (m1 - m0)
   return int(guess // step * step) if guess > 0 else None
-
-
-def _nearest(points):
-  """The two consecutive points around the largest batch that fitted."""
-  best = max(range(len(points)), key=lambda i: points[i][0])
-  i = min(best, len(points) - 2)
-  return points[i], points[i + 1]
 
 
 # ---------------------------------------------------------------------------

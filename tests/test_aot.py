@@ -293,3 +293,44 @@ def test_oversized_head_on_h100_does_not_fit():
   )
   assert result.returncode == 1, result.stderr[-3000:]
   assert last_line(result.stdout).startswith('does not fit: needs ')
+
+
+class _FakeCompiled:
+  """A compiled step whose peak is 1 GiB + 10 MiB per image."""
+
+  def __init__(self, batch: int):
+    self.peak = 2**30 + batch * 10 * 2**20
+
+  def memory_analysis(self):
+    return type(
+      'Stats',
+      (),
+      {
+        'argument_size_in_bytes': 2**30,
+        'output_size_in_bytes': 0,
+        'alias_size_in_bytes': 0,
+        'temp_size_in_bytes': self.peak - 2**30,
+        'generated_code_size_in_bytes': 0,
+        'peak_memory_in_bytes': self.peak,
+      },
+    )()
+
+
+def test_max_batch_bisection(monkeypatch):
+  compiled = []
+
+  def fake_compile(config, mesh, platform):
+    compiled.append(config.batch_size)
+    return aot.Compiled(1.0, compiled=_FakeCompiled(config.batch_size))
+
+  monkeypatch.setattr(aot, 'compile_step', fake_compile)
+  config = aot.ml_collections.ConfigDict({'batch_size': 256})
+  limit = 16 * 2**30  # (16 GiB - 1 GiB) / 10 MiB = 1536 images fit
+  start = 2**30 + 256 * 10 * 2**20
+  best, probes = aot.find_max_batch(
+    config, None, 'tpu', limit, 64, {256: (True, start, 1.0)}
+  )
+  assert best == 1536
+  assert probes[1536][0] and not probes[1600][0]
+  # Doubling once, then the line through the peaks lands on it.
+  assert compiled == [512, 1536, 1600]
