@@ -764,7 +764,18 @@ def verdict(report: dict) -> str:
     return (
       f'fits ({_gib(report["memory"]["peak"])} of {_gib(limit)} GiB {what})'
     )
-  need = report.get('needed_bytes') or report.get('memory', {}).get('peak')
+  step_memory = report.get('memory', {})
+  features = report.get('features', {})
+  if step_memory and step_memory['peak'] <= limit and features:
+    peak = features.get('memory', {}).get('peak') or features.get(
+      'needed_bytes'
+    )
+    needs = f'needs {_gib(peak)} GiB of {_gib(limit)}' if peak else ''
+    return (
+      f"does not fit: the evaluation's feature function {needs} {what}; "
+      'try a smaller eval.batch_size'
+    )
+  need = report.get('needed_bytes') or step_memory.get('peak')
   needs = (
     f'needs {_gib(need)} GiB of {_gib(limit)}'
     if need
@@ -914,6 +925,7 @@ def run(
       f['memory'] = memory(result.compiled)
       fits_eval = f['memory']['peak'] <= report['memory_limit_bytes']
     else:
+      f['needed_bytes'] = result.needed
       fits_eval = False
     report['features'] = f
     report['fits'] = report['fits'] and fits_eval

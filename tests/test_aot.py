@@ -130,6 +130,16 @@ def test_verdict_lines():
     'does not fit: needs 20.00 GiB of 16.00 per device; try mesh.fsdp=2, '
     'model.remat=True, a smaller batch'
   )
+  features = {
+    **base,
+    'fits': False,
+    'memory': {'peak': 6 * 2**30},
+    'features': {'memory': {'peak': 17 * 2**30}},
+  }
+  assert aot.verdict(features) == (
+    "does not fit: the evaluation's feature function needs 17.00 GiB of "
+    '16.00 per device; try a smaller eval.batch_size'
+  )
 
 
 def test_gpu_target_config_text():
