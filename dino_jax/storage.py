@@ -91,6 +91,30 @@ def _files(root: epath.Path):
       yield child
 
 
+def walk(root: str) -> list[tuple[str, list[str]]]:
+  """``(dirpath, sorted file names)`` for every folder under ``root``,
+  sorted by dirpath: torchvision's ``sorted(os.walk(root))`` order.
+
+  Local: ``os.walk`` (following links), files only. Remote: one recursive
+  listing (``find``: 1,000 names a request) instead of a request per
+  entry, which would take hours on ImageNet's 1.28 M files.
+  """
+  if not is_remote(root):
+    return [
+      (dirpath, sorted(f for f in files if os.path.isfile(f'{dirpath}/{f}')))
+      for dirpath, _, files in sorted(os.walk(root, followlinks=True))
+    ]
+  import fsspec
+
+  fs, path = fsspec.core.url_to_fs(root)
+  scheme = root.split('://', 1)[0]
+  folders = {}
+  for name in fs.find(path):
+    folder, _, file = name.rpartition('/')
+    folders.setdefault(f'{scheme}://{folder}', []).append(file)
+  return [(folder, sorted(files)) for folder, files in sorted(folders.items())]
+
+
 def move_tree(source: str, target: str) -> None:
   """Moves the directory ``source`` to ``target`` (which must not exist).
 

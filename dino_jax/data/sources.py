@@ -70,9 +70,11 @@ class ImageFolderSource:
       self.samples: list[tuple[str, int]] = []
       if classes:
         for label, folder in enumerate(classes):
-          self._add_tree(folder, label)
+          for dirpath, filenames in storage.walk(os.fspath(folder)):
+            self._add(dirpath, filenames, label)
       else:
-        self._add(entries, -1)
+        files = [e.name for e in entries if self.remote or e.is_file()]
+        self._add(root, files, -1)
     except storage.StorageError as e:
       raise DataError(str(e)) from e
     if not self.samples:
@@ -83,23 +85,13 @@ class ImageFolderSource:
         'level)'
       )
 
-  def _add_tree(self, folder, label):
-    """Adds the images under ``folder``, depth first, in name order (as
-    torchvision's sorted ``os.walk``)."""
-    entries = sorted(folder.iterdir(), key=lambda p: p.name)
-    files = [e for e in entries if not e.is_dir()]
-    self._add(files, label)
-    for sub in entries:
-      if sub.is_dir():
-        self._add_tree(sub, label)
-
-  def _add(self, paths, label):
-    for path in paths:
-      if self.remote or path.is_file():
-        if path.name.lower().endswith(IMG_EXTENSIONS):
-          self.samples.append((os.fspath(path), label))
-        else:
-          self.skipped += 1
+  def _add(self, dirpath: str, filenames: list[str], label: int):
+    join = storage.join if self.remote else os.path.join
+    for name in filenames:
+      if name.lower().endswith(IMG_EXTENSIONS):
+        self.samples.append((join(dirpath, name), label))
+      else:
+        self.skipped += 1
 
   def __len__(self) -> int:
     return len(self.samples)
