@@ -226,8 +226,6 @@ def exists(path: str, what: str = 'path') -> bool:
   """``path`` exists; a remote error becomes a one-line StorageError."""
   try:
     return epath.Path(path).exists()
-  except StorageError:
-    raise
   except Exception as e:  # noqa: BLE001 - client errors vary by scheme
     if not is_remote(path):
       raise
