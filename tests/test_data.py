@@ -326,8 +326,8 @@ class WorkerInitTest(absltest.TestCase):
     # and registering it, as SIGKILL lands on a busy machine.
     worker = (
       'import os, signal; from multiprocessing import shared_memory; '
-      'from dino_jax.data import pipeline; '
-      'pipeline.start_resource_tracker(); '
+      'from dino_jax.data import pipeline, shm; '
+      'shm.start_resource_tracker(); '
       'pipeline._init_worker(os.getppid(), 0, 1); '
       'ftruncate = os.ftruncate\n'
       'def sized_then_killed(fd, size):\n'

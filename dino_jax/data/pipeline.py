@@ -12,15 +12,12 @@ The augmentation runs on device (``multicrop``), so the host only decodes.
 
 import contextlib
 import functools
-import gc
 import io
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
-from multiprocessing import resource_tracker, shared_memory, spawn, util
 
 import grain
 import jax
@@ -29,7 +26,12 @@ from absl import flags
 from PIL import Image
 
 from dino_jax import parallel
+from dino_jax.data import shm
+from dino_jax.data.shm import release_shared_memory as release_shared_memory
 from dino_jax.data.sources import DataError
+
+# release_shared_memory (imported above) is re-exported: main.py and
+# eval/features.py call pipeline.release_shared_memory.
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ def _init_worker(parent: int, worker_index: int, worker_count: int) -> None:
   output pipe: a thread ends it once its parent is gone.
   """
   del worker_index, worker_count
-  track_shared_memory_from_creation()
+  shm.track_shared_memory_from_creation()
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.pthread_sigmask(signal.SIG_UNBLOCK, _SCHEDULER_SIGNALS)
@@ -181,91 +183,6 @@ def _exit_with(parent: int, poll_seconds: float = 0.5) -> None:
   while os.getppid() == parent:
     time.sleep(poll_seconds)
   os._exit(1)
-
-
-class _TrackedPosixShm:
-  """CPython's ``_posixshmem``, whose exclusive ``shm_open`` registers the
-  name with the resource tracker before the segment exists."""
-
-  def __init__(self, module):
-    self._module = module
-
-  def __getattr__(self, name):
-    return getattr(self._module, name)
-
-  def shm_open(self, path, flags, mode=0o777):
-    exclusive = os.O_CREAT | os.O_EXCL
-    if flags & exclusive != exclusive:
-      return self._module.shm_open(path, flags, mode=mode)
-    resource_tracker.register(path, 'shared_memory')
-    try:
-      return self._module.shm_open(path, flags, mode=mode)
-    except FileExistsError:  # another's name: not ours to free
-      resource_tracker.unregister(path, 'shared_memory')
-      raise
-
-
-def track_shared_memory_from_creation() -> None:
-  """Shared memory this process creates is tracked from its first instant.
-
-  ``SharedMemory(create=True)`` (grain's workers hand each batch over in
-  one) creates the segment, sizes it, maps it and only then registers it
-  with the resource tracker. A worker killed in between (a scheduler's
-  SIGKILL to the group; on a busy machine the worker can lose the CPU in
-  that gap) leaves a segment that nothing frees: CI saw it twice, once
-  sized and once empty. Registered before it exists, it is freed by the
-  tracker whenever the process dies (a process killed between the two
-  costs the tracker one warning line). No public API: CPython looks
-  ``_posixshmem`` up at call time, so the module's global is replaced.
-  """
-  if shared_memory._USE_POSIX and not isinstance(
-    shared_memory._posixshmem, _TrackedPosixShm
-  ):
-    shared_memory._posixshmem = _TrackedPosixShm(shared_memory._posixshmem)
-
-
-def start_resource_tracker() -> None:
-  """Starts this process's resource tracker in a session of its own.
-
-  The tracker (CPython's ``multiprocessing.resource_tracker``) unlinks the
-  shared memory that grain's workers hand batches over in, when every
-  process of the program is gone. Started as CPython starts it, it is in
-  the program's process group, so a scheduler's SIGKILL to the group kills
-  it too and the segments stay in /dev/shm (RAM) until the machine reboots.
-  In its own session it outlives the group, sees the program gone, and
-  frees them. It ignores SIGTERM and SIGINT itself, as CPython's does; its
-  warnings go to this process's stderr.
-  """
-  tracker = resource_tracker._resource_tracker  # no public API for this
-  if getattr(tracker, '_fd', 0) is not None or not hasattr(tracker, '_pid'):
-    resource_tracker.ensure_running()  # running, or another CPython
-    return
-  with tracker._lock:
-    if tracker._fd is not None:
-      return
-    read, write = os.pipe()
-    try:
-      command = 'from multiprocessing.resource_tracker import main; main(%d)'
-      subprocess.Popen(
-        [
-          spawn.get_executable(),
-          *util._args_from_interpreter_flags(),
-          '-c',
-          command % read,
-        ],
-        pass_fds=(read,),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=None,  # this process's fd 2
-        start_new_session=True,
-        close_fds=True,
-      )
-      tracker._fd, tracker._pid = write, None  # not ours to wait for
-    except BaseException:
-      os.close(write)
-      raise
-    finally:
-      os.close(read)
 
 
 @contextlib.contextmanager
@@ -299,10 +216,12 @@ class _StartHeld(grain.IterDataset):
     self._num_workers = num_workers
 
   def __iter__(self):
-    # The tracker first, from this thread (the workers register their
-    # batches' shared memory with it), then the workers, signals held.
-    start_resource_tracker()
-    track_shared_memory_from_creation()
+    # The private names first (an upgrade that removed one fails here, not
+    # at the exit), the tracker from this thread (the workers register
+    # their batches' shared memory with it), then the workers, signals held.
+    shm.check_private_apis()
+    shm.start_resource_tracker()
+    shm.track_shared_memory_from_creation()
     with _signals_held():
       return _StartHeldIterator(iter(self._parent), self._num_workers)
 
@@ -449,27 +368,6 @@ class SkippedFiles:
         )
       elif n & (n - 1) == 0:
         logger.warning('%d distinct undecodable images skipped so far', n)
-
-
-def release_shared_memory() -> None:
-  """Frees now the shared memory of grain batches no longer referenced.
-
-  A batch read from a data worker unlinks its shared memory when deleted,
-  but asynchronously, on grain's deletion thread, and batches held in a
-  reference cycle (grain's prefetch threads end in a StopIteration whose
-  traceback keeps their last batches alive; a traceback keeps the loop's
-  last batch) wait for the collector. Left to the exit, they are freed by
-  the resource tracker with a warning about leaked objects. Collected here,
-  and the deletion thread drained.
-  """
-  gc.collect()
-  from grain._src.python.ipc import shared_memory_array  # no public API
-
-  deleter = getattr(
-    shared_memory_array.SharedMemoryArray, '_del_thread_pool', None
-  )
-  if deleter is not None:
-    deleter.apply(lambda: None)  # one thread, in order: all before are done
 
 
 def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict:
