@@ -878,6 +878,36 @@ def host_peak_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def check_config(
+  config: ml_collections.ConfigDict,
+  target: Target,
+  num_devices: int,
+  eval_features: bool,
+) -> None:
+  """``config.validate`` for ``num_devices``, and the feature function's
+  batch, each an AotError of one line naming the value to change."""
+  from dino_jax import config as config_lib
+
+  prefix = f'{target.spec} ({num_devices} devices)'
+  try:
+    config_lib.validate(config, num_devices)
+  except config_lib.ConfigError as e:
+    raise AotError(f'{prefix}: {e}') from e
+  eval_batch = config.eval.batch_size
+  if eval_features and (eval_batch <= 0 or eval_batch % num_devices):
+    # Unchecked, JAX's IndivisibleError (a traceback) ends the run after
+    # the train step's compile.
+    lower = eval_batch // num_devices * num_devices
+    choices = [b for b in (lower, lower + num_devices) if b > 0]
+    raise AotError(
+      f'{prefix}: eval.batch_size={eval_batch} is not a multiple of the '
+      f'{num_devices} devices (the k-NN feature function splits it over '
+      'them); use --config.eval.batch_size='
+      + ' or '.join(str(b) for b in choices)
+      + ', or --eval_features=false'
+    )
+
+
 def run(
   config: ml_collections.ConfigDict,
   target: Target,
@@ -898,16 +928,16 @@ def run(
     max_batch_step: its resolution in images (0: the device count).
 
   Raises:
-    AotError, ConfigError: an unusable target, mesh or config.
+    AotError: an unusable target, mesh or config.
   """
-  from dino_jax import config as config_lib
   from dino_jax import parallel
 
+  # Checked before libtpu or the CUDA plugin starts, and before minutes
+  # of compiling: the target's device count is known from its shape.
+  check_config(config, target, target.num_devices, eval_features)
   devices = target_devices(target)
-  try:
-    config_lib.validate(config, len(devices))
-  except config_lib.ConfigError as e:
-    raise AotError(f'{target.spec} ({len(devices)} devices): {e}') from e
+  if len(devices) != target.num_devices:
+    check_config(config, target, len(devices), eval_features)
   try:
     mesh = parallel.make_mesh(
       config.mesh.data, config.mesh.fsdp, devices=devices
