@@ -29,10 +29,14 @@ from dino_jax import storage
 
 logger = logging.getLogger(__name__)
 
-# Config fields that may differ between the run that saved a checkpoint and
-# the run that resumes it: they change neither the state, the data order nor
-# the schedules (README, "Resuming"). Any other difference is refused.
-RESUMABLE_CHANGES = (
+# The contract between a checkpoint and the config that reads it: a field
+# ('data.path') or a group ('eval.*') per entry. README lists both tuples
+# ("Resuming", "Evaluating"); tests/test_checkpoint.py keeps them equal.
+#
+# Fields that may differ between the run that saved a checkpoint and the run
+# that resumes it: they change neither the state, the data order nor the
+# schedules. Any other difference is refused (check_compatible).
+RESUMABLE_FIELDS = (
   'total_steps',
   'log_every_steps',
   'checkpoint_every_steps',
@@ -45,6 +49,9 @@ RESUMABLE_CHANGES = (
   'data.synthetic_delay',
   'mesh.*',
 )
+# Fields an evaluation of a workdir may override; the others describe the
+# state in the checkpoint and come from it (workdir.check_eval_overrides).
+EVAL_FIELDS = ('eval.*', 'linear.*', 'data.*', 'mesh.*')
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -242,10 +249,11 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
   return out
 
 
-def _may_change(field: str) -> bool:
+def may_differ(field: str, patterns: tuple[str, ...]) -> bool:
+  """Whether ``field`` ('eval.ks') is one of ``patterns`` ('eval.*')."""
   return any(
     field == rule or (rule.endswith('.*') and field.startswith(rule[:-1]))
-    for rule in RESUMABLE_CHANGES
+    for rule in patterns
   )
 
 
@@ -254,7 +262,7 @@ def check_compatible(
 ) -> None:
   """Raises unless ``config`` may resume a checkpoint saved with ``saved``.
 
-  Only the fields in RESUMABLE_CHANGES may differ; every other difference
+  Only the fields in RESUMABLE_FIELDS may differ; every other difference
   would change the state, the data order or the schedules.
   """
   from dino_jax.config import default_config  # no cycle: config is a leaf
@@ -268,7 +276,7 @@ def check_compatible(
     if isinstance(a, list) or isinstance(b, list):  # JSON has no tuples
       a = list(a) if isinstance(a, (list, tuple)) else a
       b = list(b) if isinstance(b, (list, tuple)) else b
-    if a != b and not _may_change(field):
+    if a != b and not may_differ(field, RESUMABLE_FIELDS):
       diffs.append(f'{field} (checkpoint {a!r}, now {b!r})')
   if diffs:
     raise IncompatibleCheckpointError(

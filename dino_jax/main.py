@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dino_jax import hostmem
+from dino_jax import cli_errors, hostmem
 
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and evaluations.')
 flags.DEFINE_string(
@@ -33,24 +33,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with one clear line for a bad flag or config field."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    # A config file that raises puts its whole traceback in the message;
-    # its first and last lines say what is wrong.
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    reason = lines[0] if len(lines) < 3 else f'{lines[0]} {lines[-1]}'
-    print(
-      f'error: {reason}\nPass --helpfull to see the flags.', file=sys.stderr
-    )
-  except (AttributeError, KeyError) as e:  # --config.unknown.field=...
-    reason = e
-    while isinstance(reason, Exception) and reason.args:
-      reason = reason.args[0]  # AttributeError(KeyError(message))
-    reason = ' '.join(str(reason).split())
-    bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    print(
-      f'error: unknown config field in {" ".join(bad)}: {reason}',
-      file=sys.stderr,
-    )
+  except Exception as e:  # noqa: BLE001 - a config file raises its own
+    print(f'error: {cli_errors.command_line_error(e, argv)}', file=sys.stderr)
   sys.exit(1)
 
 
@@ -61,16 +45,8 @@ def load_config():
     config.keys()  # a placeholder that raises if the file failed to load
     return config
   except OSError as e:  # ml_collections defers a failed load to here
-    cause = e
-    while cause.__cause__ is not None:
-      cause = cause.__cause__
-    reason = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    path = flags.FLAGS['config'].serialize().split('=', 1)[-1]
-    print(
-      f'error: --config={path} cannot be loaded ({reason[-1]}); pass a '
-      'config file such as configs/vit_s16.py',
-      file=sys.stderr,
-    )
+    spec = flags.FLAGS['config'].serialize().split('=', 1)[-1]
+    print(f'error: {cli_errors.config_file_error(spec, e)}', file=sys.stderr)
     sys.exit(1)
 
 

@@ -27,7 +27,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from dino_jax import storage
+from dino_jax import checkpoint as checkpoint_lib
+from dino_jax import cli_errors, storage
 
 
 class WorkdirError(ValueError):
@@ -393,14 +394,11 @@ def _describe(record: dict) -> str:
 
 # Evaluation and interop: reading a workdir, and the command-line front.
 
-# Config groups an evaluation may override; the others describe the state
-# in the checkpoint (model, recipe) and come from the workdir as saved.
-EVAL_GROUPS = ('eval', 'linear', 'data', 'mesh')
-_OVERRIDE_PREFIXES = ('--config.', '--noconfig.')
-
-
-class ConfigOverrideError(ValueError):
-  """A config file or a ``--config.*`` override cannot be applied."""
+# Config groups an evaluation may override (checkpoint.EVAL_FIELDS).
+EVAL_GROUPS = tuple(g.removesuffix('.*') for g in checkpoint_lib.EVAL_FIELDS)
+_OVERRIDE_PREFIXES = cli_errors.OVERRIDE_PREFIXES
+ConfigOverrideError = cli_errors.ConfigOverrideError
+_reason = cli_errors.reason
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -438,21 +436,6 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return rest, overrides + deprecated
 
 
-def _reason(error: BaseException) -> str:
-  """One line from an exception, unwrapping absl's nested KeyErrors."""
-  while isinstance(error, (AttributeError, KeyError)) and error.args:
-    if not isinstance(error.args[0], BaseException):
-      break
-    error = error.args[0]
-  text = error.args[0] if error.args else type(error).__name__
-  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-  if not lines:
-    return type(error).__name__
-  # A config file that raises puts its traceback in the message: the first
-  # and last lines say what is wrong.
-  return lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}'
-
-
 def apply_overrides(
   config: ml_collections.ConfigDict, overrides: list[str]
 ) -> ml_collections.ConfigDict:
@@ -476,10 +459,7 @@ def apply_overrides(
     )
     values(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    raise ConfigOverrideError(
-      f'{" ".join(overrides)} cannot be applied: {_reason(e)}; see the '
-      'fields in dino_jax/config.py'
-    ) from e
+    raise ConfigOverrideError(cli_errors.override_error(overrides, e)) from e
   return values.config
 
 
@@ -501,13 +481,7 @@ def load_config_file(
     config = values.config
     config.keys()  # a file that failed to load raises here
   except Exception as e:  # noqa: BLE001 - the config file's own error
-    cause = e
-    while cause.__cause__ is not None:
-      cause = cause.__cause__
-    raise ConfigOverrideError(
-      f'--config={spec} cannot be loaded ({_reason(cause)}); pass a '
-      'config file such as configs/vit_s16.py'
-    ) from e
+    raise ConfigOverrideError(cli_errors.config_file_error(spec, e)) from e
   return apply_overrides(config, list(overrides))
 
 
@@ -538,11 +512,11 @@ def check_eval_overrides(overrides: list[str]) -> None:
   """Refuses overrides of the state's fields when reading a checkpoint."""
   for item in overrides:
     field = item.split('=', 1)[0].split('.', 1)[-1]
-    if field.split('.', 1)[0] not in EVAL_GROUPS:
-      groups = ', '.join(f'{g}.*' for g in EVAL_GROUPS)
+    if not checkpoint_lib.may_differ(field, checkpoint_lib.EVAL_FIELDS):
       raise ConfigOverrideError(
         f'{item}: the model and recipe come from the checkpoint; only '
-        f'{groups} may be overridden when reading a workdir'
+        f'{", ".join(checkpoint_lib.EVAL_FIELDS)} may be overridden when '
+        'reading a workdir'
       )
 
 

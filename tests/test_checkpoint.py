@@ -2,6 +2,8 @@
 
 import functools
 import json
+import os
+import re
 
 import chex
 import jax
@@ -12,6 +14,8 @@ from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import parallel
 from dino_jax import step as step_lib
 from dino_jax.config import default_config
+
+README = os.path.join(os.path.dirname(__file__), '..', 'README.md')
 
 
 def make_state(config):
@@ -87,6 +91,40 @@ class CheckpointTest(absltest.TestCase):
       checkpoint_lib.IncompatibleCheckpointError, 'crops.blur_sigma'
     ):
       checkpoint_lib.check_compatible(same, config, '/w')
+
+
+def readme_fields(pattern: str) -> tuple[str, ...]:
+  """The `code` names in the part of README that ``pattern`` captures."""
+  with open(README) as f:
+    text = ' '.join(f.read().split())
+  found = re.search(pattern, text)
+  assert found, f'README no longer says {pattern!r}'
+  return tuple(re.findall(r'`([^`]+)`', found.group(1)))
+
+
+class ContractTest(absltest.TestCase):
+  # README's lists are the contract the code enforces: change both or
+  # neither (checkpoint.RESUMABLE_FIELDS, checkpoint.EVAL_FIELDS).
+
+  def test_readme_lists_the_resume_contract(self):
+    self.assertEqual(
+      readme_fields(r'Fields that may change on resume:(.*?)\.\s'),
+      checkpoint_lib.RESUMABLE_FIELDS,
+    )
+    self.assertEqual(
+      readme_fields(r'On a workdir, only (.*?) may be overridden'),
+      checkpoint_lib.EVAL_FIELDS,
+    )
+
+  def test_every_pattern_names_config_fields(self):
+    fields = checkpoint_lib._flatten(json.loads(default_config().to_json()))
+    for pattern in (
+      *checkpoint_lib.RESUMABLE_FIELDS,
+      *checkpoint_lib.EVAL_FIELDS,
+    ):
+      self.assertTrue(
+        any(checkpoint_lib.may_differ(f, (pattern,)) for f in fields), pattern
+      )
 
 
 if __name__ == '__main__':
