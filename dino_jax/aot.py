@@ -612,13 +612,22 @@ def fits(result: Compiled, limit: float) -> bool:
 
 
 def find_max_batch(
-  config, mesh, platform: str, limit: float, step: int, known: dict
+  config,
+  mesh,
+  platform: str,
+  limit: float,
+  step: int,
+  known: dict,
+  fixed: float | None = None,
 ) -> tuple[int, dict]:
   """The largest global batch, a multiple of ``step``, whose step fits.
 
   Bisection, each probe one compile; ``known`` ({batch: (fits, peak bytes or
   None)}) seeds it. The first probes follow the line through the peaks seen
-  so far (memory grows about linearly with the batch), then halving.
+  so far (memory grows about linearly with the batch), then halving. With
+  one peak known, ``fixed`` (the bytes that do not grow with the batch: the
+  state) is the line's other point, at batch 0; without it the search
+  doubles the batch first.
 
   Returns:
     (largest fitting batch, 0 if none; every probe {batch: (fits, peak)}).
@@ -648,7 +657,7 @@ def find_max_batch(
     lo, hi = bounds()
     if hi is not None and hi - lo <= step:
       return lo, probes
-    guess = _linear_guess(probes, limit, step)
+    guess = _linear_guess(probes, limit, step, fixed)
     if guess is None:  # double up to a failure, then halve
       nxt = 2 * max(lo, step) if hi is None else (lo + hi) // 2
     else:  # the line's batch, strictly inside the bracket
@@ -664,16 +673,21 @@ def find_max_batch(
   return bounds()[0], probes
 
 
-def _linear_guess(probes: dict, limit: float, step: int) -> int | None:
+def _linear_guess(
+  probes: dict, limit: float, step: int, fixed: float | None = None
+) -> int | None:
   """Where the line through two measured peaks meets ``limit``.
 
   The two are those around the limit (the largest batch that fitted and
   the smallest that did not) where both were measured, else the two
-  nearest to it on the measured side. None with fewer than two peaks.
+  nearest to it on the measured side; with one peak, that one and
+  ``fixed`` at batch 0. None with fewer than two points.
   """
   fitted = sorted((b, p[1]) for b, p in probes.items() if p[0] and p[1])
   failed = sorted((b, p[1]) for b, p in probes.items() if not p[0] and p[1])
-  if fitted and failed:
+  if fixed and len(fitted) + len(failed) == 1:
+    (b0, m0), (b1, m1) = (0, fixed), (fitted + failed)[0]
+  elif fitted and failed:
     (b0, m0), (b1, m1) = fitted[-1], failed[0]
   elif len(fitted) >= 2:
     (b0, m0), (b1, m1) = fitted[-2:]
@@ -971,6 +985,8 @@ def run(
         report['compile_seconds'],
       )
     }
+    m = report.get('memory')
+    fixed = m['arguments'] + m['outputs'] - m['aliased'] if m else None
     print('searching the largest global batch that fits:', flush=True)
     best, probes = find_max_batch(
       config,
@@ -979,6 +995,7 @@ def run(
       report['memory_limit_bytes'],
       step,
       known,
+      fixed,
     )
     report['max_batch'] = best
     report['max_batch_probes'] = {

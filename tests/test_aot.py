@@ -365,3 +365,10 @@ def test_max_batch_bisection(monkeypatch):
   assert probes[1536][0] and not probes[1600][0]
   # Doubling once, then the line through the peaks lands on it.
   assert compiled == [512, 1536, 1600]
+  # With the state's bytes as the line's point at batch 0, no doubling.
+  compiled.clear()
+  best, _ = aot.find_max_batch(
+    config, None, 'tpu', limit, 64, {256: (True, start, 1.0)}, fixed=2**30
+  )
+  assert best == 1536
+  assert compiled == [1536, 1600]
