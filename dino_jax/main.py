@@ -60,7 +60,7 @@ def main(argv):
     IncompatibleCheckpointError,
   )
   from dino_jax.config import ConfigError
-  from dino_jax.data import pipeline
+  from dino_jax.data import shm
   from dino_jax.data.sources import DataError
   from dino_jax.metrics import NonFiniteLossError
   from dino_jax.storage import StorageError
@@ -102,13 +102,14 @@ def main(argv):
   # frames, the pipeline's threads) or on grain's deletion thread: freed
   # now, not left to the resource tracker at exit (which frees them too,
   # with a warning about leaked objects).
-  pipeline.release_shared_memory()
+  shm.release_shared_memory()
   if result is None:
     print('interrupted', file=sys.stderr)
     # Exit without the interpreter's teardown, after the exit handlers
-    # (multiprocessing's among them: its semaphores): threads of XLA or
-    # Orbax that the interrupt left running crashed the teardown (SIGSEGV,
-    # seen after a second Ctrl-C during the first compile).
+    # (multiprocessing's among them: its semaphores): a second Ctrl-C exits
+    # without waiting for threads of Orbax (a save in flight) or XLA, and
+    # such a thread crashed the teardown once (SIGSEGV, seen after a second
+    # Ctrl-C during the first compile).
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()

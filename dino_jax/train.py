@@ -2,13 +2,25 @@
 
 No math here: the step is ``step.make_train_step``, the augmentation
 ``data.multicrop``, the evaluation ``eval.run``.
+
+Signals (``dino_jax/interrupt.py``: the handlers only record them):
+
+- SIGTERM or a first Ctrl-C: ``_Training._stop_requested`` at the top of
+  the next step saves the last step done and exits (main.py: status 0, or
+  130 for Ctrl-C). A wait for data polls the record (``interrupt.Reader``),
+  an evaluation stops between batches (``interrupt.Stopped``); its step is
+  saved, and the next run evaluates it first (``_evaluation_missing``).
+- A second Ctrl-C: KeyboardInterrupt where the loop next polls; no save;
+  ``_Training.run`` stops the data workers, main.py frees their shared
+  memory and exits 130.
+- SIGKILL: nothing runs here. The steps since the last checkpoint are lost;
+  the shared memory is freed by the tracker (``data/shm.py``), and the
+  next run resumes from the newest intact checkpoint (``checkpoint.py``).
+- Several processes: SIGTERM goes to JAX's preemption notifier, and all
+  processes stop at the same step (``reached_preemption_sync_point``).
 """
 
-import contextlib
 import logging
-import os
-import signal
-import sys
 
 import jax
 import ml_collections
@@ -16,157 +28,13 @@ import numpy as np
 
 from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import config as config_lib
+from dino_jax import interrupt, parallel, storage
 from dino_jax import metrics as metrics_lib
-from dino_jax import parallel, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import pipeline, sources
 
 logger = logging.getLogger(__name__)
-
-
-class _StopWaiting(Exception):
-  """Raised by the signal handler to leave a wait for data."""
-
-
-class Preemption:
-  """SIGTERM and the first Ctrl-C: save at the next step boundary and exit.
-
-  One process: Python handlers set ``signal_name``; while the loop waits for
-  data or evaluates (``interruptible``), the handler raises ``_StopWaiting``
-  so that neither a stalled input pipeline nor a long evaluation can delay
-  the save past the scheduler's grace period. Several processes: every
-  process must save the same step (the save is collective), so SIGTERM
-  stays with JAX's preemption notifier, which tells all processes through
-  the coordination service, and ``stop_at`` is JAX's preemption sync point
-  (True at the same step on every process); Ctrl-C sends SIGTERM to its own
-  process to take that path. A second Ctrl-C raises KeyboardInterrupt at
-  once (no save).
-
-  Python swallows an exception raised where a finalizer, a weakref or a gc
-  callback runs, and a handler may run there: such a lost ``_StopWaiting``
-  or KeyboardInterrupt reaches ``sys.unraisablehook``, which here raises it
-  again 10 ms later from a SIGALRM handler (else a stalled pipeline or a
-  long evaluation would hold the save back, and a traceback would say
-  "Exception ignored").
-  """
-
-  def __init__(self, multiprocess: bool = False):
-    self.multiprocess = multiprocess
-    self.signal_name = None
-    self.aborted = False
-    self._interruptible = False
-    self._in_region = False
-    self._abort_lost = False
-    self._entered = False
-    self._hooks = None
-    self._previous = {}
-
-  def __enter__(self):
-    signals = [signal.SIGINT] + ([] if self.multiprocess else [signal.SIGTERM])
-    for signum in signals:
-      self._previous[signum] = signal.signal(signum, self._handle)
-    if not self.multiprocess:
-      self._previous[signal.SIGALRM] = signal.signal(
-        signal.SIGALRM, self._raise_again
-      )
-      previous_hook = sys.unraisablehook
-
-      def hook(unraisable):
-        if self._entered and self._lost(unraisable.exc_value):
-          return
-        previous_hook(unraisable)
-
-      self._hooks = (hook, previous_hook)
-      sys.unraisablehook = hook  # passes all on once the block has ended
-    self._entered = True
-    return self
-
-  def __exit__(self, *exc):
-    self._entered = False
-    if not self.multiprocess:
-      signal.setitimer(signal.ITIMER_REAL, 0)
-      hook, previous_hook = self._hooks
-      if sys.unraisablehook is hook:  # else another hook wraps ours: keep
-        sys.unraisablehook = previous_hook
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
-
-  def _lost(self, error) -> bool:
-    """Schedules a swallowed ``_StopWaiting`` or second-Ctrl-C interrupt
-    to be raised again; whether ``error`` was one."""
-    if isinstance(error, _StopWaiting):
-      if self._in_region:
-        self._interruptible = True
-    elif isinstance(error, KeyboardInterrupt) and self.aborted:
-      self._abort_lost = True
-    else:
-      return False
-    signal.setitimer(signal.ITIMER_REAL, 0.01)
-    return True
-
-  def _raise_again(self, signum, frame):
-    del signum, frame
-    if self._abort_lost:
-      self._abort_lost = False
-      raise KeyboardInterrupt
-    if self._interruptible:
-      self._interruptible = False
-      raise _StopWaiting
-
-  def _handle(self, signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    if self.signal_name is not None:
-      if signum == signal.SIGINT:
-        # Second Ctrl-C: stop now, no save. Also remembered, as Python
-        # swallows an exception raised where a finalizer or gc callback runs.
-        self.aborted = True
-        raise KeyboardInterrupt
-      return
-    self.signal_name = name
-    logger.warning(
-      '%s: saving at the next step boundary, then exiting%s',
-      name,
-      ' (press Ctrl-C again to exit at once without saving)'
-      if signum == signal.SIGINT
-      else '',
-    )
-    if self.multiprocess:
-      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: all processes
-    elif self._interruptible:
-      self._interruptible = False  # once: cleanup code is not interrupted
-      raise _StopWaiting
-
-  @contextlib.contextmanager
-  def interruptible(self):
-    """A signal inside the block raises ``_StopWaiting`` (one process).
-
-    Several processes keep going: they stop together, at ``stop_at``.
-    """
-    if self.signal_name is not None and not self.multiprocess:
-      raise _StopWaiting
-    self._interruptible = self._in_region = not self.multiprocess
-    try:
-      yield
-    finally:
-      self._interruptible = self._in_region = False
-
-  def next_batch(self, data_iter):
-    """``next(data_iter)``; a signal meanwhile raises ``_StopWaiting``."""
-    with self.interruptible():
-      return next(data_iter)
-
-  def stop_at(self, step: int) -> bool:
-    """Whether to save ``step`` and stop; the same on every process."""
-    if self.aborted:
-      raise KeyboardInterrupt
-    if self.multiprocess:
-      from jax.experimental import multihost_utils
-
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.signal_name is not None
 
 
 def steps_of(config: ml_collections.ConfigDict, dataset_size: int):
@@ -216,235 +84,310 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_lib.create(workdir)
     lock = workdir_lib.lock(workdir)
     lock.acquire()
+  multiprocess = jax.process_count() > 1
   try:
-    return _train(config, workdir, source, steps_per_epoch, total_steps)
+    # Signals are recorded from here on: one during the restore, the data
+    # workers' start or the compiles stops the run before its first step.
+    with interrupt.handled(sigterm=not multiprocess, local=not multiprocess):
+      training = _Training(
+        config, workdir, source, steps_per_epoch, total_steps
+      )
+      return training.run()
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config, workdir, source, steps_per_epoch, total_steps) -> dict:
-  # Signals are handled from the start: during the restore, the data
-  # workers' start and the compiles a Ctrl-C or SIGTERM is recorded and the
-  # run stops at the top of the loop, before the first step. (Python's
-  # default KeyboardInterrupt could be raised inside a gc callback, which
-  # Python swallows: the run went on as if no Ctrl-C had come.)
-  with Preemption(jax.process_count() > 1) as preemption:
-    return _run(
-      preemption, config, workdir, source, steps_per_epoch, total_steps
+class _Training:
+  """One run: ``__init__`` sets it up, ``run`` trains, evaluates, ends."""
+
+  def __init__(self, config, workdir, source, steps_per_epoch, total_steps):
+    self.config, self.workdir = config, workdir
+    self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+    self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    logger.info(
+      'mesh %s over %d devices, %d processes',
+      dict(self.mesh.shape),
+      jax.device_count(),
+      jax.process_count(),
     )
-
-
-def _run(
-  preemption, config, workdir, source, steps_per_epoch, total_steps
-) -> dict:
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  logger.info(
-    'mesh %s over %d devices, %d processes',
-    dict(mesh.shape),
-    jax.device_count(),
-    jax.process_count(),
-  )
-  logger.info(
-    'epochs %d x %d steps/epoch = %d steps; training %d steps; global '
-    'batch %d; peak lr %.3g',
-    config.epochs,
-    steps_per_epoch,
-    config.epochs * steps_per_epoch,
-    total_steps,
-    config.batch_size,
-    config.optim.lr * config.batch_size / 256,
-  )
-  built = step_lib.build_sharded_step(config, mesh, steps_per_epoch)
-  init_fn, state_sharding = built.init_fn, built.state_sharding
-  state_shape = built.state_shape
-  abstract = checkpoint_lib.abstract_like(state_shape, state_sharding)
-
-  def check(saved: dict):
-    checkpoint_lib.check_compatible(saved, config, workdir)
-    return abstract
-
-  ckpt = checkpoint_lib.Checkpointer(
-    storage.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
-  )
-  try:
-    restored = ckpt.restore_newest(check)
-  except BaseException:
-    ckpt.close()
-    raise
-  if restored is not None:
-    start, _, state = restored
-    logger.info('resuming from step %d in %s', start, workdir)
-  else:
-    start = 0
-    state = jax.jit(init_fn, out_shardings=state_sharding)()
-  # Only now, after the compatibility check: config.json describes the
-  # checkpoints in the workdir.
-  if jax.process_index() == 0:
-    storage.write_text(
-      storage.join(workdir, 'config.json'), config.to_json(indent=2)
+    logger.info(
+      'epochs %d x %d steps/epoch = %d steps; training %d steps; global '
+      'batch %d; peak lr %.3g',
+      config.epochs,
+      steps_per_epoch,
+      config.epochs * steps_per_epoch,
+      total_steps,
+      config.batch_size,
+      config.optim.lr * config.batch_size / 256,
     )
-
-  jitted = built.jitted
-  # The data position is the step: batch k is fixed by the config.
-  data_iter = iter(
-    pipeline.train_dataset(
-      source,
-      batch_size=config.batch_size,
-      rows=parallel.process_rows(mesh, config.batch_size),
-      canvas_size=config.data.canvas_size,
-      seed=config.seed,
-      num_workers=config.data.num_workers,
-      start_batch=start,
+    built = step_lib.build_sharded_step(config, self.mesh, steps_per_epoch)
+    self.jitted = built.jitted
+    self.ckpt = checkpoint_lib.Checkpointer(
+      storage.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
     )
-  )
-  skipped = pipeline.SkippedFiles(source)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-  progress = metrics_lib.Progress(start, total_steps, config.batch_size)
-  scalars, metrics, in_flight, pending = {}, None, None, None
-  last_saved = start if start > 0 else None
-  step = start
-
-  def fetch_checked():
-    """Metrics of the last step as floats; raises if the state is bad."""
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     try:
-      warnings = metrics_lib.check_health(
-        step, values, config.model.out_dim, last_saved
-      )
-    except metrics_lib.NonFiniteLossError:
-      _close(ckpt, writer, data_iter)  # finish the last good save
+      self.step, self.state = self._restore(built)
+    except BaseException:
+      self.ckpt.close()
       raise
+    # Only now, after the compatibility check: config.json describes the
+    # checkpoints in the workdir.
+    if jax.process_index() == 0:
+      storage.write_text(
+        storage.join(workdir, 'config.json'), config.to_json(indent=2)
+      )
+    self.last_saved = self.step if self.step > 0 else None
+    self.skipped = pipeline.SkippedFiles(source)
+    self.writer = metrics_lib.MetricWriter(workdir, resume_step=self.step)
+    # The data position is the step: batch k is fixed by the config.
+    self.reader = interrupt.Reader(
+      iter(
+        pipeline.train_dataset(
+          source,
+          batch_size=config.batch_size,
+          rows=parallel.process_rows(self.mesh, config.batch_size),
+          canvas_size=config.data.canvas_size,
+          seed=config.seed,
+          num_workers=config.data.num_workers,
+          start_batch=self.step,
+        )
+      )
+    )
+    self.progress = metrics_lib.Progress(
+      self.step, total_steps, config.batch_size
+    )
+    self.scalars = {}  # the last metrics fetched
+    self.metrics = self.in_flight = None  # the last two steps' (on device)
+    self.pending = None  # the next batch, read ahead
+    self._closed = False
+
+  def _restore(self, built):
+    """(step, state): the newest intact checkpoint's, or step 0's."""
+    abstract = checkpoint_lib.abstract_like(
+      built.state_shape, built.state_sharding
+    )
+
+    def config_for(saved: dict):
+      checkpoint_lib.check_compatible(saved, self.config, self.workdir)
+      return self.config
+
+    restored = workdir_lib.restore_newest(
+      self.ckpt, config_for, self.mesh, abstract
+    )
+    if restored is not None:
+      step, _, _, state = restored
+      logger.info('resuming from step %d in %s', step, self.workdir)
+      return step, state
+    init = jax.jit(built.init_fn, out_shardings=built.state_sharding)
+    return 0, init()
+
+  def run(self) -> dict:
+    """Trains to ``total_steps``, evaluates; the result metrics."""
+    total_steps = self.total_steps
+    try:
+      if _evaluation_missing(self.config, self.writer, self.step, total_steps):
+        # A signal stopped this step's evaluation after the step was saved:
+        # evaluate it now, or its point of the learning curve is lost.
+        logger.info(
+          'step %d was saved before its evaluation: evaluating', self.step
+        )
+        self._evaluate_and_write(final=False)
+      while self.step < total_steps:
+        if self._stop_requested():
+          return self._save_and_exit()
+        self._train_one_step()
+      if self._stop_requested():  # came during the last step
+        return self._save_and_exit()
+      return self._finish()
+    except KeyboardInterrupt:
+      # A second Ctrl-C: no save, but nothing left behind: the data workers
+      # stop (their batches' shared memory freed), the last step dispatched
+      # (holding its input) ends. A save in flight stays unfinished (Orbax
+      # never restores its temporary directory).
+      self.reader.close()
+      self.writer.close()
+      if self.in_flight is not None:
+        jax.block_until_ready(self.in_flight)
+      raise
+    except Exception:
+      self._close()  # the last good save completes
+      raise
+
+  def _stop_requested(self) -> bool:
+    """Whether to save and stop now; the same answer on every process."""
+    record = interrupt.current()
+    if record.aborted:
+      raise KeyboardInterrupt
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      interrupt.forward_to_jax(record)
+      return multihost_utils.reached_preemption_sync_point(self.step)
+    return record.signal_name is not None
+
+  def _train_one_step(self) -> None:
+    """Dispatches one step (after its batch), then logs, saves, evaluates."""
+    if self.pending is None:  # the first step, or the read ahead stopped
+      self.pending = self._read_batch()
+      if self.pending is None:
+        return  # a signal came during the wait: the loop's top saves
+    skipped_rows, batch = self.pending
+    self.pending = None
+    self.skipped.update(skipped_rows)
+    self.state, self.metrics = self.jitted(self.state, batch)
+    self.step += 1
+    # Double buffering: the next batch is read and its transfer to the
+    # devices started while this step runs. (A signal meanwhile: the loop's
+    # top saves; the read ahead is dropped, as the data position is the
+    # step.)
+    if self.step < self.total_steps:
+      self.pending = self._read_batch()
+    # At most one step queued behind the running one: without this wait,
+    # async dispatch let the loop run up to log_every_steps ahead of the
+    # device, and a signal's save waited for all of them (demo on one core:
+    # signal at step 61, saved step 74 after 20 s).
+    if self.in_flight is not None:
+      jax.block_until_ready(self.in_flight)
+    self.in_flight = self.metrics
+    c, step = self.config, self.step
+    last = step == self.total_steps
+    log_now = step % c.log_every_steps == 0 or last
+    save_now = step % c.checkpoint_every_steps == 0 or last
+    if log_now or save_now:
+      self.scalars = self._fetch_checked()
+    if log_now:
+      self._log()
+    if save_now:
+      self.ckpt.save(step, self.state, c)
+      self.last_saved = step
+    if c.eval_every_steps > 0 and step % c.eval_every_steps == 0 and not last:
+      self._evaluate_and_write(final=False)
+
+  def _read_batch(self):
+    """(skipped, global batch), its transfer to the devices started; None
+    when a signal stopped the wait (or, after a signal, the input pipeline
+    failed: a worker killed with the process group)."""
+    try:
+      local = self.reader.next()
+    except interrupt.Stopped:
+      return None
+    except Exception:
+      if interrupt.requested() is None:
+        raise
+      logger.warning('input pipeline stopped after the signal', exc_info=1)
+      return None  # the state is whole: the loop's top saves it
+    skipped = local.pop('skipped')
+    return skipped, pipeline.global_batch(self.mesh, local)
+
+  def _fetch_checked(self) -> dict:
+    """Metrics of the last step as floats; raises if the state is bad."""
+    values = {k: float(v) for k, v in jax.device_get(self.metrics).items()}
+    warnings = metrics_lib.check_health(
+      self.step, values, self.config.model.out_dim, self.last_saved
+    )
     for warning in warnings:
-      logger.warning('step %d: %s', step, warning)
+      logger.warning('step %d: %s', self.step, warning)
     return values
 
-  with _stop_workers_if_interrupted(writer, data_iter, lambda: metrics):
-    if _evaluation_missing(config, writer, start, total_steps):
-      # A signal stopped this step's evaluation after the step was saved:
-      # evaluate it now, or its point of the learning curve is lost.
-      logger.info('step %d was saved before its evaluation: evaluating', start)
-      results = _evaluate_unless_stopped(
-        preemption, config, workdir, mesh, state, start, final=False
-      )
-      if results is not None:  # else stopped: the top of the loop exits
-        writer.write(start, _knn_scalars(results))
-    while True:
-      if preemption.stop_at(step):
-        if last_saved != step and metrics is not None:
-          scalars = fetch_checked()
-          ckpt.save(step, state, config)
-          last_saved = step
-        logger.warning(
-          '%s: %s, exiting; rerun the same command to resume',
-          preemption.signal_name or 'preemption notice',
-          f'saved step {last_saved} in {workdir}'
-          if last_saved is not None
-          else 'no step done yet, nothing to save',
-        )
-        _close(ckpt, writer, data_iter)
-        return {**scalars, 'stopped_by': preemption.signal_name or 'SIGTERM'}
-      if step >= total_steps:
-        break
-      if pending is None:  # the first step, or the read ahead was stopped
-        pending = _read_batch(preemption, data_iter, mesh)
-        if pending is None:
-          continue  # a signal came while waiting: save now
-      skipped_rows, batch = pending
-      pending = None
-      skipped.update(skipped_rows)
-      state, metrics = jitted(state, batch)
-      step += 1
-      # Double buffering: the next batch is read and its transfer to the
-      # devices started while this step runs, so the step after it finds
-      # its input on the devices. (A signal meanwhile: the top of the loop
-      # saves; the batch read ahead is dropped, as the data position is the
-      # step.)
-      if step < total_steps:
-        pending = _read_batch(preemption, data_iter, mesh)
-      # At most one step queued behind the running one: the loop waits for
-      # the previous step (the device has this one queued meanwhile).
-      # Without this, async dispatch let the loop run up to log_every_steps
-      # ahead of the device, and a signal's save waited for all of them
-      # (demo on one core: signal at step 61, saved step 74 after 20 s; a
-      # scheduler's grace period may be shorter).
-      if in_flight is not None:
-        jax.block_until_ready(in_flight)
-      in_flight = metrics
-      log_now = step % config.log_every_steps == 0 or step == total_steps
-      save_now = step % config.checkpoint_every_steps == 0 or (
-        step == total_steps
-      )
-      if log_now or save_now:
-        scalars = fetch_checked()
-      if log_now:
-        scalars.update(progress.update(step))
-        scalars['epoch'] = step / steps_per_epoch
-        scalars['skipped_images'] = len(skipped.seen)
-        writer.write(step, scalars)
-        logger.info(
-          'step %d/%d  epoch %.2f  loss %.4f  H_t %.3f  lr %.3g  wd %.3g  '
-          'm %.5f  %.1f img/s  ETA %s',
-          step,
-          total_steps,
-          scalars['epoch'],
-          scalars['loss'],
-          scalars['teacher_entropy'],
-          scalars['lr'],
-          scalars['wd'],
-          scalars['momentum'],
-          scalars['images_per_sec'],
-          metrics_lib.format_eta(scalars['eta_sec']),
-        )
-      if save_now:
-        ckpt.save(step, state, config)
-        last_saved = step
-      if (
-        config.eval_every_steps > 0
-        and step % config.eval_every_steps == 0
-        and step < total_steps
-      ):
-        results = _evaluate_unless_stopped(
-          preemption, config, workdir, mesh, state, step, final=False
-        )
-        if results is not None:  # else stopped: the top of the loop saves
-          writer.write(step, _knn_scalars(results))
-    _close(ckpt, None, data_iter)  # the last step is saved
+  def _log(self) -> None:
+    s = self.scalars
+    s.update(self.progress.update(self.step))
+    s['epoch'] = self.step / self.steps_per_epoch
+    s['skipped_images'] = len(self.skipped.seen)
+    self.writer.write(self.step, s)
+    logger.info(
+      'step %d/%d  epoch %.2f  loss %.4f  H_t %.3f  lr %.3g  wd %.3g  '
+      'm %.5f  %.1f img/s  ETA %s',
+      self.step,
+      self.total_steps,
+      s['epoch'],
+      s['loss'],
+      s['teacher_entropy'],
+      s['lr'],
+      s['wd'],
+      s['momentum'],
+      s['images_per_sec'],
+      metrics_lib.format_eta(s['eta_sec']),
+    )
+
+  def _save_and_exit(self) -> dict:
+    """After a signal: saves the last step done (unless saved), exits."""
+    name = interrupt.requested() or 'SIGTERM'  # else JAX's notifier's
+    if self.last_saved != self.step and self.metrics is not None:
+      self.scalars = self._fetch_checked()
+      if interrupt.current().aborted:  # a second Ctrl-C meanwhile
+        raise KeyboardInterrupt
+      self.ckpt.save(self.step, self.state, self.config)
+      self.last_saved = self.step
+    logger.warning(
+      '%s: %s, exiting; rerun the same command to resume',
+      name if interrupt.requested() else 'preemption notice',
+      f'saved step {self.last_saved} in {self.workdir}'
+      if self.last_saved is not None
+      else 'no step done yet, nothing to save',
+    )
+    self._close()
+    return {**self.scalars, 'stopped_by': name}
+
+  def _finish(self) -> dict:
+    """The last step is saved: the final evaluation, then the result."""
+    self._close(writer=False)
     try:
-      results = _evaluate_unless_stopped(
-        preemption, config, workdir, mesh, state, step
-      )
+      results = self._evaluate(final=True)
       if results is None:
         logger.warning(
           '%s: stopped the evaluation, exiting; step %d is saved in %s; '
           'rerun the same command to evaluate',
-          preemption.signal_name,
-          step,
-          workdir,
+          interrupt.requested(),
+          self.step,
+          self.workdir,
         )
-        return {**scalars, 'stopped_by': preemption.signal_name}
-      writer.write(step, _knn_scalars(results), replace=True)
+        return {**self.scalars, 'stopped_by': interrupt.requested()}
+      self.writer.write(self.step, _knn_scalars(results), replace=True)
     finally:
-      writer.close()
-  return {**scalars, **results}
+      self.writer.close()
+    return {**self.scalars, **results}
 
+  def _evaluate_and_write(self, final: bool) -> None:
+    results = self._evaluate(final)
+    if results is not None:  # else stopped: the loop's top saves
+      self.writer.write(self.step, _knn_scalars(results))
 
-def _read_batch(preemption, data_iter, mesh):
-  """(skipped, global batch): the next batch, its transfer to the devices
-  started; None when a signal stopped the wait (or, after a signal, the
-  input pipeline failed: a worker killed with the process group)."""
-  try:
-    local = preemption.next_batch(data_iter)
-  except _StopWaiting:
-    return None
-  except Exception:
-    if preemption.signal_name is None:
-      raise
-    # The state is whole: the top of the loop saves it.
-    logger.warning('input pipeline stopped after the signal', exc_info=1)
-    return None
-  skipped = local.pop('skipped')
-  return skipped, pipeline.global_batch(mesh, local)
+  def _evaluate(self, final: bool) -> dict | None:
+    """``eval.run.after_training``, or None when a signal stopped it.
+
+    One process stops between batches (``interrupt.check``) so that the
+    run saves and exits within the scheduler's grace period; an evaluation
+    writes nothing partial. Several processes evaluate to the end.
+    """
+    from dino_jax.eval import run as eval_run  # eval imports are heavier
+
+    try:
+      interrupt.check()
+      return eval_run.after_training(
+        self.config, self.workdir, self.mesh, self.state, self.step, final
+      )
+    except interrupt.Stopped:
+      return None
+    except Exception as error:
+      if interrupt.requested() is None:
+        raise
+      # Stopped by the signal some other way (e.g. a data worker killed with
+      # the process group): the train state is whole.
+      logger.warning(
+        'evaluation failed after the signal: %s', ' '.join(str(error).split())
+      )
+      return None
+
+  def _close(self, writer: bool = True) -> None:
+    self.reader.close()  # stops grain worker processes
+    if not self._closed:
+      self._closed = True
+      self.ckpt.wait()
+      self.ckpt.close()
+    if writer:
+      self.writer.close()
 
 
 def _evaluation_missing(config, writer, step: int, total_steps: int) -> bool:
@@ -463,29 +406,6 @@ def _evaluation_missing(config, writer, step: int, total_steps: int) -> bool:
   return missing
 
 
-def _evaluate_unless_stopped(preemption, *args, **kwargs) -> dict | None:
-  """``_evaluate``, or None when a signal stopped it.
-
-  SIGTERM and Ctrl-C stop an evaluation at once (one process) so that the
-  run saves and exits within the scheduler's grace period; an evaluation
-  writes nothing partial.
-  """
-  try:
-    with preemption.interruptible():
-      return _evaluate(*args, **kwargs)
-  except _StopWaiting:
-    return None
-  except Exception as error:
-    if preemption.signal_name is None:
-      raise
-    # Stopped by the signal some other way (e.g. a data worker killed with
-    # the process group): the train state is whole.
-    logger.warning(
-      'evaluation failed after the signal: %s', ' '.join(str(error).split())
-    )
-    return None
-
-
 def _knn_scalars(results: dict) -> dict[str, float]:
   """k-NN top-1 per feature set and k, as metrics.jsonl columns.
 
@@ -496,46 +416,3 @@ def _knn_scalars(results: dict) -> dict[str, float]:
     for name, table in results.get('knn', {}).items()
     for k, row in table.items()
   }
-
-
-@contextlib.contextmanager
-def _stop_workers_if_interrupted(writer, data_iter, in_flight):
-  """A second Ctrl-C (KeyboardInterrupt): exit without saving, but leave
-  nothing behind: the data workers are stopped (their buffered batches'
-  shared memory freed; else the resource tracker frees it at exit, with a
-  warning about leaked objects), and the last step dispatched, which holds
-  its input batch until it ends, is waited for. A save in flight is left
-  unfinished (Orbax never restores its temporary directory).
-
-  Args:
-    writer: the run's MetricWriter.
-    data_iter: the training batches.
-    in_flight: returns the metrics of the last step dispatched, or None.
-  """
-  try:
-    yield
-  except KeyboardInterrupt:
-    close = getattr(data_iter, 'close', None)
-    if close is not None:
-      close()
-    writer.close()
-    pending = in_flight()
-    if pending is not None:
-      jax.block_until_ready(pending)
-    raise
-
-
-def _close(ckpt, writer, data_iter) -> None:
-  close = getattr(data_iter, 'close', None)  # stops grain worker processes
-  if close is not None:
-    close()
-  ckpt.wait()
-  ckpt.close()
-  if writer is not None:
-    writer.close()
-
-
-def _evaluate(config, workdir, mesh, state, step, final=True) -> dict:
-  from dino_jax.eval import run as eval_run  # eval imports are heavier
-
-  return eval_run.after_training(config, workdir, mesh, state, step, final)

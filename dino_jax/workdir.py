@@ -11,7 +11,6 @@ names the last holder. On ``gs://`` it is an object created only if absent,
 kept alive by a heartbeat and taken over when stale (``ObjectLock``).
 """
 
-import contextlib
 import datetime
 import fcntl
 import json
@@ -561,6 +560,58 @@ def has_checkpoint(workdir: str) -> bool:
   return any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
 
 
+def restore_newest(ckpt, config_for, mesh=None, abstract=None):
+  """The newest intact checkpoint, laid out for its config and mesh.
+
+  The one restore of training (``train.py``) and evaluation
+  (``load_workdir``): damaged checkpoints are set aside
+  (``Checkpointer.restore_newest``), a checkpoint restores under another
+  mesh or device count.
+
+  Args:
+    ckpt: a ``checkpoint.Checkpointer``.
+    config_for: the saved config (a dict) -> the config to restore under;
+      raises ``IncompatibleCheckpointError`` for one the caller may not use
+      (``checkpoint.check_compatible``).
+    mesh: the mesh to lay the state out on (None: the config's).
+    abstract: the state's abstract layout, if the caller has it (None:
+      derived from the config, ``step.state_template``).
+
+  Returns:
+    (step, config, mesh, state), or None when there is no checkpoint.
+  """
+  import jax
+
+  from dino_jax import checkpoint as checkpoint_lib
+  from dino_jax import parallel
+  from dino_jax import step as step_lib
+
+  chosen = {}
+
+  def abstract_for(saved: dict):
+    config = config_for(saved)
+    chosen['config'] = config
+    chosen['mesh'] = (
+      mesh
+      if mesh is not None
+      else parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    )
+    if abstract is not None:
+      return abstract
+    _, _, init_fn = step_lib.state_template(config)
+    shape = jax.eval_shape(init_fn)
+    shardings = parallel.state_sharding(
+      chosen['mesh'], shape, config.mesh.fsdp_min_size
+    )
+    return checkpoint_lib.abstract_like(shape, shardings)
+
+  restored = ckpt.restore_newest(abstract_for)
+  if restored is None:
+    return None
+  step, _, state = restored
+  return step, chosen['config'], chosen['mesh'], state
+
+
 def load_workdir(workdir: str, overrides: list[str] = ()):
   """The newest intact checkpoint of ``workdir``, ready for evaluation.
 
@@ -577,28 +628,15 @@ def load_workdir(workdir: str, overrides: list[str] = ()):
     ConfigOverrideError: a bad override.
     checkpoint.DamagedCheckpointError: no checkpoint restores.
   """
-  import jax
-
   from dino_jax import checkpoint as checkpoint_lib
-  from dino_jax import parallel
-  from dino_jax import step as step_lib
 
   overrides = list(overrides)
   check_eval_overrides(overrides)
   ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), async_save=False)
-  built = {}
-
-  def abstract_for(saved: dict):
-    config = apply_overrides(config_from_saved(saved), overrides)
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    _, _, init_fn = step_lib.state_template(config)
-    shape = jax.eval_shape(init_fn)
-    built.update(config=config, mesh=mesh)
-    shardings = parallel.state_sharding(mesh, shape, config.mesh.fsdp_min_size)
-    return checkpoint_lib.abstract_like(shape, shardings)
-
   try:
-    restored = ckpt.restore_newest(abstract_for)
+    restored = restore_newest(
+      ckpt, lambda saved: apply_overrides(config_from_saved(saved), overrides)
+    )
   finally:
     ckpt.close()
   if restored is None:
@@ -606,41 +644,8 @@ def load_workdir(workdir: str, overrides: list[str] = ()):
       f'--workdir={workdir} holds no checkpoint; train first '
       '(python -m dino_jax.main)'
     )
-  step, _, state = restored
-  return built['config'], built['mesh'], state, step
-
-
-class Terminated(BaseException):
-  """SIGTERM arrived while a tool ran (``run_cli``)."""
-
-
-@contextlib.contextmanager
-def _signals_raise():
-  """SIGTERM raises ``Terminated``, Ctrl-C KeyboardInterrupt, meanwhile.
-
-  A tool then unwinds: its data workers are stopped, its outputs stay whole
-  (written atomically), and it exits 143 or 130 with one line instead of
-  dying with the workers' resources left to the exit. SIGINT is set even
-  when the tool inherited it ignored (as from a background job or a test
-  runner), like the training CLI does.
-  """
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-
-  def handle(signum, frame):
-    del signum, frame
-    raise Terminated
-
-  previous = {
-    signal.SIGTERM: signal.signal(signal.SIGTERM, handle),
-    signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-  }
-  try:
-    yield
-  finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
+  step, config, mesh, state = restored
+  return config, mesh, state, step
 
 
 def _define_distributed_flags(values: flags.FlagValues) -> None:
@@ -656,6 +661,32 @@ def _define_distributed_flags(values: flags.FlagValues) -> None:
     'num_processes', None, 'Processes in the run.', flag_values=values
   )
   flags.DEFINE_integer('process_id', None, 'This process.', flag_values=values)
+
+
+def _run_tool(main, args, reported) -> int:
+  """``main(*args)``; the exit status, after one line for an error or a
+  signal.
+
+  SIGTERM and Ctrl-C are recorded (``interrupt``): the tool stops at its
+  next ``interrupt.check()`` (between batches), its outputs whole (written
+  atomically), its data workers stopped.
+  """
+  from dino_jax import interrupt
+
+  with interrupt.handled():
+    try:
+      main(*args)
+      interrupt.check()  # a signal near the end still stops with its status
+    except reported as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
+    except (KeyboardInterrupt, interrupt.Stopped) as e:
+      if isinstance(e, interrupt.Stopped) and e.signal_name == 'SIGTERM':
+        print('stopped by SIGTERM', file=sys.stderr)
+        return 128 + signal.SIGTERM
+      print('interrupted', file=sys.stderr)
+      return 130
+  return 0
 
 
 def run_cli(
@@ -717,19 +748,7 @@ def run_cli(
     parallel.initialize_distributed(
       values.coordinator_address, values.num_processes, values.process_id
     )
-    with _signals_raise():
-      try:
-        main(values, positional, overrides)
-      except reported as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-      except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        return 130
-      except Terminated:
-        print('stopped by SIGTERM', file=sys.stderr)
-        return 128 + signal.SIGTERM
-    return 0
+    return _run_tool(main, (values, positional, overrides), reported)
 
   if argv is None:
     app.run(run, flags_parser=parse)

@@ -8,8 +8,9 @@ makes that landing certain: the callback sends the signal to its own
 process and runs a loop, in which the handler runs.
 
 GC_SIGNAL=startup: SIGINT as the checkpoint restore begins.
-GC_SIGNAL=wait: SIGTERM while the loop waits for batch 3, which the data
-  pipeline then delays by 120 s (a stalled pipeline).
+GC_SIGNAL=wait: SIGTERM (from a gc callback on the main thread) as the
+  loop begins to wait for batch 3, which the data pipeline delays by 120 s
+  (a stalled pipeline).
 """
 
 import gc
@@ -20,7 +21,7 @@ import time
 import jax
 from absl import app
 
-from dino_jax import checkpoint, main
+from dino_jax import checkpoint, interrupt, main
 from dino_jax.data import pipeline
 
 
@@ -58,7 +59,6 @@ class _StallingIterator:
   def __next__(self):
     self._calls += 1
     if self._calls == 3:
-      signal_in_gc_callback(signal.SIGTERM)
       time.sleep(120)
     return next(self._it)
 
@@ -75,6 +75,16 @@ class _Stalling:
 
 
 _train_dataset = pipeline.train_dataset
+_reader_next = interrupt.Reader.next
+_main_thread_reads = []
+
+
+def _reader_next_signalled(self):
+  """The loop's third read (batch 3) begins with a SIGTERM."""
+  _main_thread_reads.append(True)
+  if len(_main_thread_reads) == 3:
+    signal_in_gc_callback(signal.SIGTERM)
+  return _reader_next(self)
 
 
 def _stalling_train_dataset(*args, **kwargs):
@@ -86,5 +96,6 @@ if __name__ == '__main__':
     checkpoint.Checkpointer.restore_newest = _restore_newest_after_ctrl_c
   else:
     pipeline.train_dataset = _stalling_train_dataset
+    interrupt.Reader.next = _reader_next_signalled
   jax.config.update('jax_threefry_partitionable', True)
   app.run(main.main, flags_parser=main.parse_flags)

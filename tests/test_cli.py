@@ -575,10 +575,11 @@ class SignalTest(absltest.TestCase):
 
   def test_sigterm_lost_in_a_gc_callback_still_stops_a_stalled_wait(self):
     # SIGTERM while the loop waits for data, its handler running inside a
-    # gc callback, where Python swallows the exception that ends the wait;
-    # then the pipeline stalls for 120 s. The run must save within seconds
-    # anyway. Before: "Exception ignored in ... _StopWaiting", and the save
-    # waited out the stall.
+    # gc callback; then the pipeline stalls for 120 s. The run must save
+    # within seconds anyway. Before handlers only recorded: the handler's
+    # exception, swallowed by Python there ("Exception ignored in ...
+    # _StopWaiting"), had to be raised again by a SIGALRM; now the wait
+    # polls the record (interrupt.Reader).
     workdir = self.create_tempdir().full_path
     argv = helper_command(
       'gc_signal_main.py',

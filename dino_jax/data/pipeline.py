@@ -27,11 +27,7 @@ from PIL import Image
 
 from dino_jax import parallel
 from dino_jax.data import shm
-from dino_jax.data.shm import release_shared_memory as release_shared_memory
 from dino_jax.data.sources import DataError
-
-# release_shared_memory (imported above) is re-exported: main.py and
-# eval/features.py call pipeline.release_shared_memory.
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
-from dino_jax import parallel
-from dino_jax.data import multicrop, pipeline
+from dino_jax import interrupt, parallel
+from dino_jax.data import multicrop, pipeline, shm
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,9 @@ def extract(
       multihost_utils.process_allgather(np.int32(n_batches)).max()
     )
   rows = []
-  it = iter(ds)
+  # Read on a thread: a signal stops the wait (interrupt.check), and the
+  # evaluation stops between batches.
+  reader = interrupt.Reader(iter(ds))
   empty = {
     'image': np.zeros((0, crop_size, crop_size, 3), np.float32),
     'label': np.zeros((0,), np.int32),
@@ -378,19 +380,19 @@ def extract(
   }
   try:
     for i in range(n_batches):
-      batch = pipeline.global_batch(
-        mesh, _pad(_private(next(it, empty)), local_batch)
-      )
+      try:
+        local = reader.next()
+      except StopIteration:  # this process's share ended: padding rows
+        local = empty
+      batch = pipeline.global_batch(mesh, _pad(_private(local), local_batch))
       images = batch.pop('image')
       rows.append(gather(mesh, {**batch, 'features': feature_fn(images)}))
       if log_every and (i + 1) % log_every == 0:
         logger.info('features: batch %d/%d', i + 1, n_batches)
   finally:
-    close = getattr(it, 'close', None)  # stops grain worker processes
-    if close is not None:
-      close()
-      it = None  # with its buffers
-      pipeline.release_shared_memory()
+    reader.close()  # stops grain worker processes
+    reader = local = None  # with their buffers
+    shm.release_shared_memory()
   rows = jax.tree.map(lambda *xs: np.concatenate(xs), *rows)
   index_all, valid_all = rows['index'], rows['valid'].astype(bool)
   real = index_all >= 0  # padding rows carry index -1

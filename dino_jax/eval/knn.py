@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from dino_jax import hostmem, interop, storage
+from dino_jax import hostmem, interop, interrupt, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import sources
@@ -88,6 +88,7 @@ def knn_classify(
   correct1 = np.zeros(len(ks))
   correct5 = np.zeros(len(ks))
   for start in range(0, total, chunk):
+    interrupt.check()  # a signal stops the evaluation between chunks
     queries = np.asarray(test_features[start : start + chunk], np.float32)
     labels = np.asarray(test_labels[start : start + chunk])
     n = len(labels)

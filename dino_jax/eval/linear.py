@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from dino_jax import hostmem, parallel
+from dino_jax import hostmem, interrupt, parallel
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop, pipeline, sources
@@ -75,7 +75,20 @@ def _train_crops(key, batch, size):
 
 
 def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
-  """Trains the probe; returns per-epoch validation and the best top-1."""
+  """Trains the probe; returns per-epoch validation and the best top-1.
+
+  A signal stops it between batches (``interrupt.check``); its data workers
+  are stopped either way.
+  """
+  readers = []
+  try:
+    return _train_linear_probe(config, mesh, model, params, seed, readers)
+  finally:
+    for reader in readers:
+      reader.close()
+
+
+def _train_linear_probe(config, mesh, model, params, seed, readers) -> dict:
   lc, e = config.linear, config.eval
   train_source = sources.make_source(config.data, e.train_split)
   classes = getattr(train_source, 'classes', ()) or ()
@@ -122,17 +135,22 @@ def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
     updates, opt_state = tx.update(grads, opt_state, linear)
     return optax.apply_updates(linear, updates), opt_state, loss
 
+  reader = None
   if lc.augment:
-    data_iter = iter(
-      pipeline.train_dataset(
-        _Limit(train_source, n_train),
-        batch_size=lc.batch_size,
-        rows=parallel.process_rows(mesh, lc.batch_size),
-        canvas_size=config.data.canvas_size,
-        seed=seed,
-        num_workers=config.data.num_workers,
+    # Read on a thread: a signal stops the wait (interrupt.check).
+    reader = interrupt.Reader(
+      iter(
+        pipeline.train_dataset(
+          _Limit(train_source, n_train),
+          batch_size=lc.batch_size,
+          rows=parallel.process_rows(mesh, lc.batch_size),
+          canvas_size=config.data.canvas_size,
+          seed=seed,
+          num_workers=config.data.num_workers,
+        )
       )
     )
+    readers.append(reader)
 
     @jax.jit
     def step(linear, opt_state, params, key, batch):
@@ -148,8 +166,9 @@ def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
     if not lc.augment:
       order = rs.permutation(len(train_y))
     for i in range(steps_per_epoch):
+      interrupt.check()  # a signal stops the probe between batches
       if lc.augment:
-        batch = pipeline.global_batch(mesh, next(data_iter))
+        batch = pipeline.global_batch(mesh, reader.next())
         linear, opt_state, loss = step(
           linear,
           opt_state,

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax import parallel, storage
+from dino_jax import interrupt, parallel, storage
 from dino_jax import step as step_lib
 from dino_jax.data import sources
 from dino_jax.eval import attention, features, knn
@@ -60,6 +60,7 @@ def after_training(
       results = {}
     for name, table in results.items():
       print(knn.format_table(table, f'k-NN {name} (step {step})'), flush=True)
+    interrupt.check()  # nothing partial: all of the k-NN results or none
     if results:
       knn.write_results(
         workdir,
@@ -74,6 +75,7 @@ def after_training(
       )
     out['knn'] = results
   if final and e.attention_images > 0:  # every process takes part
+    interrupt.check()
     source = sources.make_source(config.data, e.test_split)
     size = e.attention_size  # shorter side resized to it, centre crop
     if size:

@@ -1,0 +1,106 @@
+"""dino_jax.interrupt: handlers that only record, waits that poll."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from dino_jax import interrupt
+
+
+def _signal_self(signum):
+  os.kill(os.getpid(), signum)
+  time.sleep(0.05)  # the Python handler runs at the next bytecode
+
+
+def test_handlers_only_record_and_check_raises_where_polled():
+  hook, alarm = sys.unraisablehook, signal.getsignal(signal.SIGALRM)
+  with interrupt.handled() as record:
+    assert sys.unraisablehook is hook  # no re-raise machinery
+    assert signal.getsignal(signal.SIGALRM) is alarm
+    interrupt.check()  # nothing yet
+    _signal_self(signal.SIGTERM)  # no exception here: only recorded
+    assert interrupt.requested() == 'SIGTERM'
+    with pytest.raises(interrupt.Stopped, match='stopped by SIGTERM'):
+      interrupt.check()
+    _signal_self(signal.SIGTERM)  # a second SIGTERM changes nothing
+    assert not record.aborted
+  assert interrupt.requested() is None  # handlers and record restored
+  assert signal.getsignal(signal.SIGTERM) != record.handle
+
+
+def test_second_ctrl_c_aborts_at_the_next_check():
+  with interrupt.handled() as record:
+    _signal_self(signal.SIGINT)
+    assert record.signal_name == 'SIGINT' and not record.aborted
+    _signal_self(signal.SIGINT)
+    assert record.aborted
+    with pytest.raises(KeyboardInterrupt):
+      interrupt.check()
+
+
+def test_not_local_records_but_does_not_stop():
+  # Multi-process training: the processes stop together (JAX's sync point),
+  # never one alone in an evaluation.
+  with interrupt.handled(sigterm=False, local=False):
+    assert signal.getsignal(signal.SIGTERM) != interrupt.current().handle
+    _signal_self(signal.SIGINT)
+    assert interrupt.requested() == 'SIGINT'
+    interrupt.check()  # no raise
+
+
+class _Stalling:
+  """Yields 0, 1, then blocks until released; counts the reads."""
+
+  def __init__(self):
+    self.reads = 0
+    self.release = threading.Event()
+    self.closed = False
+
+  def __next__(self):
+    self.reads += 1
+    if self.reads == 3:
+      self.release.wait(60)
+    return self.reads - 1
+
+  def close(self):
+    self.closed = True
+    self.release.set()
+
+
+def test_reader_wait_stops_on_a_signal_and_reads_only_when_asked():
+  data = _Stalling()
+  with interrupt.handled():
+    reader = interrupt.Reader(data)
+    assert [reader.next(), reader.next()] == [0, 1]
+    time.sleep(0.3)
+    assert data.reads == 2  # no read ahead
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    began = time.monotonic()
+    with pytest.raises(interrupt.Stopped):
+      reader.next()  # stalled: only the signal ends the wait
+    assert time.monotonic() - began < 5
+    reader.close()
+    assert data.closed
+    assert not reader._thread.is_alive()
+
+
+def test_reader_passes_errors_and_the_end():
+  def items():
+    yield 'a'
+    raise ValueError('bad record')
+
+  reader = interrupt.Reader(items())
+  assert reader.next() == 'a'
+  with pytest.raises(ValueError, match='bad record'):
+    reader.next()
+  reader.close()
+  reader = interrupt.Reader(iter([1]))
+  assert reader.next() == 1
+  for _ in range(2):
+    with pytest.raises(StopIteration):
+      reader.next()
+  reader.close()
