@@ -397,7 +397,6 @@ def _describe(record: dict) -> str:
 EVAL_GROUPS = tuple(g.removesuffix('.*') for g in checkpoint_lib.EVAL_FIELDS)
 _OVERRIDE_PREFIXES = cli_errors.OVERRIDE_PREFIXES
 ConfigOverrideError = cli_errors.ConfigOverrideError
-_reason = cli_errors.reason
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -731,9 +730,7 @@ def run_cli(
       rest, overrides = split_overrides(args)
       return [*values(rest), *overrides]
     except (flags.Error, ConfigOverrideError) as e:
-      print(
-        f'error: {_reason(e)}; pass --helpfull for the flags', file=sys.stderr
-      )
+      print(f'error: {cli_errors.flag_error(e)}', file=sys.stderr)
       sys.exit(1)
 
   def run(args: list[str]) -> int:
