@@ -187,7 +187,13 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored['state']
 
-  def wait(self) -> None:
+  def wait(self, poll: Callable[[], None] | None = None) -> None:
+    """Waits for a save in flight; calls ``poll`` every 0.1 s meanwhile
+    (it may raise to stop waiting: a second Ctrl-C)."""
+    if poll is not None:
+      while self.manager.is_saving_in_progress():
+        poll()
+        time.sleep(0.1)
     self.manager.wait_until_finished()
 
   def close(self) -> None:

@@ -217,8 +217,7 @@ class _Training:
   def _stop_requested(self) -> bool:
     """Whether to save and stop now; the same answer on every process."""
     record = interrupt.current()
-    if record.aborted:
-      raise KeyboardInterrupt
+    _raise_if_aborted()
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -316,8 +315,7 @@ class _Training:
     name = interrupt.requested() or 'SIGTERM'  # else JAX's notifier's
     if self.last_saved != self.step and self.metrics is not None:
       self.scalars = self._fetch_checked()
-      if interrupt.current().aborted:  # a second Ctrl-C meanwhile
-        raise KeyboardInterrupt
+      _raise_if_aborted()  # a second Ctrl-C meanwhile
       self.ckpt.save(self.step, self.state, self.config)
       self.last_saved = self.step
     logger.warning(
@@ -384,10 +382,16 @@ class _Training:
     self.reader.close()  # stops grain worker processes
     if not self._closed:
       self._closed = True
-      self.ckpt.wait()
+      self.ckpt.wait(poll=_raise_if_aborted)  # a second Ctrl-C: no wait
       self.ckpt.close()
     if writer:
       self.writer.close()
+
+
+def _raise_if_aborted() -> None:
+  """A second Ctrl-C came: KeyboardInterrupt (exit without saving)."""
+  if interrupt.current().aborted:
+    raise KeyboardInterrupt
 
 
 def _evaluation_missing(config, writer, step: int, total_steps: int) -> bool:
