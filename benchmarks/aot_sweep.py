@@ -85,23 +85,62 @@ def run_row(
   return report
 
 
-def estimated_max_batch(report: dict) -> int | None:
-  """The batch where a line through the step's memory meets the limit.
+def _step_peak(report: dict) -> float | None:
+  """The train step's peak per device, or what the compiler said it needs."""
+  if 'memory' in report:
+    return report['memory']['peak']
+  return report.get('needed_bytes')
 
-  Arguments (the state) stay; temporaries grow with the batch. An estimate
-  only (``--max_batch`` compiles to find it): the compiler's choices change
-  with size.
+
+def estimated_max_batch(report: dict, rows: list[dict] = ()) -> int | None:
+  """Where a line through the step's peaks meets the limit; a global batch.
+
+  With ``mesh.fsdp`` = 1 every device runs the same program on its share
+  of the batch, whatever the device count (ViT-S/16: v5e:2x2 at batch 256
+  and v5e-16 at 1024 both peak at 11.14 GiB), so the peaks of every row of
+  ``rows`` for this config and chip count (and a ``--max_batch`` row's
+  probes), in images per device: the line
+  goes through the largest that fitted and the smallest that did not, else
+  the two largest that fitted, else the state's bytes (batch 0) and this
+  row's peak. An estimate only (``--max_batch`` compiles to find it): the
+  compiler's choices change with size.
   """
+  limit = report['memory_limit_bytes']
+  devices = report['devices']
+
+  def same_program(r):
+    return (
+      'fits' in r
+      and r['config'] == report['config']
+      and r['chip'] == report['chip']
+      and r['mesh'].get('fsdp', 1) == 1
+      and r['remat'] == report['remat']
+    )
+
+  pool = [report]
+  if report['mesh'].get('fsdp', 1) == 1:
+    pool += [r for r in rows if r is not report and same_program(r)]
+  points = {(r['batch_size'] / r['devices'], _step_peak(r)) for r in pool}
+  for r in pool:  # a --max_batch row's probes
+    for batch, p in r.get('max_batch_probes', {}).items():
+      points.add((int(batch) / r['devices'], p['peak_bytes']))
+  points = sorted(p for p in points if p[1])
+  fitted = [p for p in points if p[1] <= limit]
+  failed = [p for p in points if p[1] > limit]
   m = report.get('memory')
-  if not m:
+  if fitted and failed:
+    (b0, m0), (b1, m1) = fitted[-1], failed[0]
+  elif len(fitted) >= 2:
+    (b0, m0), (b1, m1) = fitted[-2:]
+  elif m and m['peak']:
+    fixed = m['arguments'] + m['outputs'] - m['aliased']
+    (b0, m0), (b1, m1) = (0, fixed), (report['batch_size'] / devices, m['peak'])
+  else:
     return None
-  fixed = m['arguments'] + m['outputs'] - m['aliased']
-  per_image = (m['peak'] - fixed) / report['batch_size']
-  if per_image <= 0:
+  if m1 <= m0 or b1 <= b0:
     return None
-  step = report['devices']
-  batch = (report['memory_limit_bytes'] - fixed) / per_image
-  return int(batch // step * step)
+  per_device = b0 + (limit - m0) * (b1 - b0) / (m1 - m0)
+  return int(per_device) * devices if per_device >= 1 else None
 
 
 def table(rows: list[dict]) -> str:
@@ -136,7 +175,7 @@ def table(rows: list[dict]) -> str:
     if 'max_batch' in r:
       largest = f'{r["max_batch"]} ({len(r["max_batch_probes"])} compiles)'
     else:
-      estimate = estimated_max_batch(r)
+      estimate = estimated_max_batch(r, rows)
       largest = f'~{estimate} (est.)' if estimate else ''
     lines.append(
       f'| {r["config"]} | {r["target"]} | {mesh} | '

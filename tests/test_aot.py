@@ -372,3 +372,49 @@ def test_max_batch_bisection(monkeypatch):
   )
   assert best == 1536
   assert compiled == [1536, 1600]
+
+
+def _sweep_module():
+  spec = importlib.util.spec_from_file_location(
+    'aot_sweep', os.path.join(ROOT, 'benchmarks', 'aot_sweep.py')
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_sweep_estimate_pools_rows_of_one_chip():
+  sweep = _sweep_module()
+  gib = 2**30
+
+  def row(target, devices, peak, fsdp=1):
+    return {
+      'config': 'vit_s16',
+      'target': target,
+      'chip': 'TPU v5e',
+      'devices': devices,
+      'batch_size': 1024,
+      'mesh': {'data': devices // fsdp, 'fsdp': fsdp},
+      'remat': False,
+      'fits': peak <= 16 * gib,
+      'memory_limit_bytes': 16 * gib,
+      'memory': {
+        'arguments': gib,
+        'outputs': gib,
+        'aliased': gib,
+        'temporaries': peak - gib,
+        'code': 0,
+        'peak': peak,
+      },
+    }
+
+  # 1 GiB of state, then 0.125 GiB per image per device: 120 images fit.
+  small = row('v5e-16', 16, 9 * gib)  # 64 images per device
+  large = row('v5e-256', 256, int(1.5 * gib))  # 4 per device
+  # Alone: the line from the state at batch 0 (120 per device here too).
+  assert sweep.estimated_max_batch(small) == 120 * 16
+  # Pooled: the two peaks, in images per device, for both device counts.
+  assert sweep.estimated_max_batch(large, [small, large]) == 120 * 256
+  # With fsdp the program differs: its own line only (0.75 GiB per image).
+  sharded = row('v5e-256', 256, 4 * gib, fsdp=4)
+  assert sweep.estimated_max_batch(sharded, [small]) == 20 * 256
