@@ -40,10 +40,14 @@ CONFIGS = {
 }
 
 
-def row_key(config: str, target: str, max_batch: bool = False) -> str:
-  """A row's name in the JSONL; a ``--max_batch`` row is a row of its own
-  (it replaces the plain one in the table)."""
-  return f'{config} {target}' + (' max_batch' if max_batch else '')
+def row_key(
+  config: str, target: str, max_batch: bool = False, extra: list[str] = ()
+) -> str:
+  """A row's name in the JSONL: config, target and any ``--config.x=y``
+  overrides; a ``--max_batch`` row is a row of its own (it replaces the
+  plain one in the table)."""
+  key = ' '.join([config, target, *extra])
+  return key + (' max_batch' if max_batch else '')
 
 
 def run_row(
@@ -70,13 +74,14 @@ def run_row(
     if not os.path.exists(out):
       lines = result.stderr.strip().splitlines()
       return {
-        'key': row_key(config, target, max_batch),
+        'key': row_key(config, target, max_batch, extra),
         'error': lines[-1] if lines else f'exit {result.returncode}',
         'wall_seconds': round(wall, 1),
       }
     with open(out) as f:
       report = json.load(f)
-  report['key'] = row_key(config, target, max_batch)
+  report['key'] = row_key(config, target, max_batch, extra)
+  report['overrides'] = list(extra)
   report['target'] = target
   report['config'] = config
   report['wall_seconds'] = round(wall, 1)
@@ -177,8 +182,14 @@ def table(rows: list[dict]) -> str:
     else:
       estimate = estimated_max_batch(r, rows)
       largest = f'~{estimate} (est.)' if estimate else ''
+    config = ' '.join(
+      [
+        r['config'],
+        *(o.removeprefix('--config.') for o in r.get('overrides', [])),
+      ]
+    )
     lines.append(
-      f'| {r["config"]} | {r["target"]} | {mesh} | '
+      f'| {config} | {r["target"]} | {mesh} | '
       f'{"yes" if r["fits"] else "no"} | {peak} | {largest} | '
       f'{r["images_per_second_per_device"]:.0f} | '
       f'{r["wall_seconds"]:.0f}, {r["host_peak_bytes"] / 2**30:.1f} |'
@@ -220,7 +231,7 @@ def main():
   start = time.perf_counter()
   for config in CONFIGS:
     for target in TARGETS:
-      key = row_key(config, target, args.max_batch)
+      key = row_key(config, target, args.max_batch, extra)
       if key in done or (filters and not any(f in key for f in filters)):
         continue
       print(f'{key}: compiling', flush=True)
