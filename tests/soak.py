@@ -16,7 +16,11 @@ traceback, no process of the group left, no shared memory left in
 step's loss once and every evaluation once, equal to the reference's (CPU:
 bit-identical), and the next cycle starts a new workdir. Prints OK or the
 problems; exit status 1 on problems. Not part of the pytest suite (about
-40 s a cycle on 2 cores).
+40 s a cycle on 2 cores). /dev/shm is the machine's: run it where no other
+job uses shared memory, or in a private one:
+
+  unshare -m sh -c 'mount -t tmpfs tmpfs /dev/shm && python tests/soak.py'
+
 """
 
 import argparse
@@ -117,6 +121,26 @@ def summary(workdir):
     if 'loss' not in r
   ]
   return train, evals
+
+
+def _log_times(text, marker):
+  """The absl timestamps (s of the day) of the log lines holding marker."""
+  times = []
+  for line in text.splitlines():
+    if marker in line and line[:1] in 'IWE' and line[5:6] == ' ':
+      h, m, sec = line.split()[1].split(':')
+      times.append(int(h) * 3600 + int(m) * 60 + float(sec))
+  return times
+
+
+def ran_beside(first_log, second_stderr):
+  """Whether the second run trained while the first still ran: its mesh
+  line (logged after it took the workdir's lock) came before the first
+  run's last line. (A second run started as the first ends can take the
+  lock after the first let it go: it then rightly runs.)"""
+  taken = _log_times(second_stderr, '] mesh ')
+  ended = _log_times(first_log, '] ')
+  return bool(taken) and (not ended or taken[0] < ended[-1])
 
 
 def wait_until(condition, seconds):
@@ -236,7 +260,11 @@ def main():
     for bad in ('Fatal Python error', 'leaked'):
       if bad in text and not (bad == 'leaked' and how == 'KILL'):
         problems.append(f'cycle {cycle}: {bad!r} in {log_path}')
-    if second is not None and second.returncode == 0:
+    if (
+      second is not None
+      and second.returncode == 0
+      and ran_beside(text, second.stderr)
+    ):
       problems.append(f'cycle {cycle}: a second run on the workdir ran')
     finished = 'attention maps:' in text
     damaged = None
