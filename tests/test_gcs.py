@@ -19,7 +19,7 @@ import numpy as np
 import portpicker
 import pytest
 from PIL import Image
-from test_cli import env as cli_env
+from test_launch import quick_env
 
 from dino_jax import metrics as metrics_lib
 from dino_jax import storage
@@ -167,74 +167,102 @@ def _errors(stderr: str) -> list[str]:
   return [line for line in stderr.splitlines() if line.startswith('error:')]
 
 
-@pytest.mark.slow
-def test_bad_remote_paths_fail_in_one_line(gcs, tmp_path):
-  name, url = new_bucket(gcs)
-  environ = {**cli_env(), **gcs.env()}
+class TestCommandLine:
+  """The CLI on gs:// paths (its own class: pytest-xdist's --dist loadscope
+  runs it on one worker while the other runs the pod rehearsal)."""
 
-  def run(workdir, *flags, extra=None, timeout=60):
-    start = time.time()
-    proc = _main(
-      workdir, *flags, environ={**environ, **(extra or {})}, cwd=tmp_path
-    )
-    _, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err, time.time() - start
+  @pytest.mark.slow
+  def test_bad_remote_paths_fail_in_one_line(self, gcs, tmp_path):
+    name, url = new_bucket(gcs)
+    environ = {**quick_env(), **gcs.env()}
+    # Three independent runs, started together: each fails before it
+    # writes anything.
+    runs = [
+      _main('gs://no-such-bucket/run', environ=environ, cwd=tmp_path),
+      _main(
+        f'{url}/run',
+        environ={
+          **environ,
+          'FSSPEC_GCS_TOKEN': 'google_default',
+          'GOOGLE_APPLICATION_CREDENTIALS': str(tmp_path / 'missing.json'),
+        },
+        cwd=tmp_path,
+      ),
+      _main(
+        f'{url}/run',
+        '--config.data.source=imagefolder',
+        f'--config.data.path={url}/missing',
+        environ=environ,
+        cwd=tmp_path,
+      ),
+    ]
+    (err, rc), (err2, rc2), (err3, rc3) = [
+      (p.communicate(timeout=120)[1], p.returncode) for p in runs
+    ]
+    assert rc == 1, err[-2000:]
+    assert _errors(err) == [
+      'error: --workdir=gs://no-such-bucket/run: bucket gs://no-such-bucket '
+      'does not exist; create it (gcloud storage buckets create '
+      'gs://no-such-bucket) or pass another path'
+    ]
+    assert rc2 == 1, err2[-2000:]
+    (line,) = _errors(err2)
+    assert line.startswith(f'error: no credentials for --workdir={url}/run')
+    assert 'gcloud auth application-default login' in line
+    assert rc3 == 1, err3[-2000:]
+    assert _errors(err3) == [
+      f"error: ImageFolder root '{url}/missing' is not a directory"
+    ]
+    # A server that accepts connections and never answers: the probe the
+    # CLI makes (20 s there; 2 s here), in a process without JAX.
+    with socket.socket() as silent:
+      silent.bind(('127.0.0.1', 0))
+      silent.listen(16)
+      endpoint = f'http://127.0.0.1:{silent.getsockname()[1]}'
+      probe = (
+        'from dino_jax import storage\n'
+        'try:\n'
+        f'  storage.check_reachable({url + "/run"!r}, timeout=2)\n'
+        'except storage.StorageError as e:\n'
+        '  print(e)\n'
+      )
+      start = time.time()
+      done = subprocess.run(
+        [sys.executable, '-c', probe],
+        env={**environ, 'STORAGE_EMULATOR_HOST': endpoint},
+        capture_output=True,
+        text=True,
+        timeout=60,
+      )
+      seconds = time.time() - start
+    assert done.stdout.startswith(
+      f'no answer for --workdir={url}/run within 2 s'
+    ), done.stdout + done.stderr[-2000:]
+    assert seconds < 20
+    assert gcs.list(name) == []  # nothing half-written
+    assert not os.path.exists(tmp_path / 'gs:')
 
-  rc, err, _ = run('gs://no-such-bucket/run')
-  assert rc == 1, err[-2000:]
-  assert _errors(err) == [
-    'error: --workdir=gs://no-such-bucket/run: bucket gs://no-such-bucket '
-    'does not exist; create it (gcloud storage buckets create '
-    'gs://no-such-bucket) or pass another path'
-  ]
-  rc, err, _ = run(
-    f'{url}/run',
-    extra={
-      'FSSPEC_GCS_TOKEN': 'google_default',
-      'GOOGLE_APPLICATION_CREDENTIALS': str(tmp_path / 'missing.json'),
-    },
-  )
-  assert rc == 1, err[-2000:]
-  (line,) = _errors(err)
-  assert line.startswith(f'error: no credentials for --workdir={url}/run')
-  assert 'gcloud auth application-default login' in line
-  rc, err, _ = run(
-    f'{url}/run',
-    '--config.data.source=imagefolder',
-    f'--config.data.path={url}/missing',
-  )
-  assert rc == 1, err[-2000:]
-  assert _errors(err) == [
-    f"error: ImageFolder root '{url}/missing' is not a directory"
-  ]
-  # A server that accepts connections and never answers: the probe the
-  # CLI makes (20 s there; 2 s here), in a process without JAX.
-  with socket.socket() as silent:
-    silent.bind(('127.0.0.1', 0))
-    silent.listen(16)
-    endpoint = f'http://127.0.0.1:{silent.getsockname()[1]}'
-    probe = (
-      'from dino_jax import storage\n'
-      'try:\n'
-      f'  storage.check_reachable({url + "/run"!r}, timeout=2)\n'
-      'except storage.StorageError as e:\n'
-      '  print(e)\n'
+  @pytest.mark.slow
+  def test_two_runs_on_one_gs_workdir_one_trains(self, gcs, tmp_path):
+    name, url = new_bucket(gcs)
+    environ = {**quick_env(), **gcs.env()}
+    flags = (
+      '--config.total_steps=2',
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
     )
-    start = time.time()
-    done = subprocess.run(
-      [sys.executable, '-c', probe],
-      env={**environ, 'STORAGE_EMULATOR_HOST': endpoint},
-      capture_output=True,
-      text=True,
-      timeout=60,
-    )
-    seconds = time.time() - start
-  assert done.stdout.startswith(
-    f'no answer for --workdir={url}/run within 2 s'
-  ), done.stdout + done.stderr[-2000:]
-  assert seconds < 20
-  assert gcs.list(name) == []  # nothing half-written
-  assert not os.path.exists(tmp_path / 'gs:')
+    procs = [
+      _main(f'{url}/run', *flags, environ=environ, cwd=tmp_path)
+      for _ in range(2)
+    ]
+    results = [(p.wait(timeout=400), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 1], [err[-1500:] for _, err in results]
+    (loser,) = [err for rc, err in results if rc == 1]
+    (line,) = _errors(loser)
+    assert line.startswith(f'error: --workdir={url}/run is in use by pid ')
+    assert [r['step'] for r in _metric_rows(gcs, name, 'run')] == [1, 2]
+    assert not os.path.exists(tmp_path / 'gs:')
 
 
 def _upload_images(name: str, prefix: str, count: int = 32) -> None:
@@ -253,28 +281,6 @@ def _metric_rows(gcs, name: str, prefix: str) -> list[dict]:
   except OSError:  # not written yet (HTTP 404)
     return []
   return [json.loads(line) for line in text.splitlines()]
-
-
-@pytest.mark.slow
-def test_two_runs_on_one_gs_workdir_one_trains(gcs, tmp_path):
-  name, url = new_bucket(gcs)
-  environ = {**cli_env(), **gcs.env()}
-  flags = (
-    '--config.total_steps=2',
-    '--config.eval.knn=False',
-    '--config.eval.attention_images=0',
-  )
-  procs = [
-    _main(f'{url}/run', *flags, environ=environ, cwd=tmp_path) for _ in range(2)
-  ]
-  results = [(p.wait(timeout=400), p.stderr.read()) for p in procs]
-  codes = sorted(rc for rc, _ in results)
-  assert codes == [0, 1], [err[-1500:] for _, err in results]
-  (loser,) = [err for rc, err in results if rc == 1]
-  (line,) = _errors(loser)
-  assert line.startswith(f'error: --workdir={url}/run is in use by pid ')
-  assert [r['step'] for r in _metric_rows(gcs, name, 'run')] == [1, 2]
-  assert not os.path.exists(tmp_path / 'gs:')
 
 
 def _pod(url, port, *flags, environ, cwd):
@@ -298,104 +304,111 @@ def _pod(url, port, *flags, environ, cwd):
   ]
 
 
-@pytest.mark.slow
-def test_pod_rehearsal_on_gs(gcs, tmp_path):
-  # What README's pod command does, on one machine: two processes, workdir
-  # and TFDS data (imagenet2012 layout, ArrayRecord) in a bucket, a
-  # preemption (SIGTERM to every worker), the same command again to resume,
-  # finish and evaluate.
-  import tfds_imagenet
+class TestPodRehearsal:
+  """Its own class: pytest-xdist's --dist loadscope runs it on one worker
+  while the other runs the module's other tests."""
 
-  name, url = new_bucket(gcs)
-  tfds_imagenet.upload(
-    tfds_imagenet.build(str(tmp_path / 'tfds')), f'{url}/tfds'
-  )
-  environ = {**cli_env(devices=1), **gcs.env()}
-  start = time.time()
-  procs = _pod(
-    url,
-    portpicker.pick_unused_port(),
-    '--config.epochs=100',
-    '--config.total_steps=1000',
-    '--config.checkpoint_every_steps=1000',
-    environ=environ,
-    cwd=tmp_path,
-  )
-  deadline = time.time() + 400
-  while len(_metric_rows(gcs, name, 'run')) < 3:
-    assert time.time() < deadline, 'no progress'
-    for p in procs:
-      assert p.poll() is None, p.communicate()[1][-3000:]
-    time.sleep(0.2)
-  held = json.loads(gcs.read(name, 'run/lock'))
-  assert held['state'] == 'held' and held['pid'] == procs[0].pid
-  for p in procs:
-    p.send_signal(signal.SIGTERM)
-  logs = [p.communicate(timeout=300)[1] for p in procs]
-  first = time.time() - start
-  for p, log in zip(procs, logs, strict=True):
-    assert p.returncode == 0, log[-3000:]
-    assert 'Traceback' not in log
-  saved = sorted(
-    {int(n.split('/')[2]) for n in gcs.list(name, 'run/checkpoints/')}
-  )
-  assert len(saved) == 1, saved
-  for log in logs:
-    assert f'saved step {saved[0]} in {url}/run' in log
-  start = time.time()
-  procs = _pod(
-    url,
-    portpicker.pick_unused_port(),
-    '--config.epochs=100',
-    f'--config.total_steps={saved[0] + 2}',
-    '--config.checkpoint_every_steps=1000',
-    environ=environ,
-    cwd=tmp_path,
-  )
-  logs = [p.communicate(timeout=400)[1] for p in procs]
-  resumed = time.time() - start
-  for p, log in zip(procs, logs, strict=True):
-    assert p.returncode == 0, log[-3000:]
-    assert f'resuming from step {saved[0]} in {url}/run' in log
-  print(f'pod rehearsal on gs://: {first:.0f} s to SIGTERM, {resumed:.0f} s')
-  rows = _metric_rows(gcs, name, 'run')
-  trained = [r['step'] for r in rows if 'loss' in r]
-  assert trained == list(range(1, saved[0] + 3))  # every row once
-  (knn,) = [r for r in rows if 'knn_trained_k2' in r]
-  assert knn['step'] == saved[0] + 2
-  objects = gcs.list(name, 'run/')
-  final = f'run/checkpoints/{saved[0] + 2}/commit_success.txt'
-  assert f'run/checkpoints/{saved[0]}/commit_success.txt' in objects
-  assert final in objects
-  assert 'run/config.json' in objects
-  config = json.loads(gcs.read(name, 'run/config.json'))
-  assert config['data']['path'] == f'{url}/tfds'
-  assert 'run/eval/knn.json' in objects
-  assert 'run/eval/attention/test0-overview.png' in objects
-  assert any(n.startswith('run/tensorboard/') for n in objects)
-  released = json.loads(gcs.read(name, 'run/lock'))
-  assert released['state'] == 'released'
-  # The tools read the workdir from the bucket and write into it.
-  for tool in (
-    ['dino_jax.plot', f'--workdir={url}/run', '--k=2'],
-    ['dino_jax.interop', 'export', f'{url}/run', f'{url}/teacher.pth'],
-  ):
-    done = subprocess.run(
-      [sys.executable, '-m', *tool],
-      env=cli_env() | gcs.env(),
-      cwd=tmp_path,
-      capture_output=True,
-      text=True,
-      timeout=300,
+  @pytest.mark.slow
+  def test_pod_rehearsal_on_gs(self, gcs, tmp_path):
+    # What README's pod command does, on one machine: two processes, workdir
+    # and TFDS data (imagenet2012 layout, ArrayRecord) in a bucket, a
+    # preemption (SIGTERM to every worker), the same command again to resume,
+    # finish and evaluate.
+    import tfds_imagenet
+
+    name, url = new_bucket(gcs)
+    tfds_imagenet.upload(
+      tfds_imagenet.build(str(tmp_path / 'tfds')), f'{url}/tfds'
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-  assert gcs.read(name, 'run/curve.png')[:4] == b'\x89PNG'
-  import torch
+    environ = {**quick_env(), **gcs.env()}
+    start = time.time()
+    procs = _pod(
+      url,
+      portpicker.pick_unused_port(),
+      '--config.total_steps=1000',
+      '--config.checkpoint_every_steps=1000',
+      environ=environ,
+      cwd=tmp_path,
+    )
+    deadline = time.time() + 400
+    while len(_metric_rows(gcs, name, 'run')) < 3:
+      assert time.time() < deadline, 'no progress'
+      for p in procs:
+        assert p.poll() is None, p.communicate()[1][-3000:]
+      time.sleep(0.2)
+    held = json.loads(gcs.read(name, 'run/lock'))
+    assert held['state'] == 'held' and held['pid'] == procs[0].pid
+    for p in procs:
+      p.send_signal(signal.SIGTERM)
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    first = time.time() - start
+    for p, log in zip(procs, logs, strict=True):
+      assert p.returncode == 0, log[-3000:]
+      assert 'Traceback' not in log
+    saved = sorted(
+      {int(n.split('/')[2]) for n in gcs.list(name, 'run/checkpoints/')}
+    )
+    assert len(saved) == 1, saved
+    for log in logs:
+      assert f'saved step {saved[0]} in {url}/run' in log
+    start = time.time()
+    procs = _pod(
+      url,
+      portpicker.pick_unused_port(),
+      f'--config.total_steps={saved[0] + 2}',
+      '--config.checkpoint_every_steps=1000',
+      environ=environ,
+      cwd=tmp_path,
+    )
+    logs = [p.communicate(timeout=400)[1] for p in procs]
+    resumed = time.time() - start
+    for p, log in zip(procs, logs, strict=True):
+      assert p.returncode == 0, log[-3000:]
+      assert f'resuming from step {saved[0]} in {url}/run' in log
+    print(f'pod rehearsal on gs://: {first:.0f} s to SIGTERM, {resumed:.0f} s')
+    rows = _metric_rows(gcs, name, 'run')
+    trained = [r['step'] for r in rows if 'loss' in r]
+    assert trained == list(range(1, saved[0] + 3))  # every row once
+    (knn,) = [r for r in rows if 'knn_trained_k2' in r]
+    assert knn['step'] == saved[0] + 2
+    objects = gcs.list(name, 'run/')
+    final = f'run/checkpoints/{saved[0] + 2}/commit_success.txt'
+    assert f'run/checkpoints/{saved[0]}/commit_success.txt' in objects
+    assert final in objects
+    assert 'run/config.json' in objects
+    config = json.loads(gcs.read(name, 'run/config.json'))
+    assert config['data']['path'] == f'{url}/tfds'
+    assert 'run/eval/knn.json' in objects
+    assert 'run/eval/attention/test0-overview.png' in objects
+    assert any(n.startswith('run/tensorboard/') for n in objects)
+    released = json.loads(gcs.read(name, 'run/lock'))
+    assert released['state'] == 'released'
+    # The tools read the workdir from the bucket and write into it (both
+    # at once: they read, and write different objects).
+    tools = [
+      subprocess.Popen(
+        [sys.executable, '-m', *tool],
+        env=environ,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for tool in (
+        ['dino_jax.plot', f'--workdir={url}/run', '--k=2'],
+        ['dino_jax.interop', 'export', f'{url}/run', f'{url}/teacher.pth'],
+      )
+    ]
+    for tool in tools:
+      err = tool.communicate(timeout=300)[1]
+      assert tool.returncode == 0, err[-3000:]
+    assert gcs.read(name, 'run/curve.png')[:4] == b'\x89PNG'
+    import torch
 
-  weights = torch.load(io.BytesIO(gcs.read(name, 'teacher.pth')))
-  assert weights['cls_token'].shape == (1, 1, 32)
-  assert not os.path.exists(tmp_path / 'gs:')
-  assert not os.path.exists(os.path.join(os.path.dirname(HERE), 'gs:'))
+    weights = torch.load(io.BytesIO(gcs.read(name, 'teacher.pth')))
+    assert weights['cls_token'].shape == (1, 1, 32)
+    assert not os.path.exists(tmp_path / 'gs:')
+    assert not os.path.exists(os.path.join(os.path.dirname(HERE), 'gs:'))
 
 
 def test_damaged_checkpoint_on_gs_is_moved_whole(gcs, tmp_path, monkeypatch):

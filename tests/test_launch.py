@@ -12,6 +12,7 @@ resumes are exercised.
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import time
 import portpicker
 import pytest
 from test_cli import env as cli_env
+
+from dino_jax import hostmem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -82,6 +85,21 @@ exit "$status"
 """
 
 
+def quick_env(devices: int = 1) -> dict[str, str]:
+  """test_cli's environment for CLI subprocesses, cheaper to start.
+
+  With one CPU device, ``dino_jax.hostmem`` restarts the process once with
+  its malloc settings: the environment it would restart with is given here
+  already, so a process starts (imports jax, parses flags) once instead of
+  twice, with the same settings. (Not JAX's jax_share_binary_between_hosts,
+  one compile per multi-process run: on CPU, process 1 waited for ever for
+  the program of orbax's first sync.)
+  """
+  environ = cli_env(devices=devices)
+  glibc = platform.libc_ver()[0] == 'glibc'
+  return hostmem.tuned_environ(environ, sys.platform, glibc) or environ
+
+
 def _stubs(tmp_path, **scripts) -> str:
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir(exist_ok=True)
@@ -113,131 +131,136 @@ def _preempt(pid_files, metrics, procs):
       os.kill(int(f.read()), signal.SIGTERM)
 
 
-@pytest.mark.slow
-def test_tpu_pod_script_with_stub_gcloud(tmp_path):
-  workdir = str(tmp_path / 'work dir')  # a space: the quoting is exercised
-  homes = tmp_path / 'homes'
-  homes.mkdir()
-  environ = {
-    **cli_env(),
-    'PATH': _stubs(tmp_path, gcloud=_GCLOUD, python=_PYTHON, pip=_PIP)
-    + os.pathsep
-    + os.environ['PATH'],
-    'STUB_LOG': str(tmp_path / 'stub.log'),
-    'STUB_HOMES': str(homes),
-    'STUB_WORKERS': '2',
-    'STUB_PYTHON': sys.executable,
-    'TPU_NAME': 'dino-test',
-    'ZONE': 'us-test1-a',
-    'WORKDIR': workdir,
-    'REPO': ROOT,
-  }
-  flags = [
-    f'--config={TINY}',
-    '--config.eval.ks=(2, 4)',  # a space inside one argument
-    '--config.eval.knn=False',
-    '--config.eval.attention_images=0',
-    '--config.checkpoint_every_steps=1000',
-  ]
-  script = os.path.join(ROOT, 'launch', 'tpu_pod.sh')
-  environ['STUB_PORT'] = str(portpicker.pick_unused_port())
-  proc = subprocess.Popen(
-    ['bash', script, *flags, '--config.total_steps=1000'],
-    env=environ,
-    cwd=tmp_path,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  pid_files = [str(homes / f'worker{i}.pid') for i in range(2)]
-  _preempt(pid_files, os.path.join(workdir, 'metrics.jsonl'), proc)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  saved = sorted(
-    int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
-  )
-  assert len(saved) == 1 and err.count(f'saved step {saved[0]} in') == 2, err
-  for path in pid_files:
-    os.remove(path)
-  # The same script with CREATE=0 resumes on the same (stub) VMs.
-  environ['CREATE'] = '0'
-  environ['STUB_PORT'] = str(portpicker.pick_unused_port())
-  result = subprocess.run(
-    ['bash', script, *flags, f'--config.total_steps={saved[0] + 1}'],
-    env=environ,
-    cwd=tmp_path,
-    capture_output=True,
-    text=True,
-    timeout=400,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stderr.count(f'resuming from step {saved[0]}') == 2
-  assert _metrics(os.path.join(workdir, 'metrics.jsonl')) == list(
-    range(1, saved[0] + 2)
-  )
-  with open(tmp_path / 'stub.log') as f:
-    log = f.read().splitlines()
-  creates = [line for line in log if 'tpu-vm create' in line]
-  assert creates == [
-    'gcloud compute tpus tpu-vm create dino-test --zone=us-test1-a '
-    '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base'
-  ]
-  installs = sorted(line for line in log if line.startswith('pip '))
-  # Two workers, two runs.
-  assert installs == ['pip install -q -e .[gcs,tpu] (in dino_jax)'] * 4
-  assert all(
-    (homes / f'worker{i}' / 'dino_jax' / '.git').is_dir() for i in (0, 1)
-  )
-  commands = [
-    line.split(': ', 1)[1] for line in log if line.startswith('worker')
-  ]
-  assert len(commands) == 4
-  expected = (
-    f'-m dino_jax.main --workdir={workdir} {" ".join(flags)} '
-    '--config.total_steps='
-  )
-  assert all(c.startswith(expected) for c in commands), commands
+class TestTPUPod:
+  """Each script its own class: pytest-xdist's --dist loadscope may run
+  them on both workers at once."""
+
+  @pytest.mark.slow
+  def test_tpu_pod_script_with_stub_gcloud(self, tmp_path):
+    workdir = str(tmp_path / 'work dir')  # a space: the quoting is exercised
+    homes = tmp_path / 'homes'
+    homes.mkdir()
+    environ = {
+      **quick_env(),
+      'PATH': _stubs(tmp_path, gcloud=_GCLOUD, python=_PYTHON, pip=_PIP)
+      + os.pathsep
+      + os.environ['PATH'],
+      'STUB_LOG': str(tmp_path / 'stub.log'),
+      'STUB_HOMES': str(homes),
+      'STUB_WORKERS': '2',
+      'STUB_PYTHON': sys.executable,
+      'TPU_NAME': 'dino-test',
+      'ZONE': 'us-test1-a',
+      'WORKDIR': workdir,
+      'REPO': ROOT,
+    }
+    flags = [
+      f'--config={TINY}',
+      '--config.eval.ks=(2, 4)',  # a space inside one argument
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
+      '--config.checkpoint_every_steps=1000',
+    ]
+    script = os.path.join(ROOT, 'launch', 'tpu_pod.sh')
+    environ['STUB_PORT'] = str(portpicker.pick_unused_port())
+    proc = subprocess.Popen(
+      ['bash', script, *flags, '--config.total_steps=1000'],
+      env=environ,
+      cwd=tmp_path,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    pid_files = [str(homes / f'worker{i}.pid') for i in range(2)]
+    _preempt(pid_files, os.path.join(workdir, 'metrics.jsonl'), proc)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = sorted(
+      int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+    )
+    assert len(saved) == 1 and err.count(f'saved step {saved[0]} in') == 2, err
+    for path in pid_files:
+      os.remove(path)
+    # The same script with CREATE=0 resumes on the same (stub) VMs.
+    environ['CREATE'] = '0'
+    environ['STUB_PORT'] = str(portpicker.pick_unused_port())
+    result = subprocess.run(
+      ['bash', script, *flags, f'--config.total_steps={saved[0] + 1}'],
+      env=environ,
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+      timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(f'resuming from step {saved[0]}') == 2
+    assert _metrics(os.path.join(workdir, 'metrics.jsonl')) == list(
+      range(1, saved[0] + 2)
+    )
+    with open(tmp_path / 'stub.log') as f:
+      log = f.read().splitlines()
+    creates = [line for line in log if 'tpu-vm create' in line]
+    assert creates == [
+      'gcloud compute tpus tpu-vm create dino-test --zone=us-test1-a '
+      '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base'
+    ]
+    installs = sorted(line for line in log if line.startswith('pip '))
+    # Two workers, two runs.
+    assert installs == ['pip install -q -e .[gcs,tpu] (in dino_jax)'] * 4
+    assert all(
+      (homes / f'worker{i}' / 'dino_jax' / '.git').is_dir() for i in (0, 1)
+    )
+    commands = [
+      line.split(': ', 1)[1] for line in log if line.startswith('worker')
+    ]
+    assert len(commands) == 4
+    expected = (
+      f'-m dino_jax.main --workdir={workdir} {" ".join(flags)} '
+      '--config.total_steps='
+    )
+    assert all(c.startswith(expected) for c in commands), commands
 
 
-@pytest.mark.slow
-def test_slurm_script_with_stub_srun(tmp_path):
-  workdir = str(tmp_path / 'work')
-  homes = tmp_path / 'homes'
-  homes.mkdir()
-  # JAX's coordinator port is SLURM_JOB_ID % 4096 + 61440.
-  port = next(
-    p
-    for p in range(61440 + os.getpid() % 2048, 65536)
-    if portpicker.is_port_free(p)
-  )
-  environ = {
-    **cli_env(),
-    'PATH': _stubs(tmp_path, srun=_SRUN) + os.pathsep + os.environ['PATH'],
-    'STUB_HOMES': str(homes),
-    'SLURM_JOB_ID': str(4096 * 100 + port - 61440),
-    'SLURM_NTASKS': '2',
-    'SLURM_STEP_NODELIST': '127.0.0.1',
-    'SLURM_STEP_NUM_NODES': '1',
-  }
-  flags = [
-    f'--config={TINY}',
-    f'--workdir={workdir}',
-    '--config.eval.knn=False',
-    '--config.eval.attention_images=0',
-  ]
-  script = os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch')
-  # One short run: preemption and resume are the same code as on the TPU
-  # script (and tests/test_multihost_preemption.py).
-  result = subprocess.run(
-    ['bash', script, *flags, '--config.total_steps=2'],
-    env=environ,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=400,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  for i in range(2):
-    assert f'process {i}/2, 1 local devices' in result.stderr
-  assert _metrics(os.path.join(workdir, 'metrics.jsonl')) == [1, 2]
-  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
+class TestSlurm:
+  @pytest.mark.slow
+  def test_slurm_script_with_stub_srun(self, tmp_path):
+    workdir = str(tmp_path / 'work')
+    homes = tmp_path / 'homes'
+    homes.mkdir()
+    # JAX's coordinator port is SLURM_JOB_ID % 4096 + 61440.
+    port = next(
+      p
+      for p in range(61440 + os.getpid() % 2048, 65536)
+      if portpicker.is_port_free(p)
+    )
+    environ = {
+      **quick_env(),
+      'PATH': _stubs(tmp_path, srun=_SRUN) + os.pathsep + os.environ['PATH'],
+      'STUB_HOMES': str(homes),
+      'SLURM_JOB_ID': str(4096 * 100 + port - 61440),
+      'SLURM_NTASKS': '2',
+      'SLURM_STEP_NODELIST': '127.0.0.1',
+      'SLURM_STEP_NUM_NODES': '1',
+    }
+    flags = [
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.eval.knn=False',
+      '--config.eval.attention_images=0',
+    ]
+    script = os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch')
+    # One short run: preemption and resume are the same code as on the TPU
+    # script (and tests/test_multihost_preemption.py).
+    result = subprocess.run(
+      ['bash', script, *flags, '--config.total_steps=2'],
+      env=environ,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in range(2):
+      assert f'process {i}/2, 1 local devices' in result.stderr
+    assert _metrics(os.path.join(workdir, 'metrics.jsonl')) == [1, 2]
+    assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
