@@ -7,6 +7,7 @@ signatures into warnings and a non-finite loss into an error.
 import json
 import logging
 import math
+import sys
 import time
 
 import jax
@@ -55,9 +56,7 @@ class MetricWriter:
       self._rows = [r for r in rows if r['step'] <= resume_step]
       if bad or len(self._rows) < len(rows):
         self._rewrite()
-    from tensorboardX import SummaryWriter  # light, but only on process 0
-
-    self._tb = SummaryWriter(storage.join(workdir, 'tensorboard'))
+    self._tb = _summary_writer()(storage.join(workdir, 'tensorboard'))
 
   def has_evaluation(self, step: int) -> bool:
     """Whether ``metrics.jsonl`` holds k-NN columns for ``step``."""
@@ -90,6 +89,27 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch when it is installed (as for dino_jax's tests,
+  and for many users coming from PyTorch DINO), only to accept torch
+  tensors; we write floats. Importing torch cost each training process
+  ~3.5 s of start-up (2-core VM): it is kept out while tensorboardX loads,
+  unless already imported.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 def _is_evaluation(row: dict) -> bool:
