@@ -149,14 +149,23 @@ def estimated_max_batch(report: dict, rows: list[dict] = ()) -> int | None:
 
 
 def table(rows: list[dict]) -> str:
-  """The markdown table of the docs: one line per config and target, in
-  the order first seen, a ``--max_batch`` row replacing a plain one."""
+  """The markdown table of the docs: one line per config and target (in
+  ``CONFIGS`` and ``TARGETS`` order), a ``--max_batch`` row replacing a
+  plain one."""
   chosen = {}
   for r in rows:
     name = r['key'].removesuffix(' max_batch')
     if name not in chosen or 'max_batch' in r or 'fits' not in chosen[name]:
       chosen[name] = r
-  rows = list(chosen.values())
+  configs, targets = list(CONFIGS), list(TARGETS)
+  rows = sorted(
+    chosen.values(),
+    key=lambda r: (
+      configs.index(r['config']) if r.get('config') in configs else 99,
+      targets.index(r['target']) if r.get('target') in targets else 99,
+      r['key'],
+    ),
+  )
   lines = [
     '| config | target | mesh | fits | peak GiB / device (of) | largest '
     'batch | img/s / device at 35 % MFU | compile s, host GiB |',
