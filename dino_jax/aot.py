@@ -896,10 +896,10 @@ def check_config(
   config: ml_collections.ConfigDict,
   target: Target,
   num_devices: int,
-  eval_features: bool,
 ) -> None:
-  """``config.validate`` for ``num_devices``, and the feature function's
-  batch, each an AotError of one line naming the value to change."""
+  """``config.validate`` for ``num_devices`` (as training checks it; this
+  includes the feature function's ``eval.batch_size``), as an AotError of
+  one line naming the value to change."""
   from dino_jax import config as config_lib
 
   prefix = f'{target.spec} ({num_devices} devices)'
@@ -907,19 +907,6 @@ def check_config(
     config_lib.validate(config, num_devices)
   except config_lib.ConfigError as e:
     raise AotError(f'{prefix}: {e}') from e
-  eval_batch = config.eval.batch_size
-  if eval_features and (eval_batch <= 0 or eval_batch % num_devices):
-    # Unchecked, JAX's IndivisibleError (a traceback) ends the run after
-    # the train step's compile.
-    lower = eval_batch // num_devices * num_devices
-    choices = [b for b in (lower, lower + num_devices) if b > 0]
-    raise AotError(
-      f'{prefix}: eval.batch_size={eval_batch} is not a multiple of the '
-      f'{num_devices} devices (the k-NN feature function splits it over '
-      'them); use --config.eval.batch_size='
-      + ' or '.join(str(b) for b in choices)
-      + ', or --eval_features=false'
-    )
 
 
 def run(
@@ -948,10 +935,10 @@ def run(
 
   # Checked before libtpu or the CUDA plugin starts, and before minutes
   # of compiling: the target's device count is known from its shape.
-  check_config(config, target, target.num_devices, eval_features)
+  check_config(config, target, target.num_devices)
   devices = target_devices(target)
   if len(devices) != target.num_devices:
-    check_config(config, target, len(devices), eval_features)
+    check_config(config, target, len(devices))
   try:
     mesh = parallel.make_mesh(
       config.mesh.data, config.mesh.fsdp, devices=devices

@@ -225,6 +225,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       f'batch_size={config.batch_size} is not divisible by the '
       f'{num_devices} devices'
     )
+  eval_batch = config.eval.batch_size
+  if eval_batch <= 0 or eval_batch % num_devices:
+    below = eval_batch // num_devices * num_devices
+    nearest = ' or '.join(str(b) for b in (below, below + num_devices) if b > 0)
+    raise ConfigError(
+      f'eval.batch_size={eval_batch} is not a multiple of the {num_devices} '
+      f'devices (the evaluation splits it over them); use '
+      f'--config.eval.batch_size={nearest}'
+    )
   if config.optim.name not in ('adamw', 'sgd'):
     raise ConfigError(f"optim.name={config.optim.name!r}; use 'adamw' or 'sgd'")
   if config.optim.warmup_epochs > config.epochs:

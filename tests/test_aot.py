@@ -192,20 +192,21 @@ def test_mesh_that_does_not_divide_the_devices():
 
 
 def test_eval_batch_not_divisible_one_line():
-  # Unchecked: JAX's IndivisibleError traceback after the step's compile.
+  # Unchecked: JAX's IndivisibleError traceback after the step's compile
+  # (config.validate's check, which training makes too).
   result = run_aot('--topology=v5e:2x2', '--config.eval.batch_size=250')
   assert result.returncode == 1
   assert result.stderr.strip() == (
     'error: v5e:2x2 (4 devices): eval.batch_size=250 is not a multiple of '
-    'the 4 devices (the k-NN feature function splits it over them); use '
-    '--config.eval.batch_size=248 or 252, or --eval_features=false'
+    'the 4 devices (the evaluation splits it over them); use '
+    '--config.eval.batch_size=248 or 252'
   )
   result = run_aot('--topology=h100:8', '--config.eval.batch_size=4')
   assert result.returncode == 1
   assert result.stderr.strip() == (
     'error: h100:8 (8 devices): eval.batch_size=4 is not a multiple of the '
-    '8 devices (the k-NN feature function splits it over them); use '
-    '--config.eval.batch_size=8, or --eval_features=false'
+    '8 devices (the evaluation splits it over them); use '
+    '--config.eval.batch_size=8'
   )
 
 

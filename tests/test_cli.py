@@ -707,6 +707,14 @@ class ErrorTest(absltest.TestCase):
       run(workdir, '--config.mesh.fsdp=3', devices=8),
       r'error: mesh.fsdp=3 does not divide the 8 devices',
     )
+    # Before: accepted, and JAX's IndivisibleError traceback came in the
+    # first evaluation, after training.
+    self.assert_error(
+      run(workdir, '--config.eval.batch_size=12', devices=8),
+      r'error: eval.batch_size=12 is not a multiple of the 8 devices \(the '
+      r'evaluation splits it over them\); use --config.eval.batch_size=8 or '
+      r'16',
+    )
 
   def test_bad_paths_create_nothing(self):
     parent = self.create_tempdir().full_path
