@@ -23,6 +23,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
@@ -181,22 +182,33 @@ class Reader:
       raise StopIteration
     return item
 
-  def close(self) -> None:
-    """Ends the thread and closes the iterator; idempotent."""
+  def close(self, wait: float = 10.0) -> None:
+    """Ends the thread and closes the iterator; idempotent.
+
+    A read that a signal left waiting is first given up to ``wait`` seconds
+    to end (sooner after a second Ctrl-C): closing grain's iterator under
+    a read leaves the read blocked for good, with the batches it was
+    handed over in left to the resource tracker.
+    """
     if self._closed:
       return
     self._closed = True
-    if self._asked:  # a read a signal left waiting: given a second to end
+    deadline = time.monotonic() + wait
+    while self._asked and time.monotonic() < deadline:
+      if current().aborted:
+        break
       with contextlib.suppress(queue.Empty):
-        self._items.get(timeout=1.0)  # dropped (its shared memory freed)
+        self._items.get(timeout=POLL_SECONDS)  # dropped: its memory freed
         self._asked = False
     self._requests.put(False)
+    if not self._asked:
+      self._thread.join(timeout=5)  # idle: it ends at once
     close = getattr(self._iterator, 'close', None)
     if close is not None:
       close()
     self._thread.join(timeout=5)
     if self._thread.is_alive():  # a stalled read the close did not end
-      logger.warning('the input pipeline did not stop within 5 s; left')
+      logger.warning('the input pipeline did not stop within %.0f s', wait)
 
 
 def forward_to_jax(record: Record) -> None:

@@ -205,7 +205,7 @@ class _Training:
       # stop (their batches' shared memory freed), the last step dispatched
       # (holding its input) ends. A save in flight stays unfinished (Orbax
       # never restores its temporary directory).
-      self.reader.close()
+      self.reader.close(wait=2.0)
       self.writer.close()
       if self.in_flight is not None:
         jax.block_until_ready(self.in_flight)
@@ -379,11 +379,11 @@ class _Training:
       return None
 
   def _close(self, writer: bool = True) -> None:
-    self.reader.close()  # stops grain worker processes
-    if not self._closed:
+    if not self._closed:  # the save first, then the data workers
       self._closed = True
       self.ckpt.wait(poll=_raise_if_aborted)  # a second Ctrl-C: no wait
       self.ckpt.close()
+    self.reader.close()  # stops grain worker processes
     if writer:
       self.writer.close()
 
