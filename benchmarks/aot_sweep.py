@@ -51,7 +51,11 @@ def row_key(
 
 
 def run_row(
-  config: str, target: str, max_batch: bool, extra: list[str]
+  config: str,
+  target: str,
+  max_batch: bool,
+  extra: list[str],
+  max_batch_step: int = 0,
 ) -> dict:
   """One ``python -m dino_jax.aot`` process; its report plus wall time."""
   with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +68,7 @@ def run_row(
       f'--topology={TARGETS[target]}',
       f'--out={out}',
       *(['--max_batch'] if max_batch else []),
+      *([f'--max_batch_step={max_batch_step}'] if max_batch_step else []),
       *extra,
     ]
     start = time.perf_counter()
@@ -226,6 +231,13 @@ def main():
     '--max_batch', action='store_true', help='Bisect the largest batch too.'
   )
   parser.add_argument(
+    '--max_batch_step',
+    type=int,
+    default=0,
+    help="--max_batch's resolution in images (default: the device count); "
+    'a coarser one saves probes, each a compile of minutes on a TPU.',
+  )
+  parser.add_argument(
     '--summarize', nargs='*', help='Print the table of these JSONL files.'
   )
   args, extra = parser.parse_known_args()
@@ -244,7 +256,9 @@ def main():
       if key in done or (filters and not any(f in key for f in filters)):
         continue
       print(f'{key}: compiling', flush=True)
-      report = run_row(config, target, args.max_batch, extra)
+      report = run_row(
+        config, target, args.max_batch, extra, args.max_batch_step
+      )
       with open(args.out, 'a') as f:
         f.write(json.dumps(report) + '\n')
       print(
