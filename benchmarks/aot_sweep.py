@@ -113,7 +113,8 @@ def estimated_max_batch(report: dict, rows: list[dict] = ()) -> int | None:
   goes through the largest that fitted and the smallest that did not, else
   the two largest that fitted, else the state's bytes (batch 0) and this
   row's peak. An estimate only (``--max_batch`` compiles to find it): the
-  compiler's choices change with size.
+  compiler's choices change with size. Where a row of the pool has a
+  ``--max_batch`` search, its largest batch per device is used instead.
   """
   limit = report['memory_limit_bytes']
   devices = report['devices']
@@ -130,6 +131,9 @@ def estimated_max_batch(report: dict, rows: list[dict] = ()) -> int | None:
   pool = [report]
   if report['mesh'].get('fsdp', 1) == 1:
     pool += [r for r in rows if r is not report and same_program(r)]
+  searched = [r['max_batch'] / r['devices'] for r in pool if 'max_batch' in r]
+  if searched:  # measured per device: it holds for every device count
+    return int(max(searched)) * devices
   points = {(r['batch_size'] / r['devices'], _step_peak(r)) for r in pool}
   for r in pool:  # a --max_batch row's probes
     for batch, p in r.get('max_batch_probes', {}).items():

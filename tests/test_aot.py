@@ -419,3 +419,11 @@ def test_sweep_estimate_pools_rows_of_one_chip():
   # With fsdp the program differs: its own line only (0.75 GiB per image).
   sharded = row('v5e-256', 256, 4 * gib, fsdp=4)
   assert sweep.estimated_max_batch(sharded, [small]) == 20 * 256
+  # A --max_batch search on one topology: its batch per device, whatever
+  # the line says (the compiler rematerializes near the limit).
+  searched = dict(small, max_batch=112 * 16)
+  searched['max_batch_probes'] = {
+    str(112 * 16): {'fits': True, 'peak_bytes': 15 * gib},
+    str(120 * 16): {'fits': False, 'peak_bytes': 17 * gib},
+  }
+  assert sweep.estimated_max_batch(large, [searched, large]) == 112 * 256
