@@ -623,14 +623,16 @@ def find_max_batch(
   """The largest global batch, a multiple of ``step``, whose step fits.
 
   Bisection, each probe one compile; ``known`` ({batch: (fits, peak bytes or
-  None)}) seeds it. The first probes follow the line through the peaks seen
-  so far (memory grows about linearly with the batch), then halving. With
+  None, compile seconds, XLA's FLOPs per device or None)}) seeds it. The
+  first probes follow the line through the peaks seen so far (memory grows
+  about linearly with the batch), then halving. With
   one peak known, ``fixed`` (the bytes that do not grow with the batch: the
   state) is the line's other point, at batch 0; without it the search
   doubles the batch first.
 
   Returns:
-    (largest fitting batch, 0 if none; every probe {batch: (fits, peak)}).
+    (largest fitting batch, 0 if none; every probe as in ``known``: near
+    the limit the compiler rematerializes, so the FLOPs per image grow).
   """
   probes = dict(known)
 
@@ -639,10 +641,12 @@ def find_max_batch(
     peak = (
       result.needed if result.exhausted else memory(result.compiled)['peak']
     )
-    probes[batch] = (fits(result, limit), peak, result.seconds)
+    xla = None if result.exhausted else xla_flops(result.compiled)
+    probes[batch] = (fits(result, limit), peak, result.seconds, xla)
     print(
       f'  batch {batch}: {"fits" if probes[batch][0] else "does not fit"}'
       + (f' ({peak / GiB:.2f} GiB)' if peak else '')
+      + (f', XLA {xla / 1e12:.4g} TFLOPs per device' if xla else '')
       + f', compiled in {result.seconds:.0f} s',
       flush=True,
     )
@@ -970,6 +974,7 @@ def run(
         and report['memory']['peak'] <= report['memory_limit_bytes'],
         peak,
         report['compile_seconds'],
+        report.get('xla_flops_per_device'),
       )
     }
     m = report.get('memory')
@@ -986,7 +991,12 @@ def run(
     )
     report['max_batch'] = best
     report['max_batch_probes'] = {
-      str(b): {'fits': p[0], 'peak_bytes': p[1], 'compile_seconds': p[2]}
+      str(b): {
+        'fits': p[0],
+        'peak_bytes': p[1],
+        'compile_seconds': p[2],
+        'xla_flops_per_image': p[3] * target.num_devices / b if p[3] else None,
+      }
       for b, p in sorted(probes.items())
     }
   report['host_peak_bytes'] = host_peak_bytes()

@@ -328,10 +328,15 @@ def test_oversized_head_on_h100_does_not_fit():
 
 
 class _FakeCompiled:
-  """A compiled step whose peak is 1 GiB + 10 MiB per image."""
+  """A compiled step whose peak is 1 GiB + 10 MiB per image, and 1 GFLOP
+  per image."""
 
   def __init__(self, batch: int):
     self.peak = 2**30 + batch * 10 * 2**20
+    self.batch = batch
+
+  def cost_analysis(self):
+    return {'flops': self.batch * 1e9}
 
   def memory_analysis(self):
     return type(
@@ -360,16 +365,17 @@ def test_max_batch_bisection(monkeypatch):
   limit = 16 * 2**30  # (16 GiB - 1 GiB) / 10 MiB = 1536 images fit
   start = 2**30 + 256 * 10 * 2**20
   best, probes = aot.find_max_batch(
-    config, None, 'tpu', limit, 64, {256: (True, start, 1.0)}
+    config, None, 'tpu', limit, 64, {256: (True, start, 1.0, None)}
   )
   assert best == 1536
   assert probes[1536][0] and not probes[1600][0]
+  assert probes[1536][3] == 1536 * 1e9  # XLA's FLOPs of each probe
   # Doubling once, then the line through the peaks lands on it.
   assert compiled == [512, 1536, 1600]
   # With the state's bytes as the line's point at batch 0, no doubling.
   compiled.clear()
   best, _ = aot.find_max_batch(
-    config, None, 'tpu', limit, 64, {256: (True, start, 1.0)}, fixed=2**30
+    config, None, 'tpu', limit, 64, {256: (True, start, 1.0, None)}, fixed=2**30
   )
   assert best == 1536
   assert compiled == [1536, 1600]
