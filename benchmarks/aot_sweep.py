@@ -102,6 +102,37 @@ def _step_peak(report: dict) -> float | None:
   return report.get('needed_bytes')
 
 
+def _same_program(report: dict, rows: list[dict]) -> list[dict]:
+  """The other rows whose devices run ``report``'s program on their share
+  of the batch: same config, chip and remat, ``mesh.fsdp`` = 1."""
+  if report['mesh'].get('fsdp', 1) != 1:
+    return []
+  return [
+    r
+    for r in rows
+    if r is not report
+    and 'fits' in r
+    and r['config'] == report['config']
+    and r['chip'] == report['chip']
+    and r['mesh'].get('fsdp', 1) == 1
+    and r['remat'] == report['remat']
+  ]
+
+
+def searched_max_batch(
+  report: dict, rows: list[dict] = ()
+) -> tuple[int, str] | None:
+  """(global batch, target searched): a ``--max_batch`` search of this
+  program on another topology of the chip, in batch per device (it holds
+  for every device count); None without one."""
+  searched = [r for r in _same_program(report, rows) if 'max_batch' in r]
+  if not searched:
+    return None
+  best = max(searched, key=lambda r: r['max_batch'] / r['devices'])
+  per_device = best['max_batch'] // best['devices']
+  return per_device * report['devices'], best['target']
+
+
 def estimated_max_batch(report: dict, rows: list[dict] = ()) -> int | None:
   """Where a line through the step's peaks meets the limit; a global batch.
 
@@ -113,27 +144,11 @@ def estimated_max_batch(report: dict, rows: list[dict] = ()) -> int | None:
   goes through the largest that fitted and the smallest that did not, else
   the two largest that fitted, else the state's bytes (batch 0) and this
   row's peak. An estimate only (``--max_batch`` compiles to find it): the
-  compiler's choices change with size. Where a row of the pool has a
-  ``--max_batch`` search, its largest batch per device is used instead.
+  compiler's choices change with size (``searched_max_batch`` first).
   """
   limit = report['memory_limit_bytes']
   devices = report['devices']
-
-  def same_program(r):
-    return (
-      'fits' in r
-      and r['config'] == report['config']
-      and r['chip'] == report['chip']
-      and r['mesh'].get('fsdp', 1) == 1
-      and r['remat'] == report['remat']
-    )
-
-  pool = [report]
-  if report['mesh'].get('fsdp', 1) == 1:
-    pool += [r for r in rows if r is not report and same_program(r)]
-  searched = [r['max_batch'] / r['devices'] for r in pool if 'max_batch' in r]
-  if searched:  # measured per device: it holds for every device count
-    return int(max(searched)) * devices
+  pool = [report, *_same_program(report, rows)]
   points = {(r['batch_size'] / r['devices'], _step_peak(r)) for r in pool}
   for r in pool:  # a --max_batch row's probes
     for batch, p in r.get('max_batch_probes', {}).items():
@@ -197,6 +212,8 @@ def table(rows: list[dict]) -> str:
       peak = f'? ({limit:.2f})'
     if 'max_batch' in r:
       largest = f'{r["max_batch"]} ({len(r["max_batch_probes"])} compiles)'
+    elif found := searched_max_batch(r, rows):
+      largest = f'{found[0]} ({found[1]} search, per device)'
     else:
       estimate = estimated_max_batch(r, rows)
       largest = f'~{estimate} (est.)' if estimate else ''

@@ -432,4 +432,9 @@ def test_sweep_estimate_pools_rows_of_one_chip():
     str(112 * 16): {'fits': True, 'peak_bytes': 15 * gib},
     str(120 * 16): {'fits': False, 'peak_bytes': 17 * gib},
   }
-  assert sweep.estimated_max_batch(large, [searched, large]) == 112 * 256
+  assert sweep.searched_max_batch(large, [searched, large]) == (
+    112 * 256,
+    'v5e-16',
+  )
+  assert sweep.searched_max_batch(large, [small, large]) is None
+  assert sweep.searched_max_batch(sharded, [searched]) is None
