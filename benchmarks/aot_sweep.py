@@ -72,15 +72,25 @@ def run_row(
       *extra,
     ]
     start = time.perf_counter()
-    result = subprocess.run(
-      command, cwd=ROOT, capture_output=True, text=True, check=False
-    )
+    stdout = []
+    # Its output is passed on as it comes (a --max_batch search's probes
+    # take minutes each); stderr goes to a file, read at the end.
+    with open(os.path.join(tmp, 'stderr'), 'w+') as stderr:
+      process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
+      )
+      for line in process.stdout:
+        print(f'  {line}', end='', flush=True)
+        stdout.append(line)
+      process.wait()
+      stderr.seek(0)
+      errors = stderr.read()
     wall = time.perf_counter() - start
     if not os.path.exists(out):
-      lines = result.stderr.strip().splitlines()
+      lines = errors.strip().splitlines()
       return {
         'key': row_key(config, target, max_batch, extra),
-        'error': lines[-1] if lines else f'exit {result.returncode}',
+        'error': lines[-1] if lines else f'exit {process.returncode}',
         'wall_seconds': round(wall, 1),
       }
     with open(out) as f:
@@ -90,7 +100,7 @@ def run_row(
   report['target'] = target
   report['config'] = config
   report['wall_seconds'] = round(wall, 1)
-  report['verdict'] = result.stdout.strip().splitlines()[-1]
+  report['verdict'] = ''.join(stdout).strip().splitlines()[-1]
   report['date'] = time.strftime('%Y-%m-%d')
   return report
 
