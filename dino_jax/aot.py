@@ -624,8 +624,9 @@ def find_max_batch(
 
   Bisection, each probe one compile; ``known`` ({batch: (fits, peak bytes or
   None, compile seconds, XLA's FLOPs per device or None)}) seeds it. The
-  first probes follow the line through the peaks seen so far (memory grows
-  about linearly with the batch), then halving. With
+  probes follow the line through the peaks seen so far (memory grows
+  about linearly with the batch) while it at least halves the bracket,
+  then halving. With
   one peak known, ``fixed`` (the bytes that do not grow with the batch: the
   state) is the line's other point, at batch 0; without it the search
   doubles the batch first.
@@ -657,17 +658,31 @@ def find_max_batch(
     hi = min([b for b, p in probes.items() if not p[0]], default=None)
     return lo, hi
 
+  width, slow = None, False  # the bracket's before the last probe
   for _ in range(24):
     lo, hi = bounds()
     if hi is not None and hi - lo <= step:
       return lo, probes
-    guess = _linear_guess(probes, limit, step, fixed)
+    # Once a line's probe did not halve the bracket, halve it from then on:
+    # a refused peak far over the limit (and flat peaks below it) made the
+    # line creep in steps (ViT-S/16 on 8 x H100: 2992, 2952, 2912, ...).
+    slow = slow or (
+      width is not None and hi is not None and hi - lo > width / 2
+    )
+    width = hi - lo if hi is not None else None
+    guess = None if slow else _linear_guess(probes, limit, step, fixed)
     if guess is None:  # double up to a failure, then halve
       nxt = 2 * max(lo, step) if hi is None else (lo + hi) // 2
     else:  # the line's batch, strictly inside the bracket
       nxt = max(guess, lo + step)
       if hi is not None:
         nxt = min(nxt, hi - step)
+      elif sum(p[0] for p in probes.values()) >= 2:
+        # Up from two fitted peaks, at most 4x: near the limit the peak
+        # stops growing (the compiler rematerializes), and a flat line's
+        # batch is absurd (ViT-S/16 on v5p-8: 90.05 and 90.06 GiB at 2176
+        # and 3264 put it at 4993280; XLA:GPU would compile that).
+        nxt = min(nxt, 4 * lo)
     nxt = max(step, nxt // step * step)
     if nxt in probes:  # a batch seen before: halve the bracket instead
       nxt = max(step, (lo + (hi or 2 * lo)) // 2 // step * step)

@@ -328,11 +328,11 @@ def test_oversized_head_on_h100_does_not_fit():
 
 
 class _FakeCompiled:
-  """A compiled step whose peak is 1 GiB + 10 MiB per image, and 1 GFLOP
-  per image."""
+  """A compiled step whose peak is 1 GiB + 10 MiB per image (or ``peak``),
+  and 1 GFLOP per image."""
 
-  def __init__(self, batch: int):
-    self.peak = 2**30 + batch * 10 * 2**20
+  def __init__(self, batch: int, peak=None):
+    self.peak = peak(batch) if peak else 2**30 + batch * 10 * 2**20
     self.batch = batch
 
   def cost_analysis(self):
@@ -379,6 +379,38 @@ def test_max_batch_bisection(monkeypatch):
   )
   assert best == 1536
   assert compiled == [1536, 1600]
+
+
+def test_max_batch_flat_peaks_do_not_send_the_search_far(monkeypatch):
+  # The compiler rematerializes near the limit: the peak grows 10 MiB per
+  # image to 1280, then 1 KiB per image; batches over 20000 do not fit.
+  def peak(batch):
+    if batch > 20000:
+      return 32 * 2**30
+    return 2**30 + min(batch, 1280) * 10 * 2**20 + max(batch - 1280, 0) * 1024
+
+  compiled = []
+
+  def fake_compile(config, mesh, platform):
+    compiled.append(config.batch_size)
+    return aot.Compiled(1.0, compiled=_FakeCompiled(config.batch_size, peak))
+
+  monkeypatch.setattr(aot, 'compile_step', fake_compile)
+  config = aot.ml_collections.ConfigDict({'batch_size': 256})
+  limit = 16 * 2**30
+  best, probes = aot.find_max_batch(
+    config, None, 'tpu', limit, 64, {256: (True, peak(256), 1.0, None)}
+  )
+  assert best == 20000 // 64 * 64
+  # Halving once the line crept: 15 probes (before: 24, the limit, and
+  # not there yet, 64 images a step).
+  assert len(compiled) <= 16, compiled
+  # Each probe above the batches that fitted is at most 4x the largest of
+  # them (the line through 1280's and 1536's peaks meets the limit at
+  # about 2.6 million images).
+  for i, batch in enumerate(compiled):
+    fitted = [b for b in [256, *compiled[:i]] if probes[b][0]]
+    assert batch <= 4 * max(fitted), compiled
 
 
 def _sweep_module():
