@@ -626,10 +626,9 @@ def find_max_batch(
   None, compile seconds, XLA's FLOPs per device or None)}) seeds it. The
   probes follow the line through the peaks seen so far (memory grows
   about linearly with the batch) while it at least halves the bracket,
-  then halving. With
-  one peak known, ``fixed`` (the bytes that do not grow with the batch: the
-  state) is the line's other point, at batch 0; without it the search
-  doubles the batch first.
+  then halve it. With one peak known, ``fixed`` (the bytes that do not grow
+  with the batch: the state) is the line's other point, at batch 0;
+  without it the search doubles the batch first.
 
   Returns:
     (largest fitting batch, 0 if none; every probe as in ``known``: near
