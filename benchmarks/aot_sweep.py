@@ -2,6 +2,8 @@
 
   python benchmarks/aot_sweep.py --out /tmp/aot.jsonl             # every row
   python benchmarks/aot_sweep.py --out /tmp/aot.jsonl --rows vit_s16
+  python benchmarks/aot_sweep.py --out /tmp/aot.jsonl --rows "vit_s16 v5e-16" \
+      --max_batch --max_batch_step=128   # a search: each probe a compile
   python benchmarks/aot_sweep.py --summarize /tmp/aot.jsonl
 
 Each row runs ``python -m dino_jax.aot`` in its own process (one at a time:
