@@ -406,7 +406,7 @@ def test_max_batch_flat_peaks_do_not_send_the_search_far(monkeypatch):
   # not there yet, 64 images a step).
   assert len(compiled) <= 16, compiled
   # Each probe above the batches that fitted is at most 4x the largest of
-  # them (the line through 1280's and 1536's peaks meets the limit at
+  # them (the line through 1536's and 1856's peaks meets the limit at
   # about 2.6 million images).
   for i, batch in enumerate(compiled):
     fitted = [b for b in [256, *compiled[:i]] if probes[b][0]]
