@@ -7,7 +7,6 @@ set (memory); the k nearest vote with weight exp(sim / T), T = 0.07.
 """
 
 import functools
-import json
 import logging
 import sys
 
@@ -16,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from dino_jax import hostmem, interop, interrupt, storage
+from dino_jax import hostmem, interop, interrupt
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import sources
 from dino_jax.data.sources import DataError
-from dino_jax.eval import features
+from dino_jax.eval import common, features
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +124,8 @@ def format_table(results: dict, title: str = 'k-NN') -> str:
 
 
 def write_results(workdir: str, name: str, payload: dict) -> str:
-  """Writes WORKDIR/eval/<name>.json (process 0 only); returns the path.
-
-  Atomic: a run stopped meanwhile leaves the previous file whole.
-  """
-  path = storage.join(workdir, 'eval', f'{name}.json')
-  if jax.process_index() == 0:
-    storage.makedirs(storage.join(workdir, 'eval'))
-    storage.write_text(path, json.dumps(payload, indent=2))
-  return path
+  """WORKDIR/eval/<name>.json (``common.write_record``)."""
+  return common.write_record(workdir, name, payload)
 
 
 def _extract(config, mesh, fn, split, max_images):
@@ -252,58 +244,15 @@ def knn_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
 
 
 def define_flags(values: flags.FlagValues) -> None:
-  flags.DEFINE_string(
-    'workdir', None, 'Training workdir (its checkpoint).', flag_values=values
-  )
-  flags.DEFINE_string(
-    'pretrained',
-    None,
-    'An official DINO .pth (backbone-only or full checkpoint): imported '
-    'into a new --workdir first (needs --config for the architecture).',
-    flag_values=values,
-  )
-  flags.DEFINE_string(
-    'config',
-    None,
-    'With --pretrained: the config file (configs/<model>.py[:arg]). '
-    'Overrides: --config.a.b=c (of this file, or of the workdir config).',
-    flag_values=values,
-  )
+  common.define_flags(values)
 
 
 def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
   """``python -m dino_jax.eval.knn``: k-NN of a workdir (after --pretrained)."""
   if args:
     raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  if not values.workdir:
-    raise workdir_lib.WorkdirError('--workdir is required; pass a directory')
-  if values.config and not values.pretrained:
-    raise workdir_lib.ConfigOverrideError(
-      f'--config={values.config} is only read with --pretrained; the '
-      'workdir holds its own config (override fields with --config.a.b=c)'
-    )
-  if values.pretrained:
-    if not values.config:
-      raise workdir_lib.ConfigOverrideError(
-        '--pretrained needs --config=configs/<model>.py (the architecture)'
-      )
-    if workdir_lib.has_checkpoint(values.workdir):
-      logger.warning(
-        '%s already holds a checkpoint; not importing %s again',
-        values.workdir,
-        values.pretrained,
-      )
-    else:
-      config = workdir_lib.load_config_file(values.config, overrides)
-      interop.import_checkpoint(values.pretrained, values.workdir, config)
-    # The other overrides shaped the imported model; the rest is for k-NN.
-    overrides = [o for o in overrides if _group(o) in workdir_lib.EVAL_GROUPS]
+  overrides = common.prepare_workdir(values, overrides)
   knn_from_workdir(values.workdir, overrides)
-
-
-def _group(override: str) -> str:
-  """'--config.eval.ks=(1,)' -> 'eval'."""
-  return override.split('=', 1)[0].split('.')[1]
 
 
 if __name__ == '__main__':
