@@ -1,0 +1,376 @@
+"""DAVIS 2017 video object segmentation by label propagation (SPEC §3).
+
+CLI: ``python -m dino_jax.eval.video --workdir=DIR --davis_root=DAVIS``
+(``--split=val --n_last_frames=7 --size_mask_neighborhood=12 --topk=5``;
+``--official`` for the official code's std typo and one-hot depth).
+
+Each frame's patch tokens (last block, final norm, CLS dropped,
+L2-normalised) are compared with those of the first frame and of the
+``n_last_frames`` previous ones: affinity exp(cos / 0.1) within a
+(2r + 1)^2 patch window, the top ``topk`` kept per target patch over all
+context patches, normalised, and the context labels (the first frame's
+one-hot, the others' soft predictions) averaged with those weights; all on
+device. Predictions go to DIR/eval/davis/<seq>/<frame>.png (indexed, the
+first annotation's palette); J, F and J&F to DIR/eval/davis.json.
+"""
+
+import collections
+import functools
+import io
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from dino_jax import hostmem, interop, interrupt
+from dino_jax import workdir as workdir_lib
+from dino_jax.data import multicrop
+from dino_jax.eval import common, davis_metrics
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_STD = (0.228, 0.224, 0.225)  # eval_video_segmentation.py's typo
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def neighborhood_mask(h: int, w: int, size: int) -> jax.Array:
+  """[h * w, h * w] float32: 1 where |drow|, |dcol| <= size (row-major)."""
+  rows = jnp.repeat(jnp.arange(h), w)
+  cols = jnp.tile(jnp.arange(w), h)
+  near_rows = jnp.abs(rows[:, None] - rows[None, :]) <= size
+  near_cols = jnp.abs(cols[:, None] - cols[None, :]) <= size
+  return (near_rows & near_cols).astype(jnp.float32)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """x / max(||x||, 1e-12) over the last axis (torch F.normalize)."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=('topk',))
+def propagate(
+  target: jax.Array,
+  context_feats: jax.Array,
+  context_segs: jax.Array,
+  mask: jax.Array | None,
+  topk: int,
+) -> jax.Array:
+  """Labels of the target frame from its context frames.
+
+  Args:
+    target: [N, D] the target's patch features (normalised here).
+    context_feats: [K, N, D] the context frames' features (normalised
+      here).
+    context_segs: [K, N, C] their labels (one-hot or soft).
+    mask: [N, N] (target x source) 0/1 neighbourhood, or None (all).
+    topk: sources kept per target patch, over all K * N.
+
+  Returns:
+    [N, C] float32 soft labels.
+  """
+  target = l2_normalize(target.astype(jnp.float32))
+  context_feats = l2_normalize(context_feats.astype(jnp.float32))
+  k, n, _ = context_feats.shape
+  cos = jnp.einsum('td,ksd->tks', target, context_feats, precision=_HIGHEST)
+  aff = jnp.exp(cos / 0.1)
+  if mask is not None:
+    aff = aff * mask[:, None, :]
+  aff = aff.reshape(n, k * n)
+  kth = jax.lax.top_k(aff, topk)[0][:, -1:]
+  aff = jnp.where(aff < kth, 0.0, aff)
+  aff = aff / jnp.sum(aff, axis=-1, keepdims=True)
+  segs = context_segs.astype(jnp.float32).reshape(k * n, -1)
+  return jnp.matmul(aff, segs, precision=_HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=('patch',))
+def upsample_labels(seg: jax.Array, patch: int) -> jax.Array:
+  """[h, w, C] soft labels -> [h * p, w * p] int32: bilinear x p
+  (align_corners=False), per-channel min-max, argmax."""
+  h, w, c = seg.shape
+  up = jax.image.resize(
+    seg, (h * patch, w * patch, c), 'linear', antialias=False
+  )
+  lo = up.min(axis=(0, 1))
+  hi = up.max(axis=(0, 1))
+  span = hi - lo
+  scaled = (up - lo) / jnp.where(span > 0, span, 1.0)
+  up = jnp.where(hi > 0, scaled, up)
+  return jnp.argmax(up, axis=-1).astype(jnp.int32)
+
+
+def frame_size(h: int, w: int, size: int) -> tuple[int, int]:
+  """(height, width): short side ``size``, the long one floored to a
+  multiple of 64 (the official read_frame)."""
+  if h > w:
+    return int((size * h / w) // 64 * 64), size
+  return size, int((size * w / h) // 64 * 64)
+
+
+@functools.partial(jax.jit, static_argnames=('shape',))
+def _resize_normalize(image, shape, mean, std):
+  x = jax.image.resize(
+    image.astype(jnp.float32) / 255.0,
+    (*shape, 3),
+    'linear',
+    antialias=False,
+  )  # cv2.resize's INTER_LINEAR: half-pixel centres, no antialiasing
+  return (x - mean) / std
+
+
+def read_frame(path: str, size: int, std=multicrop.STD) -> tuple:
+  """(normalised float32 [H', W', 3], original (h, w))."""
+  with Image.open(path) as im:
+    rgb = np.asarray(im.convert('RGB'))
+  h, w = rgb.shape[:2]
+  shape = frame_size(h, w, size)
+  x = _resize_normalize(
+    rgb, shape, jnp.array(multicrop.MEAN), jnp.array(std, jnp.float32)
+  )
+  return x, (h, w)
+
+
+def first_labels(
+  path: str, grid: tuple[int, int], official: bool = False
+) -> tuple[np.ndarray, np.ndarray, list]:
+  """The first annotation: (one-hot [h, w, C] on the patch grid, the
+  full-resolution labels, the palette).
+
+  The grid labels are a nearest resize; the depth C is the largest label
+  of the full-resolution mask + 1 (``official``: of the resized one, which
+  drops objects smaller than a patch).
+  """
+  with Image.open(path) as im:
+    if im.mode != 'P':
+      raise workdir_lib.WorkdirError(
+        f'{path} is a {im.mode} image; the first annotation must be an '
+        'indexed (palette) PNG, as DAVIS ships them'
+      )
+    palette = im.getpalette()
+    full = np.asarray(im)
+    small = np.asarray(im.resize((grid[1], grid[0]), Image.NEAREST))
+  depth = int((small if official else full).max()) + 1
+  return np.eye(depth, dtype=np.float32)[small], full, palette
+
+
+def indexed_png(labels: np.ndarray, palette: list) -> bytes:
+  im = Image.fromarray(labels.astype(np.uint8), mode='P')
+  im.putpalette(palette)
+  out = io.BytesIO()
+  im.save(out, format='PNG')
+  return out.getvalue()
+
+
+def make_feature_fn(backbone, params):
+  @jax.jit
+  def fn(params, image):
+    tokens = backbone.apply({'params': params}, image[None], method='features')
+    return tokens[0, 1:].astype(jnp.float32)
+
+  return lambda image: fn(params, image)
+
+
+def segment_video(
+  feature_fn,
+  frames: list[str],
+  first_annotation: str,
+  patch: int,
+  *,
+  size: int = 480,
+  n_last_frames: int = 7,
+  size_mask_neighborhood: int = 12,
+  topk: int = 5,
+  official: bool = False,
+  write=None,
+) -> tuple[list[np.ndarray], list]:
+  """Labels of every frame (the first is its annotation) and the palette.
+
+  ``write(name, png_bytes)`` receives each frame's indexed PNG.
+  """
+  std = OFFICIAL_STD if official else multicrop.STD
+  image, _ = read_frame(frames[0], size, std)
+  grid = (image.shape[0] // patch, image.shape[1] // patch)
+  onehot, full, palette = first_labels(first_annotation, grid, official)
+  first_seg = jnp.asarray(onehot.reshape(grid[0] * grid[1], -1))
+  first_feat = feature_fn(image)
+  mask = None
+  if size_mask_neighborhood > 0:
+    mask = neighborhood_mask(*grid, size_mask_neighborhood)
+  name = lambda f: os.path.splitext(os.path.basename(f))[0] + '.png'  # noqa: E731
+  if write:
+    write(name(frames[0]), indexed_png(full, palette))
+  labels = [full]
+  queue = collections.deque(maxlen=n_last_frames)
+  for path in frames[1:]:
+    interrupt.check()
+    image, (h, w) = read_frame(path, size, std)
+    feat = feature_fn(image)
+    feats = jnp.stack([first_feat] + [f for f, _ in queue])
+    segs = jnp.stack([first_seg] + [s for _, s in queue])
+    seg = propagate(feat, feats, segs, mask, topk)
+    queue.append((feat, seg))
+    small = np.asarray(upsample_labels(seg.reshape(*grid, -1), patch))
+    out = Image.fromarray(small.astype(np.uint8)).resize((w, h), Image.NEAREST)
+    out = np.asarray(out)
+    labels.append(out)
+    if write:
+      write(name(path), indexed_png(out, palette))
+  return labels, palette
+
+
+def list_videos(davis_root: str, split: str) -> dict:
+  """{sequence: (frame paths, annotation paths)}; checks every path."""
+  if not os.path.isdir(davis_root):
+    raise workdir_lib.WorkdirError(
+      f'--davis_root={davis_root} is not a directory; pass the DAVIS folder '
+      '(holding ImageSets/2017, JPEGImages/480p, Annotations/480p)'
+    )
+  listing = os.path.join(davis_root, 'ImageSets', '2017', f'{split}.txt')
+  if not os.path.isfile(listing):
+    raise workdir_lib.WorkdirError(
+      f'--split={split}: no {listing}; pass a split listed in '
+      f'{os.path.join(davis_root, "ImageSets", "2017")}'
+    )
+  with open(listing) as f:
+    names = [line.strip() for line in f if line.strip()]
+  if not names:
+    raise workdir_lib.WorkdirError(f'{listing} lists no sequence')
+  videos = {}
+  for seq in names:
+    folder = os.path.join(davis_root, 'JPEGImages', '480p', seq)
+    frames = sorted(
+      os.path.join(folder, f)
+      for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+      if f.endswith('.jpg')
+    )
+    if not frames:
+      raise workdir_lib.WorkdirError(
+        f'sequence {seq}: no .jpg frames in {folder}; check --davis_root'
+      )
+    annotations = [
+      f.replace(os.path.join('JPEGImages', '480p'), 'Annotations/480p')[:-4]
+      + '.png'
+      for f in frames
+    ]
+    missing = [a for a in annotations if not os.path.isfile(a)]
+    if missing:
+      raise workdir_lib.WorkdirError(
+        f'sequence {seq}: no annotation {missing[0]} (every frame needs '
+        'one for scoring); check --davis_root'
+      )
+    videos[seq] = (frames, annotations)
+  return videos
+
+
+def read_labels(path: str) -> np.ndarray:
+  with Image.open(path) as im:
+    return np.asarray(im)
+
+
+def evaluate(
+  feature_fn, videos: dict, patch: int, write=None, **options
+) -> dict:
+  """Segments and scores every sequence; {'J', 'F', 'J&F', 'sequences'}."""
+  per_sequence = {}
+  for seq, (frames, annotations) in videos.items():
+    logger.info('segmenting %s (%d frames)', seq, len(frames))
+    seq_write = (lambda n, b, s=seq: write(f'{s}/{n}', b)) if write else None
+    labels, _ = segment_video(
+      feature_fn, frames, annotations[0], patch, write=seq_write, **options
+    )
+    gt = np.stack([read_labels(a) for a in annotations])
+    per_sequence[seq] = davis_metrics.sequence_scores(gt, np.stack(labels))
+  return {**davis_metrics.summarize(per_sequence), 'sequences': per_sequence}
+
+
+def define_flags(values: flags.FlagValues) -> None:
+  common.define_flags(values)
+  kw = {'flag_values': values}
+  flags.DEFINE_string('davis_root', None, 'The DAVIS 2017 folder.', **kw)
+  flags.DEFINE_string('split', 'val', 'ImageSets/2017/<split>.txt.', **kw)
+  flags.DEFINE_integer('size', 480, 'Short side of the frames.', **kw)
+  flags.DEFINE_integer(
+    'n_last_frames', 7, 'Previous frames in the context.', **kw
+  )
+  flags.DEFINE_integer(
+    'size_mask_neighborhood',
+    12,
+    'Window radius in patches (0: no window).',
+    **kw,
+  )
+  flags.DEFINE_integer('topk', 5, 'Sources kept per target patch.', **kw)
+  flags.DEFINE_bool(
+    'official',
+    False,
+    "The official code's std 0.228 and one-hot depth from the resized "
+    'first mask.',
+    **kw,
+  )
+
+
+def _check_values(values) -> None:
+  checks = [
+    ('size', values.size, 1),
+    ('n_last_frames', values.n_last_frames, 0),
+    ('size_mask_neighborhood', values.size_mask_neighborhood, 0),
+    ('topk', values.topk, 1),
+  ]
+  for name, value, least in checks:
+    if value < least:
+      raise workdir_lib.ConfigOverrideError(
+        f'--{name}={value} is below {least}; pass an integer >= {least}'
+      )
+  if not values.davis_root:
+    raise workdir_lib.WorkdirError(
+      '--davis_root is required; pass the DAVIS 2017 folder'
+    )
+
+
+def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
+  """``python -m dino_jax.eval.video``: DAVIS J&F of a workdir."""
+  if args:
+    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
+  _check_values(values)
+  videos = list_videos(values.davis_root, values.split)
+  config, _, backbone, params, step = common.load(values, overrides)
+  patch = config.model.patch_size
+  if values.size < patch:
+    raise workdir_lib.ConfigOverrideError(
+      f'--size={values.size} is below the patch size {patch}; pass more'
+    )
+  options = dict(
+    size=values.size,
+    n_last_frames=values.n_last_frames,
+    size_mask_neighborhood=values.size_mask_neighborhood,
+    topk=values.topk,
+    official=values.official,
+  )
+  results = evaluate(
+    make_feature_fn(backbone, params),
+    videos,
+    patch,
+    write=lambda rel, data: common.write_bytes(
+      values.workdir, f'davis/{rel}', data
+    ),
+    **options,
+  )
+  payload = {'step': step, 'split': values.split, **options, **results}
+  path = common.write_record(values.workdir, 'davis', payload)
+  print(
+    f'DAVIS {values.split}: J {100 * results["J"]:.1f}  '
+    f'F {100 * results["F"]:.1f}  J&F {100 * results["J&F"]:.1f}'
+  )
+  logger.info('wrote %s', path)
+
+
+if __name__ == '__main__':
+  hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
+  sys.exit(
+    workdir_lib.run_cli(define_flags, main, errors=(interop.InteropError,))
+  )
