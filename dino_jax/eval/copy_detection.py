@@ -1,0 +1,416 @@
+"""Copy detection on Copydays (SPEC-downstream §2).
+
+CLI::
+
+  python -m dino_jax.eval.copy_detection --workdir=DIR --data_root=COPYDAYS \
+    [--distractors=DIR] [--whitening=DIR] [--imsize=320] [--official]
+
+Images are resized to ``imsize`` x ``imsize`` (bicubic, aspect not kept),
+ImageNet-normalized; the feature is the teacher's last-block CLS token
+(after the final norm) concatenated with the GeM (p = 4, tokens clamped at
+1e-6) of its patch tokens. With a whitening set: PCA whitening learned on
+it (centred covariance; ``--official``: the official uncentred X^T X / n),
+eigenvalues clamped at lambda_max * 1e-5, applied after subtracting the
+set's mean. Features are L2-normalized; each query block (``strong``,
+``jpegqual/*``, ``crops/*``) searches the originals (plus distractors) by
+cosine similarity; AP over the top 20 (the Holidays trapezoid), mAP per
+block, written to WORKDIR/eval/copy_detection.json.
+"""
+
+import functools
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from dino_jax import hostmem, interop, interrupt, parallel
+from dino_jax import workdir as workdir_lib
+from dino_jax.data import multicrop
+from dino_jax.eval import common, features
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (
+  '.jpg',
+  '.jpeg',
+  '.png',
+  '.ppm',
+  '.bmp',
+  '.pgm',
+  '.tif',
+  '.tiff',
+  '.webp',
+)
+TOP_K = 20
+GEM_P = 4.0
+GEM_EPS = 1e-6
+EIGEN_FLOOR = 1e-5
+
+
+class CopydaysError(ValueError):
+  """Bad Copydays input (a missing folder, an unreadable image)."""
+
+
+# Reported by the CLI as one ``error: ...`` line.
+ERRORS = (CopydaysError, interop.InteropError)
+
+
+# ----------------------------------------------------------------- data
+
+
+def list_images(directory: str, jpg_only: bool = False) -> list[str]:
+  """Sorted image paths directly in ``directory``."""
+  ext = ('.jpg',) if jpg_only else IMAGE_EXTENSIONS
+  names = sorted(n for n in os.listdir(directory) if n.lower().endswith(ext))
+  return [os.path.join(directory, n) for n in names]
+
+
+def _numeric_subdirs(root: str, group: str) -> list[str]:
+  path = os.path.join(root, group)
+  if not os.path.isdir(path):
+    return []
+  subs = [s for s in os.listdir(path) if os.path.isdir(os.path.join(path, s))]
+  key = lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s)  # noqa: E731
+  return [f'{group}/{s}' for s in sorted(subs, key=key)]
+
+
+def query_blocks(root: str) -> list[str]:
+  """The query blocks present under ``root``: strong, jpegqual/*, crops/*.
+
+  Each must hold at least one .jpg; numeric subfolders in numeric order.
+  """
+  names = ['strong', *_numeric_subdirs(root, 'jpegqual')]
+  names += _numeric_subdirs(root, 'crops')
+  return [
+    n
+    for n in names
+    if os.path.isdir(os.path.join(root, n))
+    and list_images(os.path.join(root, n), jpg_only=True)
+  ]
+
+
+def block_positives(
+  block: str, query_names: list[str], original_names: list[str]
+) -> list[list[int]]:
+  """The originals each query of ``block`` copies (indices into originals).
+
+  'strong': the originals sharing the query's first 4 filename characters;
+  any other block: the i-th query is the i-th original (sorted names).
+  """
+  if block == 'strong':
+    return [
+      [j for j, o in enumerate(original_names) if o[:4] == q[:4]]
+      for q in query_names
+    ]
+  if len(query_names) != len(original_names):
+    raise CopydaysError(
+      f'block {block} holds {len(query_names)} images and original '
+      f'{len(original_names)}: its i-th image must copy the i-th original; '
+      'give every block one image per original'
+    )
+  return [[i] for i in range(len(query_names))]
+
+
+def load_image(path: str, imsize: int) -> np.ndarray:
+  """[imsize, imsize, 3] float32: bicubic resize, ImageNet-normalized."""
+  try:
+    with Image.open(path) as f:
+      image = f.convert('RGB')
+  except Exception as e:  # noqa: BLE001 - reported by path
+    raise CopydaysError(f'cannot read image {path}: {e}') from e
+  image = image.resize((imsize, imsize), Image.BICUBIC)
+  x = np.asarray(image, np.float32) / 255.0
+  mean, std = np.array(multicrop.MEAN), np.array(multicrop.STD)
+  return ((x - mean) / std).astype(np.float32)
+
+
+# ------------------------------------------------------------- features
+
+
+def gem_features(tokens: jax.Array) -> jax.Array:
+  """[B, 1 + N, D] tokens -> [B, 2 D]: CLS, then GeM(p=4) of the patches."""
+  cls = tokens[:, 0]
+  patches = jnp.maximum(tokens[:, 1:], GEM_EPS)
+  gem = jnp.mean(patches**GEM_P, axis=1) ** (1.0 / GEM_P)
+  return jnp.concatenate([cls, gem], axis=-1).astype(jnp.float32)
+
+
+def copy_features(model, params, images: jax.Array) -> jax.Array:
+  """[B, S, S, 3] -> [B, 2 D]: last block after the final norm, CLS + GeM."""
+  tokens = model.apply({'params': params}, images, method='features')
+  return gem_features(tokens.astype(jnp.float32))
+
+
+@functools.lru_cache(maxsize=8)
+def jit_copy_features(model, mesh):
+  """Jitted ``copy_features(params, images)``, batch split over ``mesh``."""
+  fn = functools.partial(copy_features, model)
+  if mesh is None:
+    return jax.jit(fn)
+  batch = parallel.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(None, batch), out_shardings=batch)
+
+
+def extract(
+  paths: list[str],
+  model,
+  params,
+  mesh,
+  *,
+  imsize: int = 320,
+  batch_size: int = 16,
+) -> np.ndarray:
+  """[len(paths), 2 D] float32 features, in the order of ``paths``.
+
+  Every process reads every image of a batch (the batch is padded to a
+  multiple of the device count); ``interrupt.check()`` between batches.
+  """
+  fn = jit_copy_features(model, mesh)
+  devices = 1 if mesh is None else mesh.devices.size
+  size = -(-batch_size // devices) * devices
+  out = []
+  for start in range(0, len(paths), size):
+    interrupt.check()
+    chunk = paths[start : start + size]
+    x = np.stack([load_image(p, imsize) for p in chunk])
+    x = np.pad(x, ((0, size - len(chunk)), (0, 0), (0, 0), (0, 0)))
+    if mesh is None:
+      feats = np.asarray(fn(params, x))
+    else:
+      sharding = parallel.batch_sharding(mesh)
+      images = jax.make_array_from_callback(
+        x.shape, sharding, lambda i, x=x: x[i]
+      )
+      feats = features.gather(mesh, fn(params, images))
+    out.append(np.asarray(feats, np.float32)[: len(chunk)])
+  if not out:
+    return np.zeros((0, 0), np.float32)
+  return np.concatenate(out)
+
+
+# ------------------------------------------------------------ whitening
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+  norm = np.linalg.norm(x, axis=-1, keepdims=True)
+  return x / np.maximum(norm, 1e-12)
+
+
+def learn_whitening(x: np.ndarray, official: bool = False):
+  """PCA whitening learned on ``x`` [n, F]: (mean [F], projection [F, F]).
+
+  Covariance: centred ``(x - m)^T (x - m) / n``; ``official``: the official
+  code's uncentred ``x^T x / n``. Eigenvalues below lambda_max * 1e-5 are
+  raised to it; rows of the projection are ``lambda^-1/2 v^T``, largest
+  eigenvalue first. Apply with ``whiten``.
+  """
+  x = np.asarray(x, np.float64)
+  mean = x.mean(axis=0)
+  centred = x if official else x - mean
+  cov = centred.T @ centred / x.shape[0]
+  eigvals, eigvecs = np.linalg.eigh(cov)
+  eigvals = np.maximum(eigvals, eigvals.max() * EIGEN_FLOOR)
+  order = np.argsort(eigvals, kind='stable')[::-1]
+  eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+  projection = eigvecs.T / np.sqrt(eigvals)[:, None]  # diag(l^-1/2) V^T
+  return mean, projection
+
+
+def whiten(x: np.ndarray, mean: np.ndarray, projection: np.ndarray):
+  """(x - mean) projected, then L2-normalized: [n, F]."""
+  y = (np.asarray(x, np.float64) - mean) @ projection.T
+  return l2_normalize(y)
+
+
+# -------------------------------------------------------------- scoring
+
+
+def average_precision(ranks, n_positives: int) -> float:
+  """Holidays AP: trapezoids of the PR curve at the positives' ranks.
+
+  Args:
+    ranks: ascending 0-based ranks of the retrieved true positives.
+    n_positives: positives in the database (0: AP 0).
+  """
+  if n_positives == 0:
+    return 0.0
+  ap = 0.0
+  for found, rank in enumerate(ranks):
+    left = 1.0 if rank == 0 else found / rank
+    right = (found + 1) / (rank + 1)
+    ap += (left + right) / (2.0 * n_positives)
+  return ap
+
+
+def top_k(queries: np.ndarray, database: np.ndarray, k: int = TOP_K):
+  """Indices [q, min(k, N)] of the most cosine-similar database rows."""
+  sim = l2_normalize(queries) @ l2_normalize(database).T
+  k = min(k, database.shape[0])
+  return np.argsort(-sim, axis=1, kind='stable')[:, :k]
+
+
+def mean_ap(retrieved: np.ndarray, positives: list[list[int]]) -> float:
+  """Mean over queries of the AP of their top-k lists."""
+  aps = []
+  for row, pos in zip(retrieved, positives, strict=True):
+    pos = set(pos)
+    ranks = [r for r, j in enumerate(row) if int(j) in pos]
+    aps.append(average_precision(ranks, len(pos)))
+  return float(np.mean(aps)) if aps else 0.0
+
+
+def evaluate(
+  blocks: dict,
+  database: np.ndarray,
+  whitening: tuple | None = None,
+  k: int = TOP_K,
+) -> dict:
+  """mAP per block.
+
+  Args:
+    blocks: {name: (query features [q, F], positives per query)}.
+    database: [N, F] features (originals first, then distractors).
+    whitening: (mean, projection) from ``learn_whitening``, or None.
+    k: list length.
+
+  Returns:
+    {name: mAP in [0, 1]}.
+  """
+  prep = (lambda x: whiten(x, *whitening)) if whitening else l2_normalize
+  db = prep(database)
+  return {
+    name: mean_ap(top_k(prep(q), db, k), pos)
+    for name, (q, pos) in blocks.items()
+  }
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def define_flags(values: flags.FlagValues) -> None:
+  common.define_flags(values)
+  kw = {'flag_values': values}
+  flags.DEFINE_string(
+    'data_root', None, 'Copydays root (original/, strong/, ...).', **kw
+  )
+  flags.DEFINE_string(
+    'distractors', None, 'Folder of distractor images (database).', **kw
+  )
+  flags.DEFINE_string(
+    'whitening', None, 'Folder of images to learn the PCA whitening on.', **kw
+  )
+  flags.DEFINE_integer('imsize', 320, 'Square resize of every image.', **kw)
+  flags.DEFINE_integer('batch_size', 16, 'Images per batch.', **kw)
+  flags.DEFINE_boolean(
+    'official',
+    False,
+    "The official code's uncentred whitening covariance X^T X / n.",
+    **kw,
+  )
+
+
+def _check_dir(flag: str, path: str | None, required: bool = False):
+  if path is None and not required:
+    return
+  if not path or not os.path.isdir(path):
+    raise CopydaysError(
+      f'--{flag}={path} is not a directory; pass an existing folder'
+    )
+
+
+def _plan(values) -> dict:
+  """Validates the flags and lists every image: nothing read or written."""
+  _check_dir('data_root', values.data_root, required=True)
+  _check_dir('distractors', values.distractors)
+  _check_dir('whitening', values.whitening)
+  if values.imsize <= 0:
+    raise CopydaysError(f'--imsize={values.imsize} must be positive')
+  if values.batch_size <= 0:
+    raise CopydaysError(f'--batch_size={values.batch_size} must be positive')
+  root = values.data_root
+  original_dir = os.path.join(root, 'original')
+  originals = (
+    list_images(original_dir, jpg_only=True)
+    if os.path.isdir(original_dir)
+    else []
+  )
+  if not originals:
+    raise CopydaysError(
+      f'--data_root={root} has no original/*.jpg; pass the Copydays root'
+    )
+  names = [os.path.basename(p) for p in originals]
+  queries = {}
+  for block in query_blocks(root):
+    paths = list_images(os.path.join(root, block), jpg_only=True)
+    pos = block_positives(block, [os.path.basename(p) for p in paths], names)
+    queries[block] = (paths, pos)
+  if not queries:
+    raise CopydaysError(
+      f'--data_root={root} has no query block (strong/, jpegqual/N/, '
+      'crops/N/ with .jpg files); pass the Copydays root'
+    )
+  plan = {'originals': originals, 'queries': queries}
+  for flag in ('distractors', 'whitening'):
+    path = getattr(values, flag)
+    plan[flag] = list_images(path) if path else []
+    if path and not plan[flag]:
+      raise CopydaysError(f'--{flag}={path} holds no images; pass a folder')
+  return plan
+
+
+def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
+  """``python -m dino_jax.eval.copy_detection``: mAP per Copydays block."""
+  if args:
+    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
+  plan = _plan(values)
+  _, mesh, model, params, step = common.load(values, overrides)
+  extract_fn = functools.partial(
+    extract,
+    model=model,
+    params=params,
+    mesh=mesh,
+    imsize=values.imsize,
+    batch_size=values.batch_size,
+  )
+  database = extract_fn(plan['originals'])
+  if plan['distractors']:
+    database = np.concatenate([database, extract_fn(plan['distractors'])])
+  blocks = {
+    name: (extract_fn(paths), pos)
+    for name, (paths, pos) in plan['queries'].items()
+  }
+  whitening = None
+  if plan['whitening']:
+    whitening = learn_whitening(
+      extract_fn(plan['whitening']), official=values.official
+    )
+  maps = evaluate(blocks, database, whitening)
+  lines = [f'Copydays copy detection (step {step}), mAP over the top {TOP_K}:']
+  lines += [f'  {name:12s} {m:.3f}' for name, m in maps.items()]
+  print('\n'.join(lines), flush=True)
+  payload = {
+    'step': step,
+    'imsize': values.imsize,
+    'official': bool(values.official),
+    'top_k': TOP_K,
+    'originals': len(plan['originals']),
+    'distractors': len(plan['distractors']),
+    'whitening_images': len(plan['whitening']),
+    'blocks': {
+      name: {'queries': len(plan['queries'][name][0]), 'mAP': m}
+      for name, m in maps.items()
+    },
+  }
+  path = common.write_record(values.workdir, 'copy_detection', payload)
+  logger.info('wrote %s', path)
+  return maps
+
+
+if __name__ == '__main__':
+  hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
+  sys.exit(workdir_lib.run_cli(define_flags, main, errors=ERRORS))
