@@ -18,7 +18,7 @@ from absl import flags
 from jax.sharding import Mesh
 from PIL import Image
 
-from dino_jax import parallel, storage
+from dino_jax import interrupt, parallel, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
@@ -81,25 +81,129 @@ def cls_attention(
   return cls_attention_batch(model, params, image[None], patch_size, mesh)[0]
 
 
-def attention_mask(attn: np.ndarray, threshold: float) -> np.ndarray:
-  """Keep the top patches holding ``threshold`` of each head's mass.
+def masks(
+  attn: np.ndarray, threshold: float, patch_size: int = 1
+) -> np.ndarray:
+  """Per head, the smallest set of patches holding ``threshold`` of the mass.
+
+  The definition, exactly: each head's map (the last two axes, flattened
+  row-major) is sorted by attention, descending; equal values keep their
+  row-major order (a stable sort: of tied patches, the earlier one is
+  kept first). The sorted values are normalised by the head's sum, and a
+  patch is kept when the mass of the patches before it is below
+  ``threshold``: the shortest prefix holding >= ``threshold``. In exact
+  arithmetic that is the official ``visualize_attention.py`` rule (ascending
+  sort, normalise, cumsum, keep ``cumsum > 1 - threshold``), whose unstable
+  sort leaves ties to chance. Sums are float64 here; the official code's
+  float32 can differ only for a patch whose cumulative mass lies within
+  float32 rounding of the threshold.
 
   Args:
-    attn: [heads, h, w] non-negative.
-    threshold: fraction of the attention mass to keep (paper: 0.6).
+    attn: [..., h, w] non-negative (e.g. [heads, h, w]).
+    threshold: fraction of each head's mass to keep, in [0, 1] (paper: 0.6);
+      0 keeps nothing, 1 every patch with attention > 0.
+    patch_size: nearest upsampling factor (the patch size p): each patch
+      becomes a p x p block.
 
   Returns:
-    bool [heads, h, w].
+    bool [..., h * patch_size, w * patch_size].
   """
-  heads = attn.shape[0]
-  flat = attn.reshape(heads, -1)
-  order = np.argsort(flat, axis=1)  # ascending
-  sorted_vals = np.take_along_axis(flat, order, axis=1)
-  cum = np.cumsum(sorted_vals / sorted_vals.sum(axis=1, keepdims=True), axis=1)
-  keep_sorted = cum > 1 - threshold
+  if not 0 <= threshold <= 1:
+    raise ValueError(f'threshold={threshold} is outside [0, 1]')
+  attn = np.asarray(attn, np.float64)
+  flat = attn.reshape(*attn.shape[:-2], -1)
+  order = np.argsort(-flat, axis=-1, kind='stable')  # descending, stable
+  desc = np.take_along_axis(flat, order, axis=-1)
+  desc = desc / np.maximum(desc.sum(axis=-1, keepdims=True), 1e-300)
+  before = np.cumsum(desc, axis=-1) - desc  # the mass ranked above
+  keep_sorted = before < threshold
+  if threshold == 1:  # every patch with mass (no rounding near 1)
+    keep_sorted = desc > 0
   keep = np.zeros_like(keep_sorted)
-  np.put_along_axis(keep, order, keep_sorted, axis=1)
-  return keep.reshape(attn.shape)
+  np.put_along_axis(keep, order, keep_sorted, axis=-1)
+  keep = keep.reshape(attn.shape)
+  if patch_size > 1:
+    keep = np.repeat(np.repeat(keep, patch_size, -2), patch_size, -1)
+  return keep
+
+
+def attention_mask(attn: np.ndarray, threshold: float) -> np.ndarray:
+  """``masks`` on the patch grid: bool [heads, h, w] for [heads, h, w]."""
+  return masks(attn, threshold)
+
+
+def jaccard(mask: np.ndarray, silhouette: np.ndarray) -> float:
+  """Intersection over union of two boolean masks of one shape.
+
+  Two empty masks agree entirely: 1.0.
+  """
+  mask, silhouette = np.asarray(mask, bool), np.asarray(silhouette, bool)
+  if mask.shape != silhouette.shape:
+    raise ValueError(f'mask {mask.shape} and silhouette {silhouette.shape}')
+  union = np.logical_or(mask, silhouette).sum()
+  if union == 0:
+    return 1.0
+  return float(np.logical_and(mask, silhouette).sum() / union)
+
+
+def best_head_jaccard(masks_: np.ndarray, silhouettes: np.ndarray) -> float:
+  """Per image the best head's Jaccard, averaged over the images.
+
+  Args:
+    masks_: bool [B, heads, H, W] (``masks`` upsampled to the pixels).
+    silhouettes: bool [B, H, W].
+
+  Returns:
+    The mean over images of the maximum over heads, in [0, 1].
+  """
+  scores = [
+    max(jaccard(m, s) for m in heads)
+    for heads, s in zip(masks_, silhouettes, strict=True)
+  ]
+  return float(np.mean(scores))
+
+
+def mask_jaccard_eval(
+  config, mesh, backbone, params, images: np.ndarray, silhouettes: np.ndarray
+) -> float:
+  """The paper's Fig. 4 score: best head's mask vs the object's silhouette.
+
+  Per image, each head's mask at ``config.eval.attention_threshold`` of the
+  last block's CLS attention (``masks``, upsampled by p) is compared with
+  the silhouette by Jaccard; the best head counts; the mean over images is
+  returned. Every process calls this with the same images (a collective,
+  see ``cls_attention_batch``).
+
+  Args:
+    config: the run's config (model.patch_size, eval.batch_size,
+      eval.attention_threshold).
+    mesh: the device mesh of ``params`` (None: local arrays).
+    backbone, params: the ViT and its params (teacher or random init).
+    images: float32 [B, H, W, 3] normalized.
+    silhouettes: bool [B, H, W] (e.g. Fashion-MNIST pixels > 0); cropped
+      with the images to multiples of p.
+
+  Returns:
+    The mean best-head Jaccard in [0, 1].
+  """
+  p = config.model.patch_size
+  h, w = images.shape[1] // p * p, images.shape[2] // p * p
+  if silhouettes.shape != images.shape[:3]:
+    raise ValueError(
+      f'silhouettes {silhouettes.shape} do not match images {images.shape}'
+    )
+  batch = max(1, config.eval.batch_size)
+  threshold = config.eval.attention_threshold
+  scores = []
+  for start in range(0, len(images), batch):
+    interrupt.check()
+    attn = cls_attention_batch(
+      backbone, params, images[start : start + batch], p, mesh
+    )
+    keep = masks(attn, threshold, p)
+    sil = silhouettes[start : start + batch, :h, :w]
+    scores.append(best_head_jaccard(keep, sil) * len(keep))
+  return float(sum(scores) / len(images))
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
@@ -115,6 +219,7 @@ def save_maps(
   patch_size: int,
   out_dir: str,
   prefix: str = 'attn',
+  binary: bool = False,
 ) -> list[str]:
   """Writes one PNG per head (map and masked image) and an overview.
 
@@ -125,6 +230,8 @@ def save_maps(
     patch_size: nearest upsampling factor p.
     out_dir: output directory.
     prefix: file name prefix.
+    binary: also the masks themselves, ``{prefix}-binmask{i}.png``: 8-bit
+      grey, 255 where kept, 0 elsewhere, upsampled by p.
 
   Returns:
     paths written; the last is ``{prefix}-overview.png``.
@@ -144,6 +251,10 @@ def save_maps(
     for name, pic in (('head', heat), ('mask', overlay)):
       path = storage.join(out_dir, f'{prefix}-{name}{i}.png')
       _save_png(pic, path)
+      paths.append(path)
+    if binary:
+      path = storage.join(out_dir, f'{prefix}-binmask{i}.png')
+      _save_png(up(m).astype(np.uint8) * 255, path)
       paths.append(path)
     tiles.append(heat)
     masked_tiles.append(overlay)
@@ -167,10 +278,19 @@ def attention_for_image(
   out_dir: str,
   prefix: str,
   mesh: Mesh | None = None,
+  binary: bool = False,
 ) -> list[str]:
   """Maps and masks for one normalized image [H, W, 3]; returns the paths."""
   return attention_maps(
-    model, params, image[None], patch_size, threshold, out_dir, [prefix], mesh
+    model,
+    params,
+    image[None],
+    patch_size,
+    threshold,
+    out_dir,
+    [prefix],
+    mesh,
+    binary,
   )
 
 
@@ -183,11 +303,13 @@ def attention_maps(
   out_dir: str,
   prefixes: list[str],
   mesh: Mesh | None = None,
+  binary: bool = False,
 ) -> list[str]:
   """Maps and masks of a batch of normalized images [B, H, W, 3].
 
   Every process takes part (the same images on each, see
-  ``cls_attention_batch``); process 0 writes the PNGs.
+  ``cls_attention_batch``); process 0 writes the PNGs (``binary``: the
+  bare masks too, see ``save_maps``).
 
   Returns:
     The paths written (process 0; the others return []).
@@ -197,8 +319,10 @@ def attention_maps(
     return []
   paths = []
   for image, a, prefix in zip(images, attn, prefixes, strict=True):
-    mask = attention_mask(a, threshold)
-    paths += save_maps(denormalize(image), a, mask, patch_size, out_dir, prefix)
+    mask = masks(a, threshold)
+    paths += save_maps(
+      denormalize(image), a, mask, patch_size, out_dir, prefix, binary
+    )
   return paths
 
 
@@ -252,6 +376,7 @@ def attention_from_workdir(
     out,
     stem,
     mesh,
+    binary=True,
   )
 
 
@@ -271,12 +396,21 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
-  """``python -m dino_jax.eval.attention``: one PNG per head, paths printed."""
+  """``python -m dino_jax.eval.attention``: PNGs per head, paths printed.
+
+  Per head: the map, the masked image and the bare mask
+  (``{stem}-binmask{i}.png``, ``masks`` at --threshold, upsampled by p).
+  """
   if args:
     raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
   for name in ('workdir', 'image'):
     if not values[name].value:
       raise workdir_lib.ConfigOverrideError(f'--{name} is required')
+  if not 0 < values.threshold <= 1:
+    raise workdir_lib.ConfigOverrideError(
+      f'--threshold={values.threshold} is outside (0, 1]; pass the fraction '
+      'of attention mass the masks keep (the paper: 0.6)'
+    )
   paths = attention_from_workdir(
     values.workdir,
     values.image,
