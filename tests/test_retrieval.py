@@ -1,0 +1,435 @@
+"""Retrieval on revisited Oxford / Paris: the metric, the features, the CLI.
+
+The official code (utils.py, vision_transformer.py) is loaded by path from
+``$DINO_OFFICIAL_REPO`` or ``../shared/official-dino`` beside the
+repository (as CI lays it out); NumPy 2 lacks ``np.in1d`` and Pillow 10+
+``Image.ANTIALIAS``: both are shimmed here, in the comparisons only.
+"""
+
+import contextlib
+import functools
+import importlib.util
+import io
+import json
+import os
+import pickle
+import sys
+import tempfile
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl.testing import absltest
+from PIL import Image
+from test_eval_cli import error_lines, run_in_process, tiny_workdir
+
+from dino_jax import interop, models
+from dino_jax import step as step_lib
+from dino_jax import workdir as workdir_lib
+from dino_jax.eval import retrieval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFICIAL_REPO = os.environ.get(
+  'DINO_OFFICIAL_REPO',
+  os.path.join(os.path.dirname(ROOT), 'shared', 'official-dino'),
+)
+HAVE_OFFICIAL = os.path.isfile(os.path.join(OFFICIAL_REPO, 'utils.py'))
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+IMSIZE = 32
+
+
+def _load(name):
+  """``name``.py of the official repo, by path (registered as ``name``)."""
+  if name in sys.modules and os.path.dirname(
+    os.path.abspath(sys.modules[name].__file__)
+  ) == os.path.abspath(OFFICIAL_REPO):
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(
+    name, os.path.join(OFFICIAL_REPO, f'{name}.py')
+  )
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # vision_transformer imports utils
+  spec.loader.exec_module(module)
+  return module
+
+
+def official():
+  utils = _load('utils')
+  return utils, _load('vision_transformer')
+
+
+def in1d_shim():
+  return mock.patch.object(np, 'in1d', np.isin, create=True)
+
+
+def official_protocol(gnd, protocol):
+  """The official script's Medium / Hard gnd (eval_image_retrieval.py)."""
+  out = []
+  for g in gnd:
+    if protocol == 'medium':
+      out.append(
+        {
+          'ok': np.concatenate([g['easy'], g['hard']]),
+          'junk': np.concatenate([g['junk']]),
+        }
+      )
+    else:
+      out.append(
+        {
+          'ok': np.concatenate([g['hard']]),
+          'junk': np.concatenate([g['junk'], g['easy']]),
+        }
+      )
+  return out
+
+
+def random_gnd(rng, n, nq, overlap=False):
+  gnd = []
+  for q in range(nq):
+    perm = rng.permutation(n)
+    a, b, c = rng.randint(0, 8, 3)
+    if q == 0:
+      a = b = 0  # no positives at all: left out of both means
+    if q == 1:
+      b = 0  # no hard positives: left out of Hard only
+    if q == 2:
+      b = max(b, 1)  # every mean has a query
+    easy, hard, junk = perm[:a], perm[a : a + b], perm[a + b : a + b + c]
+    if overlap and len(easy):
+      junk = np.concatenate([junk, easy[:1]])
+    gnd.append({'easy': easy, 'hard': hard, 'junk': junk, 'bbx': None})
+  return gnd
+
+
+class MetricTest(absltest.TestCase):
+  def test_hand_computed(self):
+    # Ranking: junk, positive, negative, positive (2 positives).
+    ranks = np.array([[9], [1], [5], [2]])
+    gnd = [{'ok': [1, 2], 'junk': [9]}]
+    mean_ap, aps, mp, prs = retrieval.compute_map(ranks, gnd, [1, 5, 10])
+    # Positions without junk: 0, 2; trapezoids (1 + 1) / 2 / 2 and
+    # (1/2 + 2/3) / 2 / 2.
+    self.assertAlmostEqual(mean_ap, 0.5 + (0.5 + 2 / 3) / 4, places=15)
+    # 1-based positions 1, 3: k=1 -> 1/1; k=5, 10 -> kq = 3 -> 2/3.
+    np.testing.assert_allclose(mp, [1.0, 2 / 3, 2 / 3], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(prs, [[1.0, 2 / 3, 2 / 3]], atol=1e-15)
+    self.assertEqual(aps.shape, (1,))
+    # A query without positives is NaN and left out of the mean.
+    mean_ap, aps, mp, _ = retrieval.compute_map(
+      np.array([[1, 1], [2, 2]]), [{'ok': [], 'junk': []}, {'ok': [2]}], [1]
+    )
+    self.assertTrue(np.isnan(aps[0]))
+    # One positive at position 1: precision 0 before it, 1/2 at it.
+    self.assertAlmostEqual(mean_ap, (0 + 1 / 2) / 2, places=15)
+    np.testing.assert_allclose(mp, [0.0])  # kq = min(2, 1) = 1: no hit
+
+  def test_protocols(self):
+    gnd = [{'easy': [1, 2], 'hard': [3], 'junk': [4]}]
+    (medium,) = retrieval.protocol_gnd(gnd, 'medium')
+    (hard,) = retrieval.protocol_gnd(gnd, 'hard')
+    self.assertEqual(sorted(medium['ok']), [1, 2, 3])
+    self.assertEqual(sorted(medium['junk']), [4])
+    self.assertEqual(sorted(hard['ok']), [3])
+    self.assertEqual(sorted(hard['junk']), [1, 2, 4])
+
+  @absltest.skipUnless(HAVE_OFFICIAL, f'no official code at {OFFICIAL_REPO}')
+  def test_equals_official_compute_map(self):
+    utils, _ = official()
+    ks = [1, 5, 10]
+    rng = np.random.RandomState(0)
+    for trial in range(30):
+      n, nq = rng.randint(12, 60), rng.randint(3, 7)
+      ranks = np.stack([rng.permutation(n) for _ in range(nq)], axis=1)
+      gnd = random_gnd(rng, n, nq, overlap=trial % 3 == 2)
+      for protocol in ('medium', 'hard'):
+        with in1d_shim():
+          want = utils.compute_map(ranks, official_protocol(gnd, protocol), ks)
+        got = retrieval.compute_map(
+          ranks, retrieval.protocol_gnd(gnd, protocol), ks
+        )
+        for w, g in zip(want, got, strict=True):
+          np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
+      # evaluate(): the same numbers, in percent.
+      results = retrieval.evaluate(ranks, gnd)
+      with in1d_shim():
+        want_h = utils.compute_map(ranks, official_protocol(gnd, 'hard'), ks)
+      self.assertAlmostEqual(results['hard']['map'], 100 * want_h[0], 10)
+      self.assertAlmostEqual(results['hard']['mp@5'], 100 * want_h[2][1], 10)
+      self.assertIsNone(results['medium']['aps'][0])
+
+
+class ResizeTest(absltest.TestCase):
+  def test_matches_torch_interpolate_scale_factor(self):
+    x = np.random.RandomState(0).randn(1, 37, 29, 3).astype(np.float32)
+    for s in retrieval.SCALES[1:]:
+      want = torch.nn.functional.interpolate(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)),
+        scale_factor=s,
+        mode='bilinear',
+        align_corners=False,
+      ).numpy()
+      got = np.asarray(retrieval.resize_bilinear(jnp.asarray(x), s))
+      self.assertEqual(got.shape, want.transpose(0, 2, 3, 1).shape)
+      np.testing.assert_allclose(
+        got, want.transpose(0, 2, 3, 1), rtol=0, atol=1e-5
+      )
+    # jax.image.resize maps by size ratio (37 / 26), not by 1 / s: it differs
+    # wherever H * s is not whole.
+    other = jax.image.resize(
+      jnp.asarray(x), (1, 26, 20, 3), 'linear', antialias=False
+    )
+    self.assertGreater(
+      np.abs(np.asarray(other) - retrieval.resize_bilinear(x, SQRT_HALF)).max(),
+      1e-3,
+    )
+
+
+SQRT_HALF = retrieval.SCALES[1]
+
+
+def make_fixture(root, dataset='roxford5k'):
+  """8 database images and 2 queries (database images 0 and 5, with boxes).
+
+  Distinct colours and textures, so a random-init ViT ranks them apart.
+  Sizes: larger than IMSIZE (thumbnailed) and one smaller (kept as is).
+  """
+  folder = os.path.join(root, dataset, 'jpg')
+  os.makedirs(folder)
+  rng = np.random.RandomState(0)
+  sizes = [(48, 40), (40, 56)] * 3 + [(48, 40), (24, 20)]  # (w, h)
+  names = []
+  for i, (w, h) in enumerate(sizes):
+    base = rng.randint(0, 256, 3)
+    yy, xx = np.mgrid[:h, :w]
+    stripes = (np.sin(xx * (i + 1) / 3.0 + yy * i / 5.0)[..., None] + 1) * 60
+    noise = rng.randint(0, 40, (h, w, 3))
+    image = np.clip(base * 0.6 + stripes + noise, 0, 255).astype(np.uint8)
+    names.append(f'db_{i}')
+    Image.fromarray(image).save(os.path.join(folder, f'db_{i}.jpg'), quality=95)
+  qnames = ['query_0', 'query_1']
+  for q, src in zip(qnames, (0, 5), strict=True):
+    Image.open(os.path.join(folder, f'db_{src}.jpg')).save(
+      os.path.join(folder, f'{q}.jpg'), quality=95
+    )
+  gnd = [
+    {
+      'bbx': [4.0, 3.0, 44.0, 35.0],
+      'easy': np.array([0, 1]),
+      'hard': np.array([2]),
+      'junk': np.array([3]),
+    },
+    {
+      'bbx': [2.0, 6.0, 22.0, 19.0],
+      'easy': np.array([5]),
+      'hard': np.array([4, 6]),
+      'junk': np.array([7]),
+    },
+  ]
+  with open(os.path.join(root, dataset, f'gnd_{dataset}.pkl'), 'wb') as f:
+    pickle.dump({'imlist': names, 'qimlist': qnames, 'gnd': gnd}, f)
+  return os.path.join(root, dataset)
+
+
+def by_hand(path, bbx=None, resample=Image.Resampling.LANCZOS):
+  """The official loading written out: [1, 3, H, W] float32 (torch order)."""
+  with open(path, 'rb') as f:
+    image = Image.open(f).convert('RGB')
+  if bbx is not None:
+    image = image.crop(tuple(bbx))
+  image.thumbnail((IMSIZE, IMSIZE), resample)
+  x = (np.asarray(image, np.float64) / 255.0 - MEAN) / STD
+  return x.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+class CliTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    cls.tmp = tempfile.mkdtemp(prefix='retrieval_')
+    cls.data = os.path.join(cls.tmp, 'data')
+    make_fixture(cls.data)
+    cls.workdir = os.path.join(cls.tmp, 'w')
+    tiny_workdir(cls.workdir)
+
+  def run_tool(self, *argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+      status, stderr = run_in_process(retrieval, list(argv))
+    return status, stdout.getvalue(), stderr
+
+  def test_end_to_end_equals_metric_from_features(self):
+    status, out, err = self.run_tool(
+      f'--workdir={self.workdir}',
+      f'--data_root={self.data}',
+      '--dataset=roxford5k',
+      f'--imsize={IMSIZE}',
+    )
+    self.assertEqual(status, 0, err)
+    with open(os.path.join(self.workdir, 'eval/retrieval_roxford5k.json')) as f:
+      record = json.load(f)
+    self.assertEqual(record['step'], 0)
+    self.assertEqual(
+      (record['imsize'], record['multiscale'], record['queries_cropped']),
+      (IMSIZE, False, True),
+    )
+    # Features recomputed here: loading by hand, the teacher's CLS.
+    config, _, state, _ = workdir_lib.load_workdir(self.workdir, [])
+    _, teacher = step_lib.build_models(config)
+    backbone, params = teacher.backbone, state.teacher['backbone']
+    folder = os.path.join(self.data, 'roxford5k')
+    with open(os.path.join(folder, 'gnd_roxford5k.pkl'), 'rb') as f:
+      cfg = pickle.load(f)
+
+    def feats(names, boxes):
+      rows = []
+      for name, bbx in zip(names, boxes, strict=True):
+        x = by_hand(os.path.join(folder, 'jpg', f'{name}.jpg'), bbx)
+        cls = backbone.apply({'params': params}, x.transpose(0, 2, 3, 1))
+        rows.append(np.asarray(cls, np.float64)[0])
+      rows = np.stack(rows)
+      return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    db = feats(cfg['imlist'], [None] * 8)
+    q = feats(cfg['qimlist'], [g['bbx'] for g in cfg['gnd']])
+    ranks = np.argsort(-(db @ q.T), axis=0)
+    for protocol in ('medium', 'hard'):
+      want, _, want_mp, _ = retrieval.compute_map(
+        ranks, retrieval.protocol_gnd(cfg['gnd'], protocol), (1, 5, 10)
+      )
+      self.assertAlmostEqual(record[protocol]['map'], 100 * want, 9)
+      for k, p in zip((1, 5, 10), want_mp, strict=True):
+        self.assertAlmostEqual(record[protocol][f'mp@{k}'], 100 * p, 9)
+    m, h = record['medium']['map'], record['hard']['map']
+    self.assertIn(f'roxford5k (step 0): mAP M: {m:.2f}, H: {h:.2f}', out)
+    self.assertIn('mP@k[1, 5, 10] M: ', out)
+
+  def test_bad_input_is_one_error_line_and_writes_nothing(self):
+    empty = os.path.join(self.tmp, 'empty')
+    os.makedirs(os.path.join(empty, 'rparis6k'))
+    cases = [
+      ([f'--data_root={self.tmp}/nowhere'], 'is not a directory'),
+      ([], '--data_root is required'),
+      ([f'--data_root={empty}', '--dataset=roxford5k'], 'no roxford5k/'),
+      ([f'--data_root={empty}', '--dataset=rparis6k'], 'gnd_rparis6k.pkl'),
+      ([f'--data_root={self.data}', '--imsize=0'], '--imsize=0'),
+      ([f'--data_root={self.data}', '--dataset=paris'], 'paris'),
+    ]
+    fresh = os.path.join(self.tmp, 'fresh')
+    for argv, message in cases:
+      status, _, err = self.run_tool(f'--workdir={fresh}', *argv)
+      self.assertEqual(status, 1, argv)
+      (line,) = error_lines(err)
+      self.assertIn(message, line)
+      self.assertFalse(os.path.exists(fresh), argv)
+
+
+@absltest.skipUnless(HAVE_OFFICIAL, f'no official code at {OFFICIAL_REPO}')
+class ParityTest(absltest.TestCase):
+  """The same random-init ViT in dino_jax and in the official code."""
+
+  @classmethod
+  def setUpClass(cls):
+    cls.tmp = tempfile.mkdtemp(prefix='retrieval_parity_')
+    cls.folder = make_fixture(cls.tmp)
+    cls.model = models.VisionTransformer(
+      patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32
+    )
+    variables = cls.model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    cls.params = variables['params']
+    utils, vits = official()
+    cls.utils = utils
+    torch_vit = vits.VisionTransformer(
+      img_size=[32],
+      patch_size=8,
+      embed_dim=32,
+      depth=2,
+      num_heads=2,
+      qkv_bias=True,  # as the official vit_* builders
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+    )
+    state = interop.to_pytorch(variables, cls.model)
+    torch_vit.load_state_dict(
+      {k: torch.tensor(v) for k, v in state.items()}, strict=True
+    )
+    cls.torch_vit = torch_vit.eval()
+    with open(os.path.join(cls.folder, 'gnd_roxford5k.pkl'), 'rb') as f:
+      cls.cfg = pickle.load(f)
+
+  def official_features(self, names, multiscale):
+    """eval_image_retrieval.py's path: thumbnail(ANTIALIAS), ToTensor,
+    Normalize, batch 1, model (or utils.multi_scale), F.normalize."""
+    rows = []
+    with mock.patch.object(Image, 'ANTIALIAS', Image.LANCZOS, create=True):
+      for name in names:
+        path = os.path.join(self.folder, 'jpg', f'{name}.jpg')
+        x = torch.from_numpy(by_hand(path, resample=Image.ANTIALIAS))
+        with torch.no_grad():
+          if multiscale:
+            rows.append(self.utils.multi_scale(x, self.torch_vit))
+          else:
+            rows.append(self.torch_vit(x).clone())
+    return torch.nn.functional.normalize(torch.cat(rows), dim=1, p=2)
+
+  def check(self, multiscale):
+    cfg = self.cfg
+    db_t = self.official_features(cfg['imlist'], multiscale)
+    q_t = self.official_features(cfg['qimlist'], multiscale)
+    ranks_t = torch.argsort(-torch.mm(db_t, q_t.T), dim=0).numpy()
+    paths = cfg['imlist'], cfg['qimlist']
+    db, q = (
+      retrieval.extract(
+        self.model,
+        self.params,
+        [os.path.join(self.folder, 'jpg', f'{n}.jpg') for n in names],
+        IMSIZE,
+        multiscale=multiscale,
+      )
+      for names in paths
+    )
+    np.testing.assert_allclose(db, db_t.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(q, q_t.numpy(), rtol=0, atol=1e-4)
+    ranks = retrieval.rank(db, q)
+    np.testing.assert_array_equal(ranks, ranks_t)
+    results = retrieval.evaluate(ranks, cfg['gnd'])
+    for protocol in ('medium', 'hard'):
+      with in1d_shim():
+        want = self.utils.compute_map(
+          ranks_t, official_protocol(cfg['gnd'], protocol), [1, 5, 10]
+        )
+      self.assertAlmostEqual(results[protocol]['map'], 100 * want[0], 10)
+      for k, p in zip((1, 5, 10), want[2], strict=True):
+        self.assertAlmostEqual(results[protocol][f'mp@{k}'], 100 * p, 10)
+    return results
+
+  def test_single_scale(self):
+    self.check(multiscale=False)
+
+  def test_multiscale(self):
+    self.check(multiscale=True)
+
+  def test_official_flag_leaves_queries_uncropped(self):
+    cfg = {
+      **self.cfg,
+      'db_paths': [
+        os.path.join(self.folder, 'jpg', f'{n}.jpg') for n in self.cfg['imlist']
+      ],
+      'query_paths': [
+        os.path.join(self.folder, 'jpg', f'{n}.jpg')
+        for n in self.cfg['qimlist']
+      ],
+    }
+    _, _, q_official = retrieval.retrieval_eval(
+      self.model, self.params, cfg, IMSIZE, crop_queries=False
+    )
+    _, _, q_cropped = retrieval.retrieval_eval(
+      self.model, self.params, cfg, IMSIZE, crop_queries=True
+    )
+    q_t = self.official_features(self.cfg['qimlist'], False).numpy()
+    np.testing.assert_allclose(q_official, q_t, rtol=0, atol=1e-4)
+    self.assertGreater(np.abs(q_cropped - q_t).max(), 1e-3)
+
+
+if __name__ == '__main__':
+  absltest.main()
