@@ -69,24 +69,30 @@ def propagate(
       here).
     context_segs: [K, N, C] their labels (one-hot or soft).
     mask: [N, N] (target x source) 0/1 neighbourhood, or None (all).
-    topk: sources kept per target patch, over all K * N.
+    topk: sources kept per target patch, over all K * N. Ties with the
+      k-th affinity: the official code keeps them all, this exactly k (the
+      same for distinct affinities).
 
   Returns:
     [N, C] float32 soft labels.
   """
   target = l2_normalize(target.astype(jnp.float32))
   context_feats = l2_normalize(context_feats.astype(jnp.float32))
-  k, n, _ = context_feats.shape
-  cos = jnp.einsum('td,ksd->tks', target, context_feats, precision=_HIGHEST)
-  aff = jnp.exp(cos / 0.1)
+  k, n, d = context_feats.shape
+  # One GEMM: [N target, K * N sources], sources context-major.
+  cos = jnp.matmul(
+    target, context_feats.reshape(k * n, d).T, precision=_HIGHEST
+  )
   if mask is not None:
-    aff = aff * mask[:, None, :]
-  aff = aff.reshape(n, k * n)
-  kth = jax.lax.top_k(aff, topk)[0][:, -1:]
-  aff = jnp.where(aff < kth, 0.0, aff)
-  aff = aff / jnp.sum(aff, axis=-1, keepdims=True)
+    cos = jnp.where(jnp.tile(mask, (1, k)) > 0, cos, -jnp.inf)
+  # exp(cos / 0.1) is increasing: the top k of the cosines are those of the
+  # affinities, and only those k need the exp. Masked sources (official:
+  # affinity 0) get weight 0 where fewer than k are in the window.
+  best, index = jax.lax.top_k(cos, topk)
+  weights = jnp.where(best > -jnp.inf, jnp.exp(best / 0.1), 0.0)
+  weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   segs = context_segs.astype(jnp.float32).reshape(k * n, -1)
-  return jnp.matmul(aff, segs, precision=_HIGHEST)
+  return jnp.einsum('tj,tjc->tc', weights, segs[index], precision=_HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=('patch',))
