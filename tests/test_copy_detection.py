@@ -279,21 +279,46 @@ def _reference_map(queries, database, positives):
   return float(np.mean(aps)), top
 
 
+_SHARED = {}
+
+
+def _shared_fixture() -> dict:
+  """Built once per module (the workdir takes seconds), removed at the end."""
+  if not _SHARED:
+    tmp = tempfile.TemporaryDirectory()
+    root = tmp.name
+    workdir = os.path.join(root, 'work')
+    tiny_workdir(workdir)
+    config, _, state, _ = workdir_lib.load_workdir(workdir, [])
+    _, teacher = step_lib.build_models(config)
+    _SHARED.update(
+      cleanup=tmp,
+      tmp=root,
+      data=make_copydays(os.path.join(root, 'copydays')),
+      distractors=make_folder(os.path.join(root, 'distract'), 3, 10),
+      whitening=make_folder(os.path.join(root, 'whit'), 4, 20),
+      workdir=workdir,
+      config=config,
+      model=teacher.backbone,
+      params=state.teacher['backbone'],
+    )
+  return _SHARED
+
+
+def tearDownModule():
+  if _SHARED:
+    _SHARED.pop('cleanup').cleanup()
+    _SHARED.clear()
+
+
 class _Fixture:
   """A tiny Copydays tree, distractors, a whitening set, a tiny workdir."""
 
   @classmethod
   def setUpClass(cls):
-    cls.tmp = tempfile.mkdtemp()
-    cls.data = make_copydays(os.path.join(cls.tmp, 'copydays'))
-    cls.distractors = make_folder(os.path.join(cls.tmp, 'distract'), 3, 10)
-    cls.whitening = make_folder(os.path.join(cls.tmp, 'whit'), 4, 20)
-    cls.workdir = os.path.join(cls.tmp, 'work')
-    tiny_workdir(cls.workdir)
-    config, _, state, _ = workdir_lib.load_workdir(cls.workdir, [])
-    _, teacher = step_lib.build_models(config)
-    cls.config = config
-    cls.model, cls.params = teacher.backbone, state.teacher['backbone']
+    for key, value in _shared_fixture().items():
+      if key != 'cleanup':
+        setattr(cls, key, value)
 
   def run_cli(self, *argv):
     stdout = io.StringIO()
@@ -362,13 +387,19 @@ class CliTest(_Fixture, absltest.TestCase):
 
   def test_whitening_equals_recomputation(self):
     for official in (False, True):
-      status, stderr, _ = self.run_cli(
-        f'--data_root={self.data}',
-        f'--whitening={self.whitening}',
-        '--imsize=32',
-        '--official' if official else '--noofficial',
-      )
+      # the mAP hardly depends on the covariance here: check it is asked for
+      spy = mock.patch.object(cd, 'learn_whitening', wraps=cd.learn_whitening)
+      with spy as learn:
+        status, stderr, _ = self.run_cli(
+          f'--data_root={self.data}',
+          f'--whitening={self.whitening}',
+          '--imsize=32',
+          '--official' if official else '--noofficial',
+        )
       self.assertEqual(status, 0, stderr)
+      learn.assert_called_once()
+      self.assertEqual(learn.call_args.kwargs, {'official': official})
+      self.assertEqual(learn.call_args.args[0].shape, (4, 64))
       record = self.record()
       self.assertEqual(record['official'], official)
       originals, blocks = self.blocks()
@@ -498,8 +529,20 @@ class ParityTest(_Fixture, absltest.TestCase):
       list(blocks), [len(q) for q in queries], retrieved, self.data
     )
     self.assertLen(official, 3)
-    for b, m in official.items():
+    start = 0
+    for (b, m), (_, pos) in zip(official.items(), blocks.values(), strict=True):
+      # the official prints 3 decimals; its AP function, unrounded:
+      rows = retrieved[start : start + len(pos)]
+      start += len(pos)
+      aps = [
+        OFFICIAL.copy.score_ap_from_ranks_1(
+          [r for r, j in enumerate(row) if j in p], len(p)
+        )
+        for row, p in zip(rows, pos, strict=True)
+      ]
       self.assertAlmostEqual(record['blocks'][b]['mAP'], m, delta=5e-4)
+      self.assertAlmostEqual(m, np.mean(aps), delta=5e-4)
+      self.assertAlmostEqual(record['blocks'][b]['mAP'], np.mean(aps), 12)
 
 
 if __name__ == '__main__':
