@@ -5,24 +5,34 @@ The official code is loaded from ``$DINO_OFFICIAL_REPO`` or
 ``../shared/official-dino`` beside the repository (as CI lays it out).
 """
 
+import contextlib
 import functools
 import importlib
+import io
+import json
 import os
 import sys
 import tempfile
 
+import jax
 import numpy as np
+import tiny_config
 import torch
 from absl.testing import absltest
 from PIL import Image
 from test_eval_cli import run_in_process, tiny_workdir
 
-from dino_jax import interop
+from dino_jax import interop, models
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
+from dino_jax.data import sources
 from dino_jax.eval import attention
+from dino_jax.eval import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import mask_jaccard  # noqa: E402
+
 OFFICIAL_REPO = os.environ.get(
   'DINO_OFFICIAL_REPO',
   os.path.join(os.path.dirname(ROOT), 'shared', 'official-dino'),
@@ -44,12 +54,30 @@ th_attn = th_attn.reshape(nh, w_featmap, h_featmap).float()
 """
 
 
+_TINY = {}
+
+
+def tiny():
+  """(root, workdir, config): one tiny workdir for the module's CLI tests."""
+  if not _TINY:
+    tmp = tempfile.TemporaryDirectory()
+    workdir = os.path.join(tmp.name, 'work')
+    _TINY.update(tmp=tmp, workdir=workdir, config=tiny_workdir(workdir))
+  return _TINY['tmp'].name, _TINY['workdir'], _TINY['config']
+
+
+def tearDownModule():
+  if _TINY:
+    _TINY.pop('tmp').cleanup()
+    _TINY.clear()
+
+
 def official_masks(attn: np.ndarray, threshold: float) -> np.ndarray:
   """[heads, h, w] -> bool [heads, h, w] by the official lines."""
   nh, w_featmap, h_featmap = attn.shape
   scope = {
     'torch': torch,
-    'attentions': torch.from_numpy(np.asarray(attn)).reshape(nh, -1),
+    'attentions': torch.from_numpy(np.array(attn)).reshape(nh, -1),
     'args': type('Args', (), {'threshold': threshold}),
     'nh': nh,
     'w_featmap': w_featmap,
@@ -188,22 +216,42 @@ class JaccardTest(absltest.TestCase):
     self.assertAlmostEqual(attention.best_head_jaccard(m, sil), 0.75)
 
 
+class MaskJaccardEvalTest(absltest.TestCase):
+  def test_batched_and_cropped_equals_the_per_image_loop(self):
+    model = models.VisionTransformer(
+      patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32
+    )
+    params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)))['params']
+    rs = np.random.RandomState(3)
+    images = rs.randn(3, 36, 36, 3).astype(np.float32)  # cropped to 32
+    sil = rs.rand(3, 36, 36) > 0.5
+    config = tiny_config.get_config()
+    config.eval.batch_size = 2  # batches of 2 and 1
+    config.eval.attention_threshold = 0.6
+    got = attention.mask_jaccard_eval(config, None, model, params, images, sil)
+    want = []
+    for image, s in zip(images, sil, strict=True):
+      attn = attention.cls_attention(model, params, image, 8)  # [2, 4, 4]
+      best = 0.0
+      for head in attn:
+        m = upsample(official_masks(head[None], 0.6), 8)[0]
+        s32 = s[:32, :32]
+        best = max(best, (m & s32).sum() / (m | s32).sum())
+      want.append(best)
+    self.assertAlmostEqual(got, np.mean(want), places=12)
+    self.assertGreater(got, 0.0)
+    with self.assertRaisesRegex(ValueError, 'do not match'):
+      attention.mask_jaccard_eval(config, None, model, params, images, sil[:2])
+
+
 class CliTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.tmp = tempfile.TemporaryDirectory()
-    cls.root = cls.tmp.name
-    cls.workdir = os.path.join(cls.root, 'work')
-    cls.config = tiny_workdir(cls.workdir)
+    cls.root, cls.workdir, cls.config = tiny()
     cls.image = os.path.join(cls.root, 'pic.png')
     pixels = np.random.RandomState(5).randint(0, 256, (40, 40, 3), np.uint8)
     Image.fromarray(pixels).save(cls.image)
-
-  @classmethod
-  def tearDownClass(cls):
-    cls.tmp.cleanup()
-    super().tearDownClass()
 
   def test_mask_files_equal_masks_and_the_official_pipeline(self):
     out = os.path.join(self.root, 'out')
@@ -267,6 +315,92 @@ class CliTest(absltest.TestCase):
     self.assertIn('--threshold=1.5', lines[0])
     self.assertNotIn('Traceback', stderr)
     self.assertFalse(os.path.exists(out))
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+  """A uint8 IDX file (the Fashion-MNIST format)."""
+  header = bytes([0, 0, 8, array.ndim])
+  dims = b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+  with open(path, 'wb') as f:
+    f.write(header + dims + array.astype(np.uint8).tobytes())
+
+
+class MaskJaccardScriptTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root, cls.workdir, cls.config = tiny()
+    cls.data = os.path.join(cls.root, 'fmnist')
+    os.mkdir(cls.data)
+    rs = np.random.RandomState(4)
+    images = np.zeros((6, 28, 28), np.uint8)
+    for i, image in enumerate(images):  # a bright box on black
+      top, left = rs.randint(0, 12, 2)
+      image[top : top + 10 + i, left : left + 12] = rs.randint(1, 256)
+    write_idx(os.path.join(cls.data, 't10k-images-idx3-ubyte'), images)
+    write_idx(os.path.join(cls.data, 't10k-labels-idx1-ubyte'), np.arange(6))
+    cls.images = images
+
+  def setUp(self):
+    super().setUp()
+    self.record = os.path.join(self.workdir, 'eval', 'mask_jaccard.json')
+    if os.path.exists(self.record):
+      os.remove(self.record)
+
+  def run_script(self, *argv):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+      status = workdir_lib.run_cli(
+        mask_jaccard.define_flags,
+        mask_jaccard.main,
+        ['prog', f'--workdir={self.workdir}', *argv],
+        errors=(sources.DataError,),
+      )
+    return status, stdout.getvalue(), stderr.getvalue()
+
+  def test_prints_and_records_both_scores(self):
+    status, out, err = self.run_script(f'--data_path={self.data}', '--n=4')
+    self.assertEqual(status, 0, err)
+    config, mesh, state, step = workdir_lib.load_workdir(self.workdir, [])
+    _, teacher = step_lib.build_models(config)
+    images, sil = mask_jaccard.load_images(self.data, 4)
+    np.testing.assert_array_equal(sil, self.images[:4] > 0)
+    self.assertEqual(images.shape, (4, 28, 28, 3))
+    want = {
+      name: attention.mask_jaccard_eval(
+        config, mesh, teacher.backbone, p, images, sil
+      )
+      for name, p in (
+        ('dino', state.teacher['backbone']),
+        ('random_init', run_lib._random_init(config, mesh, teacher.backbone)),
+      )
+    }
+    self.assertNotEqual(want['dino'], want['random_init'])
+    for name, score in want.items():
+      self.assertIn(f'{name}: best-head Jaccard {100 * score:.1f} ', out)
+    with open(self.record) as f:
+      record = json.load(f)
+    self.assertEqual(
+      record,
+      {'step': step, 'images': 4, 'threshold': 0.6, **want},
+    )
+
+  def test_bad_input_is_one_error_and_writes_nothing(self):
+    cases = [
+      (['--n=0'], '--n=0'),
+      ([f'--data_path={self.root}/none'], f'{self.root}/none'),
+      (
+        [f'--data_path={self.data}', '--config.eval.attention_threshold=2.0'],
+        'eval.attention_threshold=2.0',
+      ),
+    ]
+    for argv, value in cases:
+      status, _, err = self.run_script(*argv)
+      self.assertEqual(status, 1, err)
+      lines = [x for x in err.splitlines() if x.startswith('error:')]
+      self.assertLen(lines, 1, err)
+      self.assertIn(value, lines[0])
+      self.assertFalse(os.path.exists(self.record))
 
 
 def jax_to_numpy(tree):

@@ -188,6 +188,8 @@ def mask_jaccard_eval(
   """
   p = config.model.patch_size
   h, w = images.shape[1] // p * p, images.shape[2] // p * p
+  if not len(images):
+    raise ValueError('no images to score')
   if silhouettes.shape != images.shape[:3]:
     raise ValueError(
       f'silhouettes {silhouettes.shape} do not match images {images.shape}'
