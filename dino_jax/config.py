@@ -129,6 +129,18 @@ def default_config() -> ml_collections.ConfigDict:
   # frozen backbone; False: features of centre crops extracted once (fast).
   c.linear.augment = True
   c.linear.max_train_images = -1
+  # True (default, as DINOv2 evaluates): one head per learning rate of
+  # sweep_lrs (each per 256 images, times batch_size / 256) trained at once
+  # on the same features; the head with the best top-1 on a held-out
+  # val_fraction of the training images (a fixed split, seeded by
+  # split_seed) after the last epoch is scored once on the test split.
+  # False: the official protocol, one head at lr, the best epoch's top-1
+  # on the test split (which then also chooses the epoch).
+  c.linear.sweep = True
+  # 10 values log-spaced from 1e-4 to 0.1.
+  c.linear.sweep_lrs = tuple(10 ** (-4 + i / 3) for i in range(10))
+  c.linear.val_fraction = 0.1  # of the training images, held out (sweep)
+  c.linear.split_seed = 0  # the held-out split's permutation (sweep)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis (-1: the rest)

@@ -12,6 +12,7 @@ after every epoch; the result is the best validation top-1.
 """
 
 import functools
+import io
 import logging
 import sys
 
@@ -21,12 +22,12 @@ import numpy as np
 import optax
 from absl import flags
 
-from dino_jax import hostmem, interrupt, parallel
+from dino_jax import hostmem, interop, interrupt, parallel
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop, pipeline, sources
 from dino_jax.data.sources import DataError
-from dino_jax.eval import features, knn
+from dino_jax.eval import common, features
 
 logger = logging.getLogger(__name__)
 
@@ -74,31 +75,84 @@ def _train_crops(key, batch, size):
   return jax.vmap(one)(keys, batch['image'], batch['size'])
 
 
-def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
-  """Trains the probe; returns per-epoch validation and the best top-1.
+def holdout_split(n: int, fraction: float, seed: int):
+  """(train, val) sorted row indices of ``range(n)``: a fixed seeded split.
 
-  A signal stops it between batches (``interrupt.check``); its data workers
-  are stopped either way.
+  ``round(n * fraction)`` rows (at least 1, at most n - 1) are held out.
   """
-  readers = []
-  try:
-    return _train_linear_probe(config, mesh, model, params, seed, readers)
-  finally:
-    for reader in readers:
-      reader.close()
+  if not 0 < fraction < 1:
+    raise workdir_lib.ConfigOverrideError(
+      f'linear.val_fraction={fraction} must lie strictly between 0 and 1; '
+      'pass e.g. --config.linear.val_fraction=0.1'
+    )
+  if n < 2:
+    raise DataError(
+      f'{n} training images cannot be split into train and val; '
+      'use at least 2 (or --config.linear.sweep=false)'
+    )
+  n_val = min(max(int(round(n * fraction)), 1), n - 1)
+  order = np.random.RandomState(seed).permutation(n)
+  return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _train_linear_probe(config, mesh, model, params, seed, readers) -> dict:
-  lc, e = config.linear, config.eval
-  train_source = sources.make_source(config.data, e.train_split)
-  classes = getattr(train_source, 'classes', ()) or ()
-  jitted = features.jit_feature_fn(
-    model,
-    mesh,
-    'probe',
-    n_last_blocks=lc.n_last_blocks,
-    avgpool=lc.avgpool,
+def sweep_scales(lc) -> np.ndarray:
+  """The sweep's base learning rates, each times batch_size / 256."""
+  lrs = np.asarray(lc.sweep_lrs, np.float64)
+  if lrs.ndim != 1 or not len(lrs) or np.any(lrs <= 0):
+    raise workdir_lib.ConfigOverrideError(
+      f'linear.sweep_lrs={tuple(lc.sweep_lrs)} must be positive values; '
+      'pass e.g. --config.linear.sweep_lrs="(0.001, 0.01)"'
+    )
+  return lrs * lc.batch_size / 256
+
+
+def _sgd(lrs: np.ndarray, steps_per_epoch: int):
+  """SGD momentum 0.9, the lr of each epoch held for its steps."""
+  lr_table = jnp.asarray(np.repeat(lrs, steps_per_epoch), jnp.float32)
+  return optax.sgd(
+    lambda count: lr_table[jnp.minimum(count, len(lr_table) - 1)],
+    momentum=0.9,
   )
+
+
+def _update(tx, linear, opt_state, feats, labels):
+  """One SGD step of one head: (linear, opt_state, loss)."""
+  loss, grads = jax.value_and_grad(_loss)(linear, feats, labels)
+  updates, opt_state = tx.update(grads, opt_state, linear)
+  return optax.apply_updates(linear, updates), opt_state, loss
+
+
+def _sweep_update(tx, scales, linear, opt_state, feats, labels):
+  """One step of every head: head h's updates scaled by ``scales[h]``.
+
+  ``tx`` runs at a unit base lr: SGD's update is -lr * momentum trace, so
+  scaling it by a head's lr is that head's own SGD step.
+  """
+
+  def one(scale, linear, opt_state):
+    loss, grads = jax.value_and_grad(_loss)(linear, feats, labels)
+    updates, opt_state = tx.update(grads, opt_state, linear)
+    updates = jax.tree.map(lambda u: scale * u, updates)
+    return optax.apply_updates(linear, updates), opt_state, loss
+
+  return jax.vmap(one)(scales, linear, opt_state)
+
+
+def sweep_heads(linear, count: int):
+  """``count`` copies of one head, stacked on a leading axis."""
+  return jax.tree.map(lambda x: jnp.stack([x] * count), linear)
+
+
+def _extractor(config, mesh, model, params):
+  """(jitted probe features, ``extract(source, max_images)``)."""
+  lc, e = config.linear, config.eval
+  kind = 'pixels' if model is None else 'probe'
+  options = (
+    {}
+    if model is None
+    else {'n_last_blocks': lc.n_last_blocks, 'avgpool': lc.avgpool}
+  )
+  jitted = features.jit_feature_fn(model, mesh, kind, **options)
   extract = functools.partial(
     features.extract,
     functools.partial(jitted, params),
@@ -108,40 +162,43 @@ def _train_linear_probe(config, mesh, model, params, seed, readers) -> dict:
     crop_size=e.crop_size,
     num_workers=config.data.num_workers,
   )
-  val_x, val_y = extract(
-    sources.make_source(config.data, e.test_split), max_images=e.max_test_images
-  )
-  num_classes = len(classes) or int(val_y.max()) + 1
-  n_train = (
-    len(train_source)
-    if lc.max_train_images < 0
-    else min(lc.max_train_images, len(train_source))
-  )
-  steps_per_epoch = max(n_train // lc.batch_size, 1)
-  lrs = epoch_lrs(lc.lr * lc.batch_size / 256, lc.epochs)
-  lr_table = jnp.asarray(np.repeat(lrs, steps_per_epoch), jnp.float32)
-  tx = optax.sgd(
-    lambda count: lr_table[jnp.minimum(count, len(lr_table) - 1)],
-    momentum=0.9,
-  )
-  linear = init_linear(jax.random.PRNGKey(seed), val_x.shape[1], num_classes)
-  # Host values, equal on every process -> arrays on the whole mesh.
-  linear, opt_state = features.replicate(
-    mesh, jax.device_get((linear, tx.init(linear)))
-  )
+  return jitted, extract
 
-  def update(linear, opt_state, feats, labels):
-    loss, grads = jax.value_and_grad(_loss)(linear, feats, labels)
-    updates, opt_state = tx.update(grads, opt_state, linear)
-    return optax.apply_updates(linear, updates), opt_state, loss
 
-  reader = None
+def _num_train(lc, source) -> int:
+  if lc.max_train_images < 0:
+    return len(source)
+  return min(lc.max_train_images, len(source))
+
+
+def _make_step(update, jitted, crop_size: int, augment: bool):
+  """The jitted step: (linear, opt_state, *batch_args) -> (.., .., loss)."""
+  if not augment:
+    return jax.jit(update)
+
+  @jax.jit
+  def step(linear, opt_state, params, key, batch):
+    crops = _train_crops(key, batch, crop_size)
+    return update(linear, opt_state, jitted(params, crops), batch['label'])
+
+  return step
+
+
+def _epoch_batches(config, mesh, params, source, seed, readers, extract):
+  """(steps per epoch, ``batches(epoch)``: the step arguments of an epoch).
+
+  With ``linear.augment`` a reader of random crops (closed by the caller
+  through ``readers``); else the features of ``source``, extracted once
+  and shuffled each epoch.
+  """
+  lc = config.linear
+  steps = max(len(source) // lc.batch_size, 1)
   if lc.augment:
     # Read on a thread: a signal stops the wait (interrupt.check).
     reader = interrupt.Reader(
       iter(
         pipeline.train_dataset(
-          _Limit(train_source, n_train),
+          source,
           batch_size=lc.batch_size,
           rows=parallel.process_rows(mesh, lc.batch_size),
           canvas_size=config.data.canvas_size,
@@ -151,40 +208,82 @@ def _train_linear_probe(config, mesh, model, params, seed, readers) -> dict:
       )
     )
     readers.append(reader)
+    key = jax.random.PRNGKey(seed + 1)
 
-    @jax.jit
-    def step(linear, opt_state, params, key, batch):
-      crops = _train_crops(key, batch, e.crop_size)
-      return update(linear, opt_state, jitted(params, crops), batch['label'])
-  else:
-    train_x, train_y = extract(train_source, max_images=n_train)
-    step = jax.jit(update)
-
-  history, key = [], jax.random.PRNGKey(seed + 1)
-  rs = np.random.RandomState(seed)
-  for epoch in range(lc.epochs):
-    if not lc.augment:
-      order = rs.permutation(len(train_y))
-    for i in range(steps_per_epoch):
-      interrupt.check()  # a signal stops the probe between batches
-      if lc.augment:
+    def batches(epoch):
+      for i in range(steps):
         batch = pipeline.global_batch(mesh, reader.next())
-        linear, opt_state, loss = step(
-          linear,
-          opt_state,
-          params,
-          features.replicate(
-            mesh, jax.random.fold_in(key, len(history) * 100003 + i)
-          ),
-          batch,
-        )
-      else:
-        idx = order[i * lc.batch_size : (i + 1) * lc.batch_size]
-        linear, opt_state, loss = step(
-          linear,
-          opt_state,
-          *features.replicate(mesh, (train_x[idx], train_y[idx])),
-        )
+        step_key = jax.random.fold_in(key, epoch * 100003 + i)
+        yield params, features.replicate(mesh, step_key), batch
+
+    return steps, batches
+  train_x, train_y = extract(source)
+  rs = np.random.RandomState(seed)
+
+  def batches(epoch):
+    del epoch
+    order = rs.permutation(len(train_y))
+    for i in range(steps):
+      idx = order[i * lc.batch_size : (i + 1) * lc.batch_size]
+      yield features.replicate(mesh, (train_x[idx], train_y[idx]))
+
+  return steps, batches
+
+
+def _run_epoch(step, linear, opt_state, batches):
+  loss = None
+  for args in batches:
+    interrupt.check()  # a signal stops the probe between batches
+    linear, opt_state, loss = step(linear, opt_state, *args)
+  return linear, opt_state, loss
+
+
+def train_linear_probe(config, mesh, model, params, seed: int = 0) -> dict:
+  """Trains the probe (``linear.sweep``: one head per lr); returns results.
+
+  ``model`` None: a probe on raw pixels (``params`` ignored). A signal
+  stops it between batches (``interrupt.check``); its data workers are
+  stopped either way.
+  """
+  readers = []
+  try:
+    if config.linear.get('sweep', False):
+      return _train_sweep(config, mesh, model, params, seed, readers)
+    return _train_linear_probe(config, mesh, model, params, seed, readers)
+  finally:
+    for reader in readers:
+      reader.close()
+
+
+def _train_linear_probe(config, mesh, model, params, seed, readers) -> dict:
+  """The official protocol: one lr, the best epoch on the test split."""
+  lc, e = config.linear, config.eval
+  train_source = sources.make_source(config.data, e.train_split)
+  classes = getattr(train_source, 'classes', ()) or ()
+  jitted, extract = _extractor(config, mesh, model, params)
+  val_x, val_y = extract(
+    sources.make_source(config.data, e.test_split), max_images=e.max_test_images
+  )
+  num_classes = len(classes) or int(val_y.max()) + 1
+  train = _Subset(train_source, range(_num_train(lc, train_source)))
+  steps, batches = _epoch_batches(
+    config, mesh, params, train, seed, readers, extract
+  )
+  lrs = epoch_lrs(lc.lr * lc.batch_size / 256, lc.epochs)
+  tx = _sgd(lrs, steps)
+  linear = init_linear(jax.random.PRNGKey(seed), val_x.shape[1], num_classes)
+  # Host values, equal on every process -> arrays on the whole mesh.
+  linear, opt_state = features.replicate(
+    mesh, jax.device_get((linear, tx.init(linear)))
+  )
+  step = _make_step(
+    functools.partial(_update, tx), jitted, e.crop_size, lc.augment
+  )
+  history = []
+  for epoch in range(lc.epochs):
+    linear, opt_state, loss = _run_epoch(
+      step, linear, opt_state, batches(epoch)
+    )
     top1, top5 = accuracy(jax.device_get(linear), val_x, val_y)
     history.append(
       {
@@ -213,17 +312,117 @@ def _train_linear_probe(config, mesh, model, params, seed, readers) -> dict:
   }
 
 
-class _Limit:
-  """The first n records of a source."""
+def _head(linear, h: int):
+  return jax.tree.map(lambda x: np.asarray(x[h]), linear)
 
-  def __init__(self, source, n):
-    self.source, self.n = source, n
+
+def _train_sweep(config, mesh, model, params, seed, readers) -> dict:
+  """DINOv2's protocol: one head per lr, chosen on held-out train images."""
+  lc, e = config.linear, config.eval
+  scales = sweep_scales(lc)
+  train_source = sources.make_source(config.data, e.train_split)
+  classes = getattr(train_source, 'classes', ()) or ()
+  train_rows, val_rows = holdout_split(
+    _num_train(lc, train_source), lc.val_fraction, lc.split_seed
+  )
+  jitted, extract = _extractor(config, mesh, model, params)
+  test_x, test_y = extract(
+    sources.make_source(config.data, e.test_split), max_images=e.max_test_images
+  )
+  val_x, val_y = extract(_Subset(train_source, val_rows))
+  num_classes = len(classes) or int(max(test_y.max(), val_y.max())) + 1
+  steps, batches = _epoch_batches(
+    config,
+    mesh,
+    params,
+    _Subset(train_source, train_rows),
+    seed,
+    readers,
+    extract,
+  )
+  lrs = epoch_lrs(1.0, lc.epochs)  # times each head's lr
+  tx = _sgd(lrs, steps)
+  linear = init_linear(jax.random.PRNGKey(seed), val_x.shape[1], num_classes)
+  linear = sweep_heads(linear, len(scales))
+  opt_state = jax.vmap(tx.init)(linear)
+  linear, opt_state, scales_dev = features.replicate(
+    mesh, jax.device_get((linear, opt_state, scales.astype(np.float32)))
+  )
+  update = functools.partial(_sweep_update, tx, scales_dev)
+  step = _make_step(update, jitted, e.crop_size, lc.augment)
+  history = []
+  for epoch in range(lc.epochs):
+    linear, opt_state, loss = _run_epoch(
+      step, linear, opt_state, batches(epoch)
+    )
+    host = jax.device_get(linear)
+    val = [accuracy(_head(host, h), val_x, val_y) for h in range(len(scales))]
+    history.append(
+      {
+        'epoch': epoch + 1,
+        'loss': [float(x) for x in np.asarray(loss)],
+        'val_top1': [v[0] for v in val],
+      }
+    )
+    logger.info(
+      'linear sweep epoch %d/%d  best val top-1 %.2f',
+      epoch + 1,
+      lc.epochs,
+      max(v[0] for v in val),
+    )
+  chosen = int(np.argmax(history[-1]['val_top1']))  # the first of ties
+  best = _head(jax.device_get(linear), chosen)
+  top1, top5 = accuracy(best, test_x, test_y)
+  return {
+    'sweep': True,
+    'lrs': [float(x) for x in lc.sweep_lrs],
+    'scaled_lrs': [float(x) for x in scales],
+    'val_top1': history[-1]['val_top1'],
+    'chosen_lr': float(lc.sweep_lrs[chosen]),
+    'chosen_scaled_lr': float(scales[chosen]),
+    'chosen_index': chosen,
+    'top1': top1,
+    'top5': top5,
+    'best_top1': top1,  # the test top-1 of the chosen head
+    'feature_dim': int(val_x.shape[1]),
+    'train_images': int(len(train_rows)),
+    'val_images': int(len(val_rows)),
+    'history': history,
+    'linear': best,
+  }
+
+
+class _Subset:
+  """The records ``rows`` of a source, in that order."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
 
   def __len__(self):
-    return self.n
+    return len(self.rows)
 
   def __getitem__(self, i):
-    return self.source[i]
+    return self.source[int(self.rows[i])]
+
+
+def linear_sweep_eval(config, mesh, backbone, params, seed=None) -> dict:
+  """The lr-sweep probe (``linear.sweep`` forced on) of ``backbone``.
+
+  ``backbone`` None: raw pixels. Returns the result without the weights.
+  """
+  config = config.copy_and_resolve_references()
+  config.linear.sweep = True
+  seed = config.seed if seed is None else seed
+  result = train_linear_probe(config, mesh, backbone, params, seed=seed)
+  result.pop('linear')
+  return result
+
+
+def weights_bytes(linear) -> bytes:
+  """The head's kernel and bias as an .npz file's bytes."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v) for k, v in linear.items()})
+  return buffer.getvalue()
 
 
 def linear_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
@@ -233,36 +432,55 @@ def linear_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
   result = train_linear_probe(
     config, mesh, teacher.backbone, state.teacher['backbone'], seed=config.seed
   )
-  linear = result.pop('linear')
-  print(
-    f'linear probe (step {step}): best val top-1 '
-    f'{result["best_top1"]:.2f} at epoch {result["best_epoch"]}',
-    flush=True,
-  )
-  knn.write_results(workdir, 'linear', {'step': step, **result})
-  if jax.process_index() == 0:
-    np.savez(
-      f'{workdir}/eval/linear_weights.npz',
-      **{k: np.asarray(v) for k, v in linear.items()},
-    )
+  write_results(workdir, step, result)
   return result
 
 
-def define_flags(values: flags.FlagValues) -> None:
-  flags.DEFINE_string(
-    'workdir', None, 'Training workdir (its checkpoint).', flag_values=values
+def write_results(workdir: str, step: int, result: dict) -> tuple[str, str]:
+  """Writes eval/linear.json and eval/linear_weights.npz (local or gs://).
+
+  Pops ``result['linear']`` (the weights); prints the summary and where
+  both files went; returns their paths.
+  """
+  linear = result.pop('linear')
+  path = common.write_record(workdir, 'linear', {'step': step, **result})
+  weights = common.write_bytes(
+    workdir, 'linear_weights.npz', weights_bytes(linear)
   )
+  if result.get('sweep'):
+    summary = (
+      f'test top-1 {result["top1"]:.2f} top-5 {result["top5"]:.2f} at lr '
+      f'{result["chosen_lr"]:g} (best val top-1 of '
+      f'{len(result["lrs"])} lrs)'
+    )
+  else:
+    summary = (
+      f'best val top-1 {result["best_top1"]:.2f} at epoch '
+      f'{result["best_epoch"]}'
+    )
+  print(
+    f'linear probe (step {step}): {summary}; wrote {path} and {weights}',
+    flush=True,
+  )
+  return path, weights
+
+
+def define_flags(values: flags.FlagValues) -> None:
+  common.define_flags(values)
 
 
 def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
   """``python -m dino_jax.eval.linear --workdir=DIR [--config.linear.x=y]``."""
   if args:
     raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  if not values.workdir:
-    raise workdir_lib.WorkdirError('--workdir is required; pass a directory')
+  overrides = common.prepare_workdir(values, overrides)
   linear_from_workdir(values.workdir, overrides)
 
 
 if __name__ == '__main__':
   hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
-  sys.exit(workdir_lib.run_cli(define_flags, main, errors=(DataError,)))
+  sys.exit(
+    workdir_lib.run_cli(
+      define_flags, main, errors=(DataError, interop.InteropError)
+    )
+  )
