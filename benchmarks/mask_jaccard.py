@@ -6,7 +6,8 @@ CLS attention (``dino_jax.eval.attention.masks``, upsampled by p) is
 compared with the silhouette (the pixels > 0) by Jaccard; the best head
 counts; the mean over images is printed for the trained teacher and for the
 same backbone at random init (seed + 1, as ``dino_jax.eval.run``'s
-baseline), and written to WORKDIR/eval/mask_jaccard.json:
+baseline), with the score of a mask of the whole image (the silhouettes'
+mean coverage) for context, and written to WORKDIR/eval/mask_jaccard.json:
 
   python benchmarks/mask_jaccard.py --workdir=/tmp/fmnist [--n=500]
       [--data_path=DIR] [--config.eval.attention_threshold=0.6]
@@ -76,6 +77,12 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
     )
     for name, p in (('dino', params), ('random_init', init))
   }
+  # Context: a mask of the whole image scores the silhouette's coverage.
+  p = config.model.patch_size
+  crop = silhouettes[:, : 28 // p * p, : 28 // p * p]
+  scores['whole_image'] = attention.best_head_jaccard(
+    np.ones_like(crop)[:, None], crop
+  )
   for name, score in scores.items():
     print(
       f'{name}: best-head Jaccard {100 * score:.1f} '

@@ -376,6 +376,8 @@ class MaskJaccardScriptTest(absltest.TestCase):
       )
     }
     self.assertNotEqual(want['dino'], want['random_init'])
+    crop = sil[:, :24, :24]  # p = 8
+    want['whole_image'] = np.mean(crop.sum((1, 2)) / crop[0].size)
     for name, score in want.items():
       self.assertIn(f'{name}: best-head Jaccard {100 * score:.1f} ', out)
     with open(self.record) as f:
