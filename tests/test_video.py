@@ -91,7 +91,9 @@ class OfficialParityTest(absltest.TestCase):
     rng = np.random.default_rng(0)
     h, w, d, c, patch = 5, 6, 16, 3, 8
     n = h * w
-    for k, size, topk in [(1, 2, 5), (4, 2, 5), (8, 1, 3), (3, 0, 5)]:
+    # (1, 1, 12): fewer sources in the window than topk at every patch.
+    cases = [(1, 2, 5), (4, 2, 5), (8, 1, 3), (3, 0, 5), (1, 1, 12)]
+    for k, size, topk in cases:
       feats = rng.normal(size=(k, n, d)).astype(np.float32)
       target = rng.normal(size=(n, d)).astype(np.float32)
       segs = rng.random((k, n, c)).astype(np.float32)
@@ -288,6 +290,24 @@ class CliTest(absltest.TestCase):
       self.assertAlmostEqual(record[key], summary[key])
     self.assertEqual(record['sequences']['square']['J'], scores['J'])
     self.assertEqual(len(scores['J']), 2)
+    # A random-init tiny ViT still follows the coloured square and bar.
+    self.assertGreater(record['J'], 0.5)
+    self.assertFalse(record['official'])
+    status, stderr = run_in_process(
+      video,
+      [
+        f'--workdir={workdir}',
+        f'--davis_root={davis}',
+        '--size=64',
+        '--official',
+      ],
+    )
+    self.assertEqual(status, 0, stderr)
+    with open(os.path.join(workdir, 'eval', 'davis.json')) as f:
+      official = json.load(f)
+    self.assertTrue(official['official'])
+    # The std typo changes the features, hence some predictions.
+    self.assertNotEqual(official['J'], record['J'])
 
   def test_bad_paths_are_one_error_line(self):
     tmp = self.create_tempdir().full_path
