@@ -164,6 +164,7 @@ class MetricTest(absltest.TestCase):
 class ResizeTest(absltest.TestCase):
   def test_matches_torch_interpolate_scale_factor(self):
     x = np.random.RandomState(0).randn(1, 37, 29, 3).astype(np.float32)
+    resize = jax.jit(retrieval.resize_bilinear, static_argnums=1)
     for s in retrieval.SCALES[1:]:
       want = torch.nn.functional.interpolate(
         torch.from_numpy(x.transpose(0, 3, 1, 2)),
@@ -171,18 +172,20 @@ class ResizeTest(absltest.TestCase):
         mode='bilinear',
         align_corners=False,
       ).numpy()
-      got = np.asarray(retrieval.resize_bilinear(jnp.asarray(x), s))
+      got = np.asarray(resize(jnp.asarray(x), s))
       self.assertEqual(got.shape, want.transpose(0, 2, 3, 1).shape)
       np.testing.assert_allclose(
         got, want.transpose(0, 2, 3, 1), rtol=0, atol=1e-5
       )
     # jax.image.resize maps by size ratio (37 / 26), not by 1 / s: it differs
     # wherever H * s is not whole.
-    other = jax.image.resize(
-      jnp.asarray(x), (1, 26, 20, 3), 'linear', antialias=False
-    )
+    other = jax.jit(
+      functools.partial(
+        jax.image.resize, shape=(1, 26, 20, 3), method='linear', antialias=False
+      )
+    )(jnp.asarray(x))
     self.assertGreater(
-      np.abs(np.asarray(other) - retrieval.resize_bilinear(x, SQRT_HALF)).max(),
+      np.abs(np.asarray(other) - resize(x, SQRT_HALF)).max(),
       1e-3,
     )
 
@@ -191,7 +194,8 @@ SQRT_HALF = retrieval.SCALES[1]
 
 
 def make_fixture(root, dataset='roxford5k'):
-  """8 database images and 2 queries (database images 0 and 5, with boxes).
+  """8 database images and 2 queries (database images 0 and 5, with boxes
+  of one size).
 
   Distinct colours and textures, so a random-init ViT ranks them apart.
   Sizes: larger than IMSIZE (thumbnailed) and one smaller (kept as is).
@@ -199,7 +203,8 @@ def make_fixture(root, dataset='roxford5k'):
   folder = os.path.join(root, dataset, 'jpg')
   os.makedirs(folder)
   rng = np.random.RandomState(0)
-  sizes = [(48, 40), (40, 56)] * 3 + [(48, 40), (24, 20)]  # (w, h)
+  # (w, h): few shapes, few compiles.
+  sizes = [(40, 56)] * 7 + [(24, 20)]
   names = []
   for i, (w, h) in enumerate(sizes):
     base = rng.randint(0, 256, 3)
@@ -216,13 +221,13 @@ def make_fixture(root, dataset='roxford5k'):
     )
   gnd = [
     {
-      'bbx': [4.0, 3.0, 44.0, 35.0],
+      'bbx': [0.0, 20.0, 40.0, 52.0],
       'easy': np.array([0, 1]),
       'hard': np.array([2]),
       'junk': np.array([3]),
     },
     {
-      'bbx': [2.0, 6.0, 22.0, 19.0],
+      'bbx': [0.0, 10.0, 40.0, 42.0],
       'easy': np.array([5]),
       'hard': np.array([4, 6]),
       'junk': np.array([7]),
@@ -231,6 +236,11 @@ def make_fixture(root, dataset='roxford5k'):
   with open(os.path.join(root, dataset, f'gnd_{dataset}.pkl'), 'wb') as f:
     pickle.dump({'imlist': names, 'qimlist': qnames, 'gnd': gnd}, f)
   return os.path.join(root, dataset)
+
+
+def record_gnd(root, dataset):
+  with open(os.path.join(root, dataset, f'gnd_{dataset}.pkl'), 'rb') as f:
+    return pickle.load(f)['gnd']
 
 
 def by_hand(path, bbx=None, resample=Image.Resampling.LANCZOS):
@@ -250,6 +260,7 @@ class CliTest(absltest.TestCase):
     cls.tmp = tempfile.mkdtemp(prefix='retrieval_')
     cls.data = os.path.join(cls.tmp, 'data')
     make_fixture(cls.data)
+    make_fixture(cls.data, 'rparis6k')
     cls.workdir = os.path.join(cls.tmp, 'w')
     tiny_workdir(cls.workdir)
 
@@ -282,11 +293,13 @@ class CliTest(absltest.TestCase):
     with open(os.path.join(folder, 'gnd_roxford5k.pkl'), 'rb') as f:
       cfg = pickle.load(f)
 
+    apply = jax.jit(backbone.apply)  # eager flax: seconds per image
+
     def feats(names, boxes):
       rows = []
       for name, bbx in zip(names, boxes, strict=True):
         x = by_hand(os.path.join(folder, 'jpg', f'{name}.jpg'), bbx)
-        cls = backbone.apply({'params': params}, x.transpose(0, 2, 3, 1))
+        cls = apply({'params': params}, x.transpose(0, 2, 3, 1))
         rows.append(np.asarray(cls, np.float64)[0])
       rows = np.stack(rows)
       return rows / np.linalg.norm(rows, axis=1, keepdims=True)
@@ -304,6 +317,39 @@ class CliTest(absltest.TestCase):
     m, h = record['medium']['map'], record['hard']['map']
     self.assertIn(f'roxford5k (step 0): mAP M: {m:.2f}, H: {h:.2f}', out)
     self.assertIn('mP@k[1, 5, 10] M: ', out)
+
+  def test_official_and_multiscale_flags_reach_the_evaluation(self):
+    calls = []
+
+    def fake(model, params, cfg, imsize, *, multiscale, crop_queries):
+      calls.append((len(cfg['db_paths']), imsize, multiscale, crop_queries))
+      ranks = np.tile(np.arange(8)[:, None], (1, 2))
+      return retrieval.evaluate(ranks, cfg['gnd']), None, None
+
+    with mock.patch.object(retrieval, 'retrieval_eval', fake):
+      status, out, err = self.run_tool(
+        f'--workdir={self.workdir}',
+        f'--data_root={self.data}',
+        '--dataset=rparis6k',
+        '--imsize=48',
+        '--multiscale',
+        '--official',
+      )
+    self.assertEqual(status, 0, err)
+    self.assertEqual(calls, [(8, 48, True, False)])
+    with open(os.path.join(self.workdir, 'eval/retrieval_rparis6k.json')) as f:
+      record = json.load(f)
+    self.assertEqual(
+      (record['dataset'], record['multiscale'], record['queries_cropped']),
+      ('rparis6k', True, False),
+    )
+    # The record holds the metric of the ranking the evaluation returned.
+    want, _, _, _ = retrieval.compute_map(
+      np.tile(np.arange(8)[:, None], (1, 2)),
+      retrieval.protocol_gnd(record_gnd(self.data, 'rparis6k'), 'medium'),
+    )
+    self.assertAlmostEqual(record['medium']['map'], 100 * want, 10)
+    self.assertIn('rparis6k (step 0): mAP M: ', out)
 
   def test_bad_input_is_one_error_line_and_writes_nothing(self):
     empty = os.path.join(self.tmp, 'empty')
@@ -357,14 +403,15 @@ class ParityTest(absltest.TestCase):
     with open(os.path.join(cls.folder, 'gnd_roxford5k.pkl'), 'rb') as f:
       cls.cfg = pickle.load(f)
 
-  def official_features(self, names, multiscale):
+  def official_features(self, names, multiscale, boxes=None):
     """eval_image_retrieval.py's path: thumbnail(ANTIALIAS), ToTensor,
     Normalize, batch 1, model (or utils.multi_scale), F.normalize."""
     rows = []
     with mock.patch.object(Image, 'ANTIALIAS', Image.LANCZOS, create=True):
-      for name in names:
+      for i, name in enumerate(names):
         path = os.path.join(self.folder, 'jpg', f'{name}.jpg')
-        x = torch.from_numpy(by_hand(path, resample=Image.ANTIALIAS))
+        bbx = None if boxes is None else boxes[i]
+        x = torch.from_numpy(by_hand(path, bbx, resample=Image.ANTIALIAS))
         with torch.no_grad():
           if multiscale:
             rows.append(self.utils.multi_scale(x, self.torch_vit))
@@ -409,26 +456,15 @@ class ParityTest(absltest.TestCase):
   def test_multiscale(self):
     self.check(multiscale=True)
 
-  def test_official_flag_leaves_queries_uncropped(self):
-    cfg = {
-      **self.cfg,
-      'db_paths': [
-        os.path.join(self.folder, 'jpg', f'{n}.jpg') for n in self.cfg['imlist']
-      ],
-      'query_paths': [
-        os.path.join(self.folder, 'jpg', f'{n}.jpg')
-        for n in self.cfg['qimlist']
-      ],
-    }
-    _, _, q_official = retrieval.retrieval_eval(
-      self.model, self.params, cfg, IMSIZE, crop_queries=False
-    )
-    _, _, q_cropped = retrieval.retrieval_eval(
-      self.model, self.params, cfg, IMSIZE, crop_queries=True
-    )
-    q_t = self.official_features(self.cfg['qimlist'], False).numpy()
-    np.testing.assert_allclose(q_official, q_t, rtol=0, atol=1e-4)
-    self.assertGreater(np.abs(q_cropped - q_t).max(), 1e-3)
+  def test_queries_cropped_to_their_box(self):
+    names = self.cfg['qimlist']
+    boxes = [g['bbx'] for g in self.cfg['gnd']]
+    paths = [os.path.join(self.folder, 'jpg', f'{n}.jpg') for n in names]
+    got = retrieval.extract(self.model, self.params, paths, IMSIZE, boxes=boxes)
+    want = self.official_features(names, False, boxes).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    uncropped = self.official_features(names, False).numpy()
+    self.assertGreater(np.abs(got - uncropped).max(), 1e-2)
 
 
 if __name__ == '__main__':
