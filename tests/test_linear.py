@@ -4,12 +4,15 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 from PIL import Image
+from test_eval_cli import error_lines, run_in_process, tiny_workdir
 
 from dino_jax import config as config_lib
 from dino_jax import models, parallel, storage
@@ -180,10 +183,10 @@ class SweepTest(parameterized.TestCase):
 
   @parameterized.parameters(False, True)
   def test_sweep_equals_each_lr_alone(self, augment):
-    # The whole probe (features, crops, held-out split): three lrs at once
+    # The whole probe (features, crops, held-out split): two lrs at once
     # give each lr's losses and val accuracy of a sweep of it alone.
     model, params = tiny()
-    lrs = (0.01, 0.5, 4.0)
+    lrs = (0.01, 4.0)
     together = run_probe(
       probe_config(epochs=2, sweep_lrs=lrs, augment=augment), model, params
     )
@@ -243,9 +246,17 @@ class SweepTest(parameterized.TestCase):
   def test_pixels_sweep_picks_the_best_val_lr(self):
     # Raw pixels (backbone None) of the colour classes: separable.
     lrs = (1e-7, 1e-5, 1e-3, 0.1)
-    result = run_probe(
-      probe_config(epochs=3, sweep_lrs=lrs, augment=False), None, None
-    )
+    config = probe_config(epochs=3, sweep_lrs=lrs, augment=False)
+    config.linear.sweep = False  # linear_sweep_eval sweeps anyway
+    original = linear.sources.make_source
+    linear.sources.make_source = lambda data, split=None: ColorSource()
+    try:
+      result = linear.linear_sweep_eval(
+        config, parallel.make_mesh(), None, None
+      )
+    finally:
+      linear.sources.make_source = original
+    self.assertFalse(config.linear.sweep)  # the caller's config unchanged
     self.assertEqual(result['feature_dim'], 32 * 32 * 3)
     val = result['val_top1']
     self.assertEqual(val[result['chosen_index']], max(val))
@@ -257,7 +268,8 @@ class SweepTest(parameterized.TestCase):
     self.assertGreaterEqual(result['top1'], 95.0)
     self.assertEqual(result['top5'], 100.0)  # 3 classes
     self.assertEqual(result['best_top1'], result['top1'])
-    self.assertEqual(result['linear']['kernel'].shape, (32 * 32 * 3, 3))
+    self.assertNotIn('linear', result)  # the weights are not returned
+    self.assertLen(result['history'], 3)
 
   def test_write_results_local(self):
     root = self.create_tempdir().full_path
@@ -279,6 +291,78 @@ class SweepTest(parameterized.TestCase):
     with np.load(weights) as npz:
       np.testing.assert_array_equal(npz['bias'], [0, 1, 2])
       np.testing.assert_array_equal(npz['kernel'], np.ones((4, 3)))
+
+
+CLI_OVERRIDES = (
+  '--config.linear.epochs=2',
+  '--config.linear.batch_size=8',
+  '--config.linear.augment=false',
+  '--config.linear.n_last_blocks=2',
+)
+
+
+class CliTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp(prefix='linear_cli_')
+    tiny_workdir(cls.root)  # 64 synthetic images, the test split the same
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  def test_sweep_writes_record_and_weights(self):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      status, stderr = run_in_process(
+        linear,
+        [
+          f'--workdir={self.root}',
+          *CLI_OVERRIDES,
+          '--config.linear.sweep_lrs=(0.001, 1.0)',
+        ],
+      )
+    self.assertEqual(status, 0, stderr)
+    path = os.path.join(self.root, 'eval', 'linear.json')
+    weights = os.path.join(self.root, 'eval', 'linear_weights.npz')
+    self.assertIn(f'wrote {path} and {weights}', out.getvalue())
+    with open(path) as f:
+      record = json.load(f)
+    self.assertEqual(record['step'], 0)
+    self.assertEqual(record['lrs'], [0.001, 1.0])
+    np.testing.assert_allclose(record['scaled_lrs'], [0.001 / 32, 1 / 32])
+    self.assertEqual((record['train_images'], record['val_images']), (58, 6))
+    val = record['val_top1']
+    self.assertLen(val, 2)
+    self.assertEqual(val[record['chosen_index']], max(val))
+    self.assertEqual(record['chosen_lr'], record['lrs'][record['chosen_index']])
+    self.assertBetween(record['top1'], 0.0, 100.0)
+    self.assertGreaterEqual(record['top5'], record['top1'])
+    with np.load(weights) as npz:
+      self.assertEqual(npz['kernel'].shape[0], 64)  # 2 blocks x 32
+      self.assertEqual(npz['bias'].shape, npz['kernel'].shape[1:])
+
+  def test_bad_sweep_values_write_nothing(self):
+    for override, value in (
+      ('--config.linear.val_fraction=1.5', 'linear.val_fraction=1.5'),
+      ('--config.linear.sweep_lrs=(0.1, -1.0)', 'linear.sweep_lrs=(0.1, -1.0)'),
+    ):
+      root = os.path.join(self.create_tempdir().full_path, 'w')
+      shutil.copytree(
+        os.path.join(self.root, 'checkpoints'),
+        os.path.join(root, 'checkpoints'),
+      )
+      status, stderr = run_in_process(
+        linear, [f'--workdir={root}', *CLI_OVERRIDES, override]
+      )
+      self.assertEqual(status, 1, stderr)
+      lines = error_lines(stderr)
+      self.assertLen(lines, 1, stderr)
+      self.assertIn(value, lines[0])
+      self.assertNotIn('Traceback', stderr)
+      self.assertEqual(os.listdir(root), ['checkpoints'])  # no eval/
 
 
 def test_write_results_gcs(gcs, tmp_path, monkeypatch):
