@@ -319,6 +319,17 @@ class CliTest(absltest.TestCase):
       ([f'--davis_root={davis}', '--split=test'], '--split=test'),
       ([f'--davis_root={davis}', '--topk=0'], '--topk=0'),
     ]
+    # A 64x64 video at --size=16 is 16x0 pixels (the long side floors to
+    # 64): no patch.
+    tiny_workdir(workdir)
+    status, stderr = run_in_process(
+      video, [f'--workdir={workdir}', f'--davis_root={davis}', '--size=16']
+    )
+    self.assertEqual(status, 1)
+    (line,) = error_lines(stderr)
+    self.assertIn('--size=16', line)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'eval')))
+    workdir = os.path.join(tmp, 'w2')
     os.remove(os.path.join(davis, 'Annotations/480p/square/00003.png'))
     cases.append(([f'--davis_root={davis}'], '00003.png'))
     for argv, value in cases:

@@ -274,6 +274,19 @@ def list_videos(davis_root: str, split: str) -> dict:
   return videos
 
 
+def check_grids(videos: dict, size: int, patch: int, topk: int) -> None:
+  """Every sequence's patch grid holds at least ``topk`` patches."""
+  for seq, (frames, _) in videos.items():
+    with Image.open(frames[0]) as im:
+      w, h = im.size
+    fh, fw = frame_size(h, w, size)
+    if (fh // patch) * (fw // patch) < topk:
+      raise workdir_lib.ConfigOverrideError(
+        f'--size={size}: sequence {seq} ({w}x{h}) becomes {fw}x{fh}, '
+        f'fewer than --topk={topk} patches of {patch}; pass a larger --size'
+      )
+
+
 def read_labels(path: str) -> np.ndarray:
   with Image.open(path) as im:
     return np.asarray(im)
@@ -346,10 +359,7 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
   videos = list_videos(values.davis_root, values.split)
   config, _, backbone, params, step = common.load(values, overrides)
   patch = config.model.patch_size
-  if values.size < patch:
-    raise workdir_lib.ConfigOverrideError(
-      f'--size={values.size} is below the patch size {patch}; pass more'
-    )
+  check_grids(videos, values.size, patch, values.topk)
   options = dict(
     size=values.size,
     n_last_frames=values.n_last_frames,
