@@ -1,14 +1,24 @@
-"""Linear probe on frozen features (SPEC §7.2).
+"""Linear probe on frozen features (SPEC §7.2), with DINOv2's lr sweep.
 
-CLI: ``python -m dino_jax.eval.linear --workdir=DIR`` (overrides such as
-``--config.linear.epochs=10``).
+CLI: ``python -m dino_jax.eval.linear --workdir=DIR`` (or
+``--pretrained=X.pth --config=configs/<model>.py``; overrides such as
+``--config.linear.epochs=10``). Writes WORKDIR/eval/linear.json and
+eval/linear_weights.npz (local or gs://).
 
 Features: CLS tokens of the last ``n_last_blocks`` blocks (each after the
 final norm) concatenated; with ``avgpool`` (n = 1) the CLS and the mean patch
-token are interleaved element-wise. A linear layer (weight N(0, 0.01^2), bias
-0) is trained with SGD momentum 0.9, no weight decay, lr = lr * B / 256 with
-a cosine schedule stepped once per epoch to 0; cross-entropy. Validation
-after every epoch; the result is the best validation top-1.
+token are interleaved element-wise; without a backbone, the raw pixels. A
+linear layer (weight N(0, 0.01^2), bias 0) is trained with SGD momentum 0.9,
+no weight decay, lr = lr * B / 256 with a cosine schedule stepped once per
+epoch to 0; cross-entropy.
+
+``linear.sweep`` False (the official protocol): one head at ``linear.lr``,
+validated on the test split after every epoch; the result is the best
+epoch's top-1. True (the default, as DINOv2 evaluates): one head per lr of
+``linear.sweep_lrs``, all trained in one vmapped step on the same features
+and batches, on the training images less a held-out ``val_fraction`` (a
+fixed seeded split); the head with the best held-out top-1 after the last
+epoch is scored once on the test split (``top1``, ``top5``).
 """
 
 import functools
