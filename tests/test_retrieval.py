@@ -456,6 +456,19 @@ class ParityTest(absltest.TestCase):
   def test_multiscale(self):
     self.check(multiscale=True)
 
+  def test_multiscale_normalizes_each_row(self):
+    # Two images of one shape in one batch: each row as alone (the official
+    # multi_scale divides by the norm of the whole batch).
+    paths = [os.path.join(self.folder, 'jpg', f'db_{i}.jpg') for i in (1, 2)]
+    alone = retrieval.extract(
+      self.model, self.params, paths, IMSIZE, multiscale=True
+    )
+    batch = np.stack([retrieval.load_image(p, IMSIZE) for p in paths])
+    fn = retrieval.feature_fn(self.model, True)
+    together = np.asarray(fn(self.params, jnp.asarray(batch)))
+    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1, atol=1e-6)
+
   def test_queries_cropped_to_their_box(self):
     names = self.cfg['qimlist']
     boxes = [g['bbx'] for g in self.cfg['gnd']]
