@@ -419,11 +419,20 @@ class CliTest(_Fixture, absltest.TestCase):
 
   def test_bad_input_one_error_nothing_written(self):
     missing = os.path.join(self.tmp, 'nope')
+    broken = os.path.join(self.tmp, 'broken')
+    os.makedirs(broken, exist_ok=True)
+    with open(os.path.join(broken, 'bad.jpg'), 'wb') as f:
+      f.write(b'not a jpeg')
     cases = [
       ([f'--data_root={missing}'], f'--data_root={missing} is not a dir'),
       ([f'--data_root={self.data}', f'--whitening={missing}'], '--whitening'),
       ([f'--data_root={self.data}', f'--distractors={missing}'], 'distract'),
       ([f'--data_root={self.tmp}'], 'no original/'),
+      ([f'--data_root={self.data}', '--imsize=0'], '--imsize=0 must be'),
+      (
+        [f'--data_root={self.data}', f'--distractors={broken}'],
+        f'cannot read image {broken}/bad.jpg',
+      ),
     ]
     record = os.path.join(self.workdir, 'eval', 'copy_detection.json')
     for argv, message in cases:
