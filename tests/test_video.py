@@ -6,12 +6,14 @@ the repository (as tests/test_convergence.py does).
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
 import sys
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from absl.testing import absltest
 from PIL import Image
 from test_eval_cli import error_lines, run_in_process, tiny_workdir
 
+from dino_jax import interop, models
 from dino_jax.eval import davis_metrics, video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +118,37 @@ class OfficialParityTest(absltest.TestCase):
       )
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
       np.testing.assert_allclose(feat_back.T.numpy(), target)
+
+  def test_features_match_official_extract_feature(self):
+    model = models.VisionTransformer(
+      patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32
+    )
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    torch_vit = self.official.vits.VisionTransformer(
+      patch_size=8,
+      embed_dim=32,
+      depth=2,
+      num_heads=2,
+      img_size=[32],
+      qkv_bias=True,
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+    ).eval()
+    exported = interop.to_pytorch(variables, model)
+    torch_vit.load_state_dict(
+      {k: torch.from_numpy(np.array(v)) for k, v in exported.items()}
+    )
+    # A 40 x 56 frame: a 5 x 7 grid, positions interpolated.
+    image = np.random.default_rng(2).normal(size=(40, 56, 3))
+    image = image.astype(np.float32)
+    with torch.no_grad():
+      want, h, w = self.official.extract_feature(
+        torch_vit,
+        torch.from_numpy(image.transpose(2, 0, 1).copy()),
+        return_h_w=True,
+      )
+    self.assertEqual((h, w), (5, 7))
+    got = video.make_feature_fn(model, variables['params'])(image)
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5)
 
   def test_upsampled_labels_match_official(self):
     rng = np.random.default_rng(1)
