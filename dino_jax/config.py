@@ -118,6 +118,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.attention_images = 0  # test images to draw attention maps for
   c.eval.attention_threshold = 0.6  # mask keeps this much attention mass
   c.eval.attention_size = 0  # attention maps' image side; 0: as the k-NN's
+  # At the end of training, also (each for trained, and with baselines for
+  # random init and raw pixels): the lr-swept linear probe (linear.*), and
+  # the best head's attention-mask Jaccard against the item's silhouette
+  # (pixels > 0) on this many test images (Fashion-MNIST only; 0: off).
+  c.eval.linear = False
+  c.eval.mask_jaccard_images = 0
 
   c.linear = ml_collections.ConfigDict()  # linear probe (SPEC §7.2)
   c.linear.epochs = 100

@@ -10,7 +10,7 @@ import numpy as np
 from dino_jax import interrupt, parallel, storage
 from dino_jax import step as step_lib
 from dino_jax.data import sources
-from dino_jax.eval import attention, features, knn
+from dino_jax.eval import attention, common, features, knn, linear
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,14 @@ def after_training(
         },
       )
     out['knn'] = results
+  if final and e.linear:
+    out['linear'] = _linear_sweeps(config, mesh, backbone, params, step)
+  if final and e.mask_jaccard_images > 0:
+    out['mask_jaccard'] = _mask_jaccard(config, mesh, backbone, params, step)
+  if final and (e.linear or e.mask_jaccard_images > 0):
+    record = {k: out[k] for k in ('linear', 'mask_jaccard') if k in out}
+    interrupt.check()  # nothing partial
+    common.write_record(workdir, 'downstream', {'step': step, **record})
   if final and e.attention_images > 0:  # every process takes part
     interrupt.check()
     source = sources.make_source(config.data, e.test_split)
@@ -98,3 +106,88 @@ def after_training(
     )
     out['attention'] = paths
   return out
+
+
+def _baselines(config, mesh, backbone, params, pixels: bool):
+  """{'trained': ..., 'random_init': ..., ['raw_pixels']} (backbone, params).
+
+  The baselines only with ``eval.baselines``; raw pixels where the
+  evaluation takes them (``backbone`` None).
+  """
+  models = {'trained': (backbone, params)}
+  if config.eval.baselines:
+    models['random_init'] = (backbone, _random_init(config, mesh, backbone))
+    if pixels:
+      models['raw_pixels'] = (None, None)
+  return models
+
+
+def _linear_sweeps(config, mesh, backbone, params, step: int) -> dict:
+  """The lr-swept linear probe's test top-1 of each model (eval.linear)."""
+  results = {}
+  for name, (model, p) in _baselines(
+    config, mesh, backbone, params, True
+  ).items():
+    interrupt.check()
+    r = linear.linear_sweep_eval(config, mesh, model, p)
+    results[name] = {
+      'top1': r['top1'],
+      'top5': r['top5'],
+      'lr': r['chosen_lr'],
+    }
+  lines = [
+    f'linear probe, lr swept (step {step}):',
+    '  model         top-1    lr',
+  ]
+  for name, r in results.items():
+    lines.append(f'  {name:12s}  {r["top1"]:6.2f}  {r["lr"]:.2g}')
+  print('\n'.join(lines), flush=True)
+  return results
+
+
+def silhouette_images(config, n: int):
+  """The first n test images at their own size, and their silhouettes.
+
+  Fashion-MNIST: the item is every pixel > 0 (the background is 0).
+  """
+  source = sources.make_source(config.data, config.eval.test_split)
+  n = min(n, len(source))
+  records = [source[i] for i in range(n)]
+  size = records[0]['image'].shape[0]
+  transform = features.EvalTransform(size, size)
+  images = np.stack([transform.map(r)['image'] for r in records])
+  silhouettes = np.stack([_gray(r['image']) > 0 for r in records])
+  return images, silhouettes
+
+
+def _gray(image) -> np.ndarray:
+  image = np.asarray(image)
+  return image if image.ndim == 2 else image.max(axis=-1)
+
+
+def _mask_jaccard(config, mesh, backbone, params, step: int) -> dict:
+  """The best head's attention-mask Jaccard vs the silhouette (percent)."""
+  if config.data.source != 'fashion_mnist':
+    logger.warning(
+      'mask Jaccard skipped: silhouettes need data.source=fashion_mnist'
+    )
+    return {}
+  images, silhouettes = silhouette_images(
+    config, config.eval.mask_jaccard_images
+  )
+  results = {}
+  for name, (model, p) in _baselines(
+    config, mesh, backbone, params, False
+  ).items():
+    interrupt.check()
+    results[name] = 100 * attention.mask_jaccard_eval(
+      config, mesh, model, p, images, silhouettes
+    )
+  t = config.eval.attention_threshold
+  lines = [
+    f'attention mask Jaccard, best head, {t:g} of the mass, '
+    f'{len(images)} test images (step {step}):'
+  ]
+  lines += [f'  {name:12s}  {v:6.2f}' for name, v in results.items()]
+  print('\n'.join(lines), flush=True)
+  return results
