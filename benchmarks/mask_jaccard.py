@@ -14,7 +14,12 @@ mean coverage) for context, and written to WORKDIR/eval/mask_jaccard.json:
 
 The images go through the k-NN's preprocessing at their own 28 px (no
 resize), cropped to a multiple of p. The paper's numbers (PASCAL VOC12,
-ViT-S/16) are not comparable: another data set and model.
+ViT-S/16: random 22.0, DINO 45.9) are not comparable: another data set and
+model. Measured (``configs/fashion_mnist.py``, step 2800, k-NN top-1 74.9
+against 65.6 at random init; 500 images): DINO 48.3, random init 57.0, the
+whole image 50.6. The garments fill half of the 28 px frame and a 7 x 7
+grid, so a 60 % mask of near-uniform attention already overlaps them well:
+on this data the score does not separate trained from random features.
 """
 
 import sys
