@@ -114,6 +114,21 @@ def status() -> str:
   return 'system'
 
 
+def choose_platform(environ, accelerator: bool) -> None:
+  """JAX_PLATFORMS=cpu where no GPU or TPU device file exists (if unset).
+
+  With libtpu installed (the '.[tpu]' extra, for ``dino_jax.aot``), JAX
+  probes for a TPU at start-up, and on a machine without one libtpu prints a
+  screen of errors ("Failed to find host bounds", "No jellyfish device
+  found"). Deciding the platform first leaves only the run's own lines.
+  """
+  if not accelerator and not environ.get('JAX_PLATFORMS'):
+    environ['JAX_PLATFORMS'] = 'cpu'
+    import jax  # imported already by most entry points: set it there too
+
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def reexec_if_needed() -> None:
   """Restart this process with SETTINGS in its environment (once).
 
@@ -121,6 +136,7 @@ def reexec_if_needed() -> None:
   done again. Does nothing off glibc Linux, with several CPU devices or an
   accelerator, when opted out, or when already restarted.
   """
+  choose_platform(os.environ, _has_accelerator())
   env = tuned_environ(os.environ, sys.platform, _is_glibc(), _has_accelerator())
   if env is None:
     return
