@@ -106,6 +106,14 @@ def get_config(variant: str = 'cpu'):
     config.eval.resize_size = 16
     config.eval.crop_size = 16
     config.eval.attention_size = 28
+  if variant in ('cpu', 'gpu'):
+    # The end-of-run table's linear probe, lr swept (DINOv2's protocol: 10
+    # heads at once, chosen on 10 % of the training set held out) on
+    # features extracted once, and the attention masks' Jaccard against the
+    # items' silhouettes (paper Fig. 4) on 500 test images.
+    config.eval.linear = True
+    config.linear.augment = False
+    config.eval.mask_jaccard_images = 500
   if variant == 'gpu':
     # As measured on one H200 (2026-11-29: k = 20 70.96 after 975 steps,
     # 77.87 after 1,950): 25 epochs of 117 steps at batch 512 (peak lr

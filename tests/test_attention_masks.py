@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import tiny_config
 import torch
+from absl import flags
 from absl.testing import absltest
 from PIL import Image
 from test_eval_cli import run_in_process, tiny_workdir
@@ -315,6 +316,29 @@ class CliTest(absltest.TestCase):
     self.assertIn('--threshold=1.5', lines[0])
     self.assertNotIn('Traceback', stderr)
     self.assertFalse(os.path.exists(out))
+
+
+class AttentionCliInputTest(absltest.TestCase):
+  def test_not_an_image_is_one_error_naming_it(self):
+    root, workdir, _ = tiny()
+    notes = os.path.join(root, 'notes.txt')
+    with open(notes, 'w') as f:
+      f.write('not an image')
+    out = os.path.join(root, 'notes_out')
+    argv = [f'--workdir={workdir}', f'--image={notes}', f'--output_dir={out}']
+    status, stderr = run_in_process(attention, argv)
+    self.assertEqual(status, 1, stderr)
+    lines = [x for x in stderr.splitlines() if x.startswith('error:')]
+    self.assertLen(lines, 1, stderr)
+    self.assertIn(f'--image={notes}', lines[0])
+    self.assertNotIn('Traceback', stderr)
+    self.assertFalse(os.path.exists(out))
+
+  def test_pretrained_flag_is_taken(self):
+    values = flags.FlagValues()
+    attention.define_flags(values)
+    self.assertIn('pretrained', values)
+    self.assertIn('config', values)
 
 
 def write_idx(path: str, array: np.ndarray) -> None:

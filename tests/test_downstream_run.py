@@ -12,14 +12,14 @@ import os
 import tempfile
 
 import numpy as np
+import tiny_config
 from absl.testing import absltest
+from test_attention_masks import write_idx
 
 from dino_jax import parallel
 from dino_jax import step as step_lib
 from dino_jax.eval import attention, linear
 from dino_jax.eval import run as run_lib
-from tests import tiny_config
-from tests.test_attention_masks import write_idx
 
 
 def fashion_files(path: str) -> np.ndarray:

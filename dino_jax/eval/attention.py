@@ -26,7 +26,7 @@ from dino_jax import interrupt, parallel, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
-from dino_jax.eval import features
+from dino_jax.eval import common, features
 
 # A small perceptual colour map (dark blue -> magenta -> orange -> yellow).
 _ANCHORS = np.array(
@@ -342,11 +342,15 @@ def _save_png(pixels: np.ndarray, path: str) -> None:
 def load_image(path: str, image_size: int, patch_size: int) -> np.ndarray:
   """File -> normalized float32 [S', S', 3], resized to image_size square,
   cropped to a multiple of p (visualize_attention.py defaults)."""
-  image = (
-    Image.open(io.BytesIO(storage.as_path(path).read_bytes()))
-    .convert('RGB')
-    .resize((image_size, image_size), Image.BICUBIC)
-  )
+  try:
+    image = Image.open(io.BytesIO(storage.as_path(path).read_bytes()))
+    image = image.convert('RGB')
+  except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors
+    raise workdir_lib.WorkdirError(
+      f'--image={path} is not an image PIL can read ({type(e).__name__}); '
+      'pass a JPEG or PNG file'
+    ) from None
+  image = image.resize((image_size, image_size), Image.BICUBIC)
   x = (np.asarray(image, np.float32) / 255.0 - np.array(multicrop.MEAN)) / (
     np.array(multicrop.STD)
   )
@@ -388,9 +392,7 @@ def attention_from_workdir(
 
 def define_flags(values: flags.FlagValues) -> None:
   kw = {'flag_values': values}
-  flags.DEFINE_string(
-    'workdir', None, 'Training workdir (its checkpoint).', **kw
-  )
+  common.define_flags(values)
   flags.DEFINE_string('image', None, 'Image file.', **kw)
   flags.DEFINE_integer('image_size', 480, 'Resize to this square size.', **kw)
   flags.DEFINE_float(
@@ -417,6 +419,11 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
       f'--threshold={values.threshold} is outside (0, 1]; pass the fraction '
       'of attention mass the masks keep (the paper: 0.6)'
     )
+  if not storage.as_path(values.image).is_file():
+    raise workdir_lib.WorkdirError(
+      f'--image={values.image} is not a file; pass an image file'
+    )
+  overrides = common.prepare_workdir(values, overrides)
   paths = attention_from_workdir(
     values.workdir,
     values.image,
