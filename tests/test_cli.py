@@ -453,7 +453,10 @@ class EndToEndTest(absltest.TestCase):
       '--config.total_steps=8',
       '--config.checkpoint_every_steps=1000',
       '--config.data.num_workers=2',
-      '--config.data.synthetic_delay=0.3',
+      # Per image read: 2.4 s a batch a worker. The workers' buffers fill
+      # during the compile; slower reads leave steps to stop after them
+      # (at 0.3 a loaded 2-core CI ran all 8 steps before the Ctrl-C).
+      '--config.data.synthetic_delay=0.6',
       *args,
     )
     lock = os.path.join(workdir, 'lock')
