@@ -1,0 +1,250 @@
+"""ResNet parity with a torch reference of torchvision's resnet (SPEC §5).
+
+The reference below is written from torchvision's public definition with
+torch.nn only (torchvision is not importable here).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch import nn as tnn
+
+from dino_jax.models import resnet
+
+# ---------------------------------------------------------------- reference
+
+
+class _TorchBasic(tnn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    self.conv1 = tnn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+    self.bn1 = tnn.BatchNorm2d(planes)
+    self.relu = tnn.ReLU(inplace=True)
+    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = tnn.BatchNorm2d(planes)
+    self.downsample = downsample
+
+  def forward(self, x):
+    idt = x if self.downsample is None else self.downsample(x)
+    y = self.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return self.relu(y + idt)
+
+
+class _TorchBottleneck(tnn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = tnn.BatchNorm2d(planes)
+    self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = tnn.BatchNorm2d(planes)
+    self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = tnn.BatchNorm2d(planes * 4)
+    self.relu = tnn.ReLU(inplace=True)
+    self.downsample = downsample
+
+  def forward(self, x):
+    idt = x if self.downsample is None else self.downsample(x)
+    y = self.relu(self.bn1(self.conv1(x)))
+    y = self.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return self.relu(y + idt)
+
+
+class _TorchResNet(tnn.Module):
+  def __init__(self, block, layers, num_classes=1000):
+    super().__init__()
+    self.inplanes = 64
+    self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    self.bn1 = tnn.BatchNorm2d(64)
+    self.relu = tnn.ReLU(inplace=True)
+    self.maxpool = tnn.MaxPool2d(3, 2, 1)
+    self.layer1 = self._make(block, 64, layers[0], 1)
+    self.layer2 = self._make(block, 128, layers[1], 2)
+    self.layer3 = self._make(block, 256, layers[2], 2)
+    self.layer4 = self._make(block, 512, layers[3], 2)
+    self.avgpool = tnn.AdaptiveAvgPool2d((1, 1))
+    self.fc = tnn.Linear(512 * block.expansion, num_classes)
+    for m in self.modules():
+      if isinstance(m, tnn.Conv2d):
+        tnn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+      elif isinstance(m, tnn.BatchNorm2d):
+        tnn.init.constant_(m.weight, 1)
+        tnn.init.constant_(m.bias, 0)
+
+  def _make(self, block, planes, blocks, stride):
+    down = None
+    if stride != 1 or self.inplanes != planes * block.expansion:
+      down = tnn.Sequential(
+        tnn.Conv2d(
+          self.inplanes, planes * block.expansion, 1, stride, bias=False
+        ),
+        tnn.BatchNorm2d(planes * block.expansion),
+      )
+    mods = [block(self.inplanes, planes, stride, down)]
+    self.inplanes = planes * block.expansion
+    mods += [block(self.inplanes, planes) for _ in range(1, blocks)]
+    return tnn.Sequential(*mods)
+
+  def features(self, x):
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return torch.flatten(self.avgpool(x), 1)
+
+
+_TORCH = {
+  'resnet18': (_TorchBasic, [2, 2, 2, 2]),
+  'resnet34': (_TorchBasic, [3, 4, 6, 3]),
+  'resnet50': (_TorchBottleneck, [3, 4, 6, 3]),
+}
+
+
+def _torch_model(arch, seed=0):
+  torch.manual_seed(seed)
+  block, layers = _TORCH[arch]
+  m = _TorchResNet(block, layers)
+  # Non-trivial affine and running statistics, so eval mode tests them.
+  g = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for mod in m.modules():
+      if isinstance(mod, tnn.BatchNorm2d):
+        c = mod.num_features
+        mod.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+        mod.bias.copy_(0.1 * torch.randn(c, generator=g))
+        mod.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+        mod.running_var.copy_(0.5 + torch.rand(c, generator=g))
+  return m
+
+
+def _np_state(m):
+  return {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
+
+
+def _compare(arch, shape, train, seed=0):
+  tm = _torch_model(arch, seed)
+  sd0 = _np_state(tm)
+  variables = resnet.from_torchvision(tm.state_dict())
+  x = np.random.RandomState(seed).randn(*shape).astype(np.float32)
+  tm.train(train)
+  tm64 = _torch_model(arch, seed).double().train(train)
+  with torch.no_grad():
+    ref32 = tm.features(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    xt64 = torch.from_numpy(x).double().permute(0, 3, 1, 2)
+    ref = tm64.features(xt64).numpy()
+  model = resnet.ARCHS[arch]()
+  t0 = time.time()
+  if train:
+    out, upd = model.apply(
+      variables, jnp.asarray(x), train=True, mutable=['batch_stats']
+    )
+  else:
+    out, upd = model.apply(variables, jnp.asarray(x), train=False), None
+  out = np.asarray(out)
+  dt = time.time() - t0
+  assert out.shape == ref.shape == (shape[0], model.num_features)
+  # Against a float64 torch reference: 1e-4 of the output's scale, or, where
+  # float32 itself cannot reach that (train mode with few values per channel
+  # in layer4: 8 for resnet50 at 64x64 batch 2), no worse than torch float32.
+  scale = np.abs(ref).max()
+  err = np.abs(out - ref).max()
+  err_torch32 = np.abs(ref32 - ref).max()
+  tol = max(1e-4 * max(scale, 1.0), 1.5 * err_torch32)
+  assert err <= tol, (arch, shape, train, err, err_torch32, scale)
+  if train:
+    new = resnet.to_torchvision({**variables, **upd})
+    sd32, sd64 = _np_state(tm), _np_state(tm64)
+    for k, v in sd64.items():
+      if k.endswith(('running_mean', 'running_var')):
+        assert not np.allclose(v, sd0[k]), k  # torch did update it
+        e, e32 = np.abs(new[k] - v).max(), np.abs(sd32[k] - v).max()
+        assert e <= max(1e-4 * np.abs(v).max(), 1.5 * e32), (k, e, e32)
+  return err, err_torch32, scale, dt
+
+
+# -------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize('train', [False, True])
+@pytest.mark.parametrize('shape', [(2, 64, 64, 3), (2, 37, 53, 3)])
+def test_resnet18_parity(shape, train):
+  _compare('resnet18', shape, train)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_resnet50_parity(train):
+  _compare('resnet50', (2, 64, 64, 3), train)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('train', [False, True])
+def test_resnet50_parity_224(train):
+  _compare('resnet50', (2, 224, 224, 3), train)
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+def test_torchvision_round_trip(arch):
+  tm = _torch_model(arch)
+  sd = {k: v for k, v in _np_state(tm).items() if not k.startswith('fc.')}
+  # num_batches_tracked is written as 0 on export.
+  for k in sd:
+    if k.endswith('num_batches_tracked'):
+      sd[k] = np.zeros((), np.int64)
+  back = resnet.to_torchvision(resnet.from_torchvision(sd))
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    assert back[k].shape == v.shape, k
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_init_layout_matches_torch():
+  """Flax init has torchvision's keys, shapes and init statistics."""
+  tm = _torch_model('resnet50')
+  sd = {k: v for k, v in _np_state(tm).items() if not k.startswith('fc.')}
+  model = resnet.resnet50()
+  variables = jax.jit(
+    lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), False)
+  )(jax.random.PRNGKey(0))
+  exported = resnet.to_torchvision(variables)
+  assert set(exported) == set(sd)
+  for k, v in sd.items():
+    assert exported[k].shape == v.shape, k
+  # Kaiming normal, fan_out, relu: std sqrt(2 / (out * kh * kw)).
+  w = exported['layer3.0.conv2.weight']
+  o, _, kh, kw = w.shape
+  assert abs(w.std() / np.sqrt(2.0 / (o * kh * kw)) - 1) < 0.05
+  assert np.all(exported['bn1.weight'] == 1)
+  assert np.all(exported['bn1.bias'] == 0)
+  assert np.all(exported['bn1.running_var'] == 1)
+  zero = resnet.resnet18(zero_init_residual=True).init(
+    jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False
+  )
+  assert np.all(np.asarray(zero['params']['layer1_0']['bn2']['scale']) == 0)
+  assert np.all(np.asarray(zero['params']['layer1_0']['bn1']['scale']) == 1)
+
+
+def test_flax_batchnorm_would_differ():
+  """Flax's nn.BatchNorm keeps the biased variance; ours keeps torch's."""
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 3, 3, 4), jnp.float32)
+  ours = resnet.BatchNorm()
+  v = ours.init(jax.random.PRNGKey(0), x, True)
+  _, upd = ours.apply(v, x, True, mutable=['batch_stats'])
+  flax_bn = jax.tree_util.tree_map(lambda a: a, v)
+  _, fupd = resnet.nn.BatchNorm(
+    use_running_average=False, momentum=0.9, epsilon=1e-5
+  ).apply(flax_bn, x, mutable=['batch_stats'])
+  n = 18
+  biased = np.asarray(x).reshape(-1, 4).var(0)
+  np.testing.assert_allclose(
+    upd['batch_stats']['var'], 0.9 + 0.1 * biased * n / (n - 1), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    fupd['batch_stats']['var'], 0.9 + 0.1 * biased, rtol=1e-5
+  )
