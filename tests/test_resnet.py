@@ -206,24 +206,35 @@ def test_torchvision_round_trip(arch):
 
 def test_init_layout_matches_torch():
   """Flax init has torchvision's keys, shapes and init statistics."""
-  tm = _torch_model('resnet50')
-  sd = {k: v for k, v in _np_state(tm).items() if not k.startswith('fc.')}
-  model = resnet.resnet50()
-  variables = jax.jit(
-    lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), False)
-  )(jax.random.PRNGKey(0))
+  for arch in ('resnet50', 'resnet34'):
+    tm = _torch_model(arch)
+    sd = {k: v for k, v in _np_state(tm).items() if not k.startswith('fc.')}
+    shapes = jax.eval_shape(
+      lambda k, a=arch: resnet.ARCHS[a]().init(
+        k, jnp.zeros((1, 32, 32, 3)), False
+      ),
+      jax.random.PRNGKey(0),
+    )
+    zeros = jax.tree_util.tree_map(lambda t: np.zeros(t.shape, t.dtype), shapes)
+    exported = resnet.to_torchvision(zeros)
+    assert set(exported) == set(sd), arch
+    for k, v in sd.items():
+      assert exported[k].shape == v.shape, k
+  init18 = jax.jit(resnet.resnet18().init, static_argnums=2)
+  variables = init18(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False)
   exported = resnet.to_torchvision(variables)
-  assert set(exported) == set(sd)
-  for k, v in sd.items():
-    assert exported[k].shape == v.shape, k
   # Kaiming normal, fan_out, relu: std sqrt(2 / (out * kh * kw)).
-  w = exported['layer3.0.conv2.weight']
+  w = exported['layer4.0.conv2.weight']
   o, _, kh, kw = w.shape
   assert abs(w.std() / np.sqrt(2.0 / (o * kh * kw)) - 1) < 0.05
+  assert abs(w.mean()) < 0.05 * w.std()
   assert np.all(exported['bn1.weight'] == 1)
   assert np.all(exported['bn1.bias'] == 0)
+  assert np.all(exported['bn1.running_mean'] == 0)
   assert np.all(exported['bn1.running_var'] == 1)
-  zero = resnet.resnet18(zero_init_residual=True).init(
+  assert np.all(exported['layer1.0.bn2.weight'] == 1)
+  tiny = resnet.ResNet('basic', (1, 1, 1, 1), zero_init_residual=True)
+  zero = jax.jit(tiny.init, static_argnums=2)(
     jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False
   )
   assert np.all(np.asarray(zero['params']['layer1_0']['bn2']['scale']) == 0)
