@@ -30,22 +30,11 @@ from PIL import Image
 
 from dino_jax import hostmem, interop, interrupt, parallel
 from dino_jax import workdir as workdir_lib
-from dino_jax.data import multicrop
+from dino_jax.data import multicrop, sources
 from dino_jax.eval import common, features
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (
-  '.jpg',
-  '.jpeg',
-  '.png',
-  '.ppm',
-  '.bmp',
-  '.pgm',
-  '.tif',
-  '.tiff',
-  '.webp',
-)
 TOP_K = 20
 GEM_P = 4.0
 GEM_EPS = 1e-6
@@ -65,7 +54,7 @@ ERRORS = (CopydaysError, interop.InteropError)
 
 def list_images(directory: str, jpg_only: bool = False) -> list[str]:
   """Sorted image paths directly in ``directory``."""
-  ext = ('.jpg',) if jpg_only else IMAGE_EXTENSIONS
+  ext = ('.jpg',) if jpg_only else sources.IMG_EXTENSIONS
   names = sorted(n for n in os.listdir(directory) if n.lower().endswith(ext))
   return [os.path.join(directory, n) for n in names]
 
