@@ -222,7 +222,8 @@ def _quiet_failed_reads() -> None:
     error = unraisable.exc_value
     code = getattr(unraisable.object, 'cr_code', None)
     closed = 'Event loop is closed' in str(error)
-    if closed or (code is not None and 'orbax' in code.co_filename):
+    orbax = code is not None and 'orbax' in code.co_filename
+    if closed or orbax or _orbax_traceback((None, error, None)):
       logger.debug('after a failed restore: %s', _reason(error))
       return
     previous(unraisable)
@@ -231,13 +232,34 @@ def _quiet_failed_reads() -> None:
   sys.unraisablehook = hook
 
   def abandoned_task(record: logging.LogRecord) -> bool:
+    # asyncio's 'Task exception was never retrieved', and the same for the
+    # '_GatheringFuture' that gathers the reads, whose message names only
+    # the failed TensorStore read: told apart by Orbax's frames in the
+    # traceback.
     message = record.getMessage()
-    return not (
-      message.startswith('Task exception was never retrieved')
-      and 'orbax' in message
-    )
+    if 'exception was never retrieved' not in message.split('\n')[0]:
+      return True
+    if 'orbax' in message or _orbax_traceback(record.exc_info):
+      logger.debug('after a failed restore: %s', message.split('\n')[0])
+      return False
+    return True
 
   logging.getLogger('asyncio').addFilter(abandoned_task)
+
+
+def _orbax_traceback(exc_info) -> bool:
+  """Whether an exception's traceback (or its cause's) passes through Orbax."""
+  error = exc_info[1] if isinstance(exc_info, tuple) else None
+  seen = 0
+  while error is not None and seen < 8:
+    frame = error.__traceback__
+    while frame is not None:
+      if 'orbax' in frame.tb_frame.f_code.co_filename:
+        return True
+      frame = frame.tb_next
+    error = error.__cause__ or error.__context__
+    seen += 1
+  return False
 
 
 def _reason(error: Exception) -> str:

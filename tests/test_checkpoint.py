@@ -2,8 +2,11 @@
 
 import functools
 import json
+import logging
 import os
 import re
+import sys
+import types
 
 import chex
 import jax
@@ -63,6 +66,57 @@ class CheckpointTest(absltest.TestCase):
     )
     chex.assert_trees_all_equal(jax.device_get(again), jax.device_get(state))
     ckpt.close()
+
+  def test_fallout_of_a_failed_read_stays_off_stderr(self):
+    # A restore of a damaged checkpoint fails at its first bad read; the
+    # reads it abandons then report through asyncio's logger and the
+    # unraisable hook. CI once showed a traceback from asyncio's
+    # '_GatheringFuture exception was never retrieved', which names only
+    # the TensorStore read; it is told apart by Orbax's frames.
+    fake = '/site-packages/orbax/checkpoint/_src/serialization/fake.py'
+    namespace = {}
+    exec(
+      compile(
+        'def read():\n  raise ValueError("OUT_OF_RANGE")\n', fake, 'exec'
+      ),
+      namespace,
+    )
+    try:
+      namespace['read']()
+    except ValueError as e:
+      orbax_error = e
+    try:
+      raise KeyError('mine')
+    except KeyError as e:
+      own_error = e
+    checkpoint_lib._quiet_failed_reads()
+    asyncio_logger = logging.getLogger('asyncio')
+    with self.assertLogs(asyncio_logger, 'ERROR') as logs:
+      asyncio_logger.error(
+        '_GatheringFuture exception was never retrieved\nfuture: <...>',
+        exc_info=(ValueError, orbax_error, orbax_error.__traceback__),
+      )
+      asyncio_logger.error(
+        'Task exception was never retrieved\nfuture: <Task coro=<own()>>',
+        exc_info=(KeyError, own_error, own_error.__traceback__),
+      )
+    self.assertEqual(
+      [r.getMessage() for r in logs.records],
+      ['Task exception was never retrieved\nfuture: <Task coro=<own()>>'],
+    )
+    # An unraisable exception with Orbax's frames goes to the debug log.
+    with self.assertLogs(checkpoint_lib.logger, 'DEBUG') as logs:
+      sys.unraisablehook(
+        types.SimpleNamespace(
+          exc_type=ValueError,
+          exc_value=orbax_error,
+          exc_traceback=orbax_error.__traceback__,
+          err_msg='Exception ignored in',
+          object=None,
+        )
+      )
+    self.assertIn('after a failed restore', logs.output[0])
+    self.assertIn('OUT_OF_RANGE', logs.output[0])
 
   def test_resume_rules(self):
     config = tiny_config()
