@@ -8,6 +8,9 @@ import ml_collections
 from ml_collections import config_dict
 
 ARCHS = ('vit_tiny', 'vit_small', 'vit_base')
+# torchvision ResNets without fc (models/resnet.py, SPEC-downstream §5).
+RESNET_ARCHS = ('resnet18', 'resnet34', 'resnet50')
+OPTIMIZERS = ('adamw', 'sgd', 'lars')
 DATA_SOURCES = ('tfds', 'imagefolder', 'fashion_mnist', 'synthetic')
 DTYPES = ('float32', 'bfloat16', 'auto')
 ATTENTIONS = ('einsum', 'fused', 'auto')
@@ -37,7 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = -1  # -1: evaluate only at the end
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = 'vit_small'  # one of ARCHS
+  c.model.arch = 'vit_small'  # one of ARCHS or RESNET_ARCHS
+  c.model.resnet_width = 64  # ResNet stem width (torchvision 64; tests: 8)
   c.model.patch_size = 16
   # Overrides of the arch table (None: use the arch's value).
   c.model.embed_dim = config_dict.placeholder(int)
@@ -68,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.center_momentum = 0.9
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'adamw'  # 'adamw' or 'sgd'
+  c.optim.name = 'adamw'  # one of OPTIMIZERS (sgd, lars: momentum 0.9)
   c.optim.lr = 5e-4  # per 256 images: peak = lr * batch_size / 256
   c.optim.min_lr = 1e-6
   c.optim.warmup_epochs = 10
@@ -124,6 +128,24 @@ def default_config() -> ml_collections.ConfigDict:
   # (pixels > 0) on this many test images (Fashion-MNIST only; 0: off).
   c.eval.linear = False
   c.eval.mask_jaccard_images = 0
+  # At the end of training, also the downstream protocols whose data is
+  # named here ('' = off), each as its CLI computes it (trained teacher
+  # only), recorded in eval/downstream.json: image retrieval
+  # (docs/retrieval.md; the folder holding <retrieval_dataset>/), Copydays
+  # copy detection (docs/copy_detection.md; optional distractor and
+  # whitening folders), DAVIS 2017 label propagation (docs/video.md; PNGs
+  # in eval/davis/).
+  c.eval.retrieval_root = ''
+  c.eval.retrieval_dataset = 'roxford5k'  # or 'rparis6k'
+  c.eval.retrieval_imsize = 224  # thumbnail side (the paper: rparis6k 512)
+  c.eval.retrieval_multiscale = False  # the paper: rparis6k True
+  c.eval.copydays_root = ''
+  c.eval.copydays_distractors = ''
+  c.eval.copydays_whitening = ''
+  c.eval.copydays_imsize = 320
+  c.eval.davis_root = ''
+  c.eval.davis_split = 'val'
+  c.eval.davis_size = 480  # frames' short side
 
   c.linear = ml_collections.ConfigDict()  # linear probe (SPEC §7.2)
   c.linear.epochs = 100
@@ -161,7 +183,8 @@ def model_dims(config: ml_collections.ConfigDict) -> dict[str, int]:
 
   if config.model.arch not in VARIANTS:
     raise ConfigError(
-      f'model.arch={config.model.arch!r} unknown; use one of {ARCHS}'
+      f'model.arch={config.model.arch!r} unknown; use one of '
+      f'{ARCHS + RESNET_ARCHS}'
     )
   dims = dict(VARIANTS[config.model.arch])
   for name in dims:
@@ -206,8 +229,8 @@ def resolve_compute(
   return dtype, attention
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Checks cross-field facts; raises ConfigError naming the bad values."""
+def _validate_vit(config: ml_collections.ConfigDict) -> None:
+  """The ViT's facts: heads divide the width, patches tile the crops."""
   m = config.model
   dims = model_dims(config)
   if dims['embed_dim'] % dims['num_heads']:
@@ -227,17 +250,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       f'model.img_size={m.img_size} is not divisible by '
       f'model.patch_size={m.patch_size}'
     )
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Checks cross-field facts; raises ConfigError naming the bad values."""
+  m = config.model
+  if m.arch not in RESNET_ARCHS:  # a ResNet takes any crop size
+    _validate_vit(config)
   if m.attention not in ATTENTIONS:
     raise ConfigError(
       f'model.attention={m.attention!r}; use one of {ATTENTIONS}'
     )
   if m.dtype not in DTYPES:
     raise ConfigError(f'model.dtype={m.dtype!r}; use one of {DTYPES}')
-  if m.use_bn_in_head:
-    raise ConfigError(
-      'model.use_bn_in_head=True is not supported by the train step yet '
-      '(the head module and interop support it)'
-    )
   if config.batch_size <= 0 or config.batch_size % num_devices:
     raise ConfigError(
       f'batch_size={config.batch_size} is not divisible by the '
@@ -252,8 +277,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       f'devices (the evaluation splits it over them); use '
       f'--config.eval.batch_size={nearest}'
     )
-  if config.optim.name not in ('adamw', 'sgd'):
-    raise ConfigError(f"optim.name={config.optim.name!r}; use 'adamw' or 'sgd'")
+  if config.optim.name not in OPTIMIZERS:
+    raise ConfigError(
+      f'optim.name={config.optim.name!r}; use one of {OPTIMIZERS}'
+    )
   if config.optim.warmup_epochs > config.epochs:
     raise ConfigError(
       f'optim.warmup_epochs={config.optim.warmup_epochs} exceeds '

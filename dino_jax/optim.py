@@ -3,7 +3,9 @@
 per-tensor clip -> {last layer: frozen for ``freeze_steps`` updates, rest} x
 (AdamW moments + decoupled weight decay on weights only) -> -lr. Learning rate
 and weight decay come from per-iteration schedules injected by
-``optax.inject_hyperparams``, whose counter is the global step.
+``optax.inject_hyperparams``, whose counter is the global step. The official
+ResNet runs use SGD or LARS (momentum 0.9) in place of AdamW
+(SPEC-downstream §5).
 """
 
 from collections.abc import Callable
@@ -13,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-OPTIMIZERS = ('adamw', 'sgd')
+OPTIMIZERS = ('adamw', 'sgd', 'lars')
+LARS_ETA = 0.001  # official utils.py LARS eta (trust coefficient)
 
 
 def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
@@ -84,6 +87,18 @@ def _dino_optimizer(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.trace(decay=0.9),
       )
+    if name == 'lars':
+      # Official utils.py LARS: dp = g + wd p; dp *= eta ||p|| / ||dp|| (1
+      # where a norm is 0); mu = 0.9 mu + dp; p -= lr mu. Biases and 1-D
+      # tensors are neither decayed nor adapted. Not optax.lars, which
+      # scales by lr before the momentum (differs while lr changes).
+      return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.masked(
+          optax.scale_by_trust_ratio(trust_coefficient=LARS_ETA), decay_mask
+        ),
+        optax.trace(decay=0.9),
+      )
     raise ValueError(f'optimizer {name!r} unknown; use one of {OPTIMIZERS}')
 
   last = branch()
@@ -122,7 +137,7 @@ def make_optimizer(
   """The DINO optimizer.
 
   Args:
-    name: 'adamw' (official default) or 'sgd' (momentum 0.9).
+    name: 'adamw' (official default), 'sgd' or 'lars' (both momentum 0.9).
     lr_schedule: per-iteration learning rate (``schedules.cosine_schedule``).
     wd_schedule: per-iteration weight decay.
     clip_grad: per-tensor max gradient norm; 0 disables.

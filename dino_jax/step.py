@@ -10,7 +10,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,12 +21,20 @@ from dino_jax import config as config_lib
 from dino_jax import loss as loss_lib
 from dino_jax import optim, parallel, schedules
 from dino_jax.data import multicrop
-from dino_jax.models import DINOHead, MultiCropModel, VisionTransformer
+from dino_jax.models import (
+  RESNET_ARCHS,
+  DINOHead,
+  MultiCropModel,
+  VisionTransformer,
+)
 
 Batch = dict[str, jax.Array]
 
 
-@flax.struct.dataclass
+_STATE_FIELDS = ('step', 'rng', 'student', 'teacher', 'center', 'opt_state')
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainState:
   """Everything a checkpoint holds; one pytree.
 
@@ -38,6 +45,11 @@ class TrainState:
     teacher: teacher params, same structure (EMA of the student).
     center: float32 [1, K] running center of the teacher outputs.
     opt_state: optax state of the student optimizer.
+    batch_stats: BatchNorm running statistics, ``{'student': ...,
+      'teacher': ...}`` (each ``{'backbone', 'head'}`` as the model has
+      them), or None for a model without BatchNorm (the ViT). None is left
+      out of the pytree, so a ViT state has the leaves and key paths it had
+      before this field existed and its checkpoints restore unchanged.
   """
 
   step: jax.Array
@@ -46,6 +58,27 @@ class TrainState:
   teacher: Any
   center: jax.Array
   opt_state: Any
+  batch_stats: Any = None
+
+  def replace(self, **changes) -> 'TrainState':
+    return dataclasses.replace(self, **changes)
+
+
+def _state_flatten(state: TrainState):
+  names = _STATE_FIELDS + (
+    () if state.batch_stats is None else ('batch_stats',)
+  )
+  children = [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names]
+  return children, state.batch_stats is not None
+
+
+def _state_unflatten(has_stats: bool, children) -> TrainState:
+  return TrainState(*children) if has_stats else TrainState(*children, None)
+
+
+jax.tree_util.register_pytree_with_keys(
+  TrainState, _state_flatten, _state_unflatten
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +126,9 @@ def build_models(
 ) -> tuple[MultiCropModel, MultiCropModel]:
   """(student, teacher); the teacher has no stochastic depth (SPEC §2.2).
 
+  ``model.arch`` a ViT (``vit_*``) or a ResNet (``resnet18/34/50``: pooled
+  features, BatchNorm; SPEC-downstream §5).
+
   ``model.dtype`` and ``model.attention`` 'auto' are resolved here, for
   ``backend`` ('cpu', 'gpu', 'tpu'; default: JAX's default backend), by
   ``config.resolve_compute`` (docs/precision.md); the resolved values are
@@ -113,15 +149,20 @@ def build_models(
   dtype = jnp.bfloat16 if dtype_name == 'bfloat16' else jnp.float32
 
   def make(drop_path_rate):
-    backbone = VisionTransformer(
-      patch_size=m.patch_size,
-      img_size=m.img_size,
-      drop_path_rate=drop_path_rate,
-      attention=attention,
-      dtype=dtype,
-      remat=m.remat,
-      **config_lib.model_dims(config),
-    )
+    if m.arch in RESNET_ARCHS:
+      # torchvision ResNet without fc (SPEC-downstream §5); float32, no drop
+      # path: the official code passes drop_path_rate to ViTs only.
+      backbone = RESNET_ARCHS[m.arch](width=m.resnet_width)
+    else:
+      backbone = VisionTransformer(
+        patch_size=m.patch_size,
+        img_size=m.img_size,
+        drop_path_rate=drop_path_rate,
+        attention=attention,
+        dtype=dtype,
+        remat=m.remat,
+        **config_lib.model_dims(config),
+      )
     head = DINOHead(
       out_dim=m.out_dim,
       use_bn=m.use_bn_in_head,
@@ -157,6 +198,9 @@ def init_state(
 ) -> TrainState:
   """A fresh state; the teacher starts as an exact copy of the student.
 
+  BatchNorm running statistics (a ResNet, or ``use_bn_in_head``) start at
+  mean 0, variance 1 for both; otherwise ``batch_stats`` is None.
+
   Args:
     rng: uint32 [2] key (``jax.random.PRNGKey``).
     model: the student ``MultiCropModel``.
@@ -166,7 +210,12 @@ def init_state(
   """
   init_rng, state_rng = jax.random.split(rng)
   dummy = jnp.zeros((2, 1, image_size, image_size, 3), jnp.float32)
-  params = model.init(init_rng, dummy)['params']
+  variables = model.init(init_rng, dummy)
+  params = variables['params']
+  stats = variables.get('batch_stats')
+  if stats:
+    # The official teacher loads the student's state_dict, buffers included.
+    stats = {'student': stats, 'teacher': jax.tree.map(jnp.copy, stats)}
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     rng=state_rng,
@@ -174,6 +223,7 @@ def init_state(
     teacher=jax.tree.map(jnp.copy, params),
     center=jnp.zeros((1, out_dim), jnp.float32),
     opt_state=tx.init(params),
+    batch_stats=stats or None,
   )
 
 
@@ -250,33 +300,57 @@ def make_train_step(
 
     epoch = step // sched.steps_per_epoch
     teacher_temp = _lookup(sched.teacher_temp, epoch)
+    stats = state.batch_stats
     # Teacher on the two global crops only; it never gets gradients.
-    teacher_out = teacher.apply({'params': state.teacher}, global_crops)
+    if stats is None:
+      teacher_out = teacher.apply({'params': state.teacher}, global_crops)
+    else:
+      # SPEC-downstream §5: the teacher is never in eval mode: it normalises
+      # with the statistics of its batch and updates its own running ones.
+      teacher_out, teacher_vars = teacher.apply(
+        {'params': state.teacher, 'batch_stats': stats['teacher']},
+        global_crops,
+        None,
+        True,
+        mutable=['batch_stats'],
+      )
     teacher_out = jax.lax.stop_gradient(teacher_out)
 
     def loss_fn(params):
-      student_out = student.apply(
-        {'params': params},
-        global_crops,
-        local_crops,
-        True,
+      run = functools.partial(
+        student.apply,
         rngs={'drop_path': drop_path_key},
       )
-      return loss_lib.dino_loss_and_metrics(
+      if stats is None:
+        student_vars = None
+        student_out = run({'params': params}, global_crops, local_crops, True)
+      else:
+        # One backbone pass per resolution (MultiCropModel): each updates
+        # the running statistics, as the official MultiCropWrapper's two.
+        student_out, student_vars = run(
+          {'params': params, 'batch_stats': stats['student']},
+          global_crops,
+          local_crops,
+          True,
+          mutable=['batch_stats'],
+        )
+      loss, aux = loss_lib.dino_loss_and_metrics(
         student_out,
         teacher_out,
         state.center,
         teacher_temp=teacher_temp,
         student_temp=student_temp,
       )
+      return loss, (aux, student_vars)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.student
-    )
+    (loss, (aux, student_vars)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True
+    )(state.student)
     updates, opt_state = tx.update(grads, state.opt_state, state.student)
     new_student = optax.apply_updates(state.student, updates)
     momentum = _lookup(sched.momentum, step)
-    # SPEC §4.5: after the optimizer step, over all parameters.
+    # SPEC §4.5: after the optimizer step, over all parameters (and only
+    # them: each model keeps its own BatchNorm running statistics).
     new_teacher = optax.incremental_update(
       new_student, state.teacher, step_size=1.0 - momentum
     )
@@ -314,6 +388,13 @@ def make_train_step(
       center=center,
       opt_state=opt_state,
     )
+    if stats is not None:
+      new_state = new_state.replace(
+        batch_stats={
+          'student': student_vars['batch_stats'],
+          'teacher': teacher_vars['batch_stats'],
+        }
+      )
     return new_state, metrics
 
   return train_step

@@ -1,6 +1,8 @@
-"""Flax models: the DINO ViT and projection head."""
+"""Flax models: the DINO ViT, the ResNet and the projection head."""
 
 from dino_jax.models.head import DINOHead, MultiCropModel, WeightNormLinear
+from dino_jax.models.resnet import ARCHS as RESNET_ARCHS
+from dino_jax.models.resnet import ResNet, resnet18, resnet34, resnet50
 from dino_jax.models.vit import (
   VARIANTS,
   VisionTransformer,
@@ -13,10 +15,15 @@ from dino_jax.models.vit import (
 __all__ = [
   'DINOHead',
   'MultiCropModel',
+  'RESNET_ARCHS',
+  'ResNet',
   'VARIANTS',
   'VisionTransformer',
   'WeightNormLinear',
   'interpolate_pos_embed',
+  'resnet18',
+  'resnet34',
+  'resnet50',
   'vit_base',
   'vit_small',
   'vit_tiny',

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dino_jax import parallel
-from dino_jax.models import vit
+from dino_jax.models import resnet, vit
 
 _TRUNC_NORMAL = nn.initializers.normal(0.02)
 
@@ -103,14 +103,9 @@ class DINOHead(nn.Module):
         x = dense(self.hidden_dim, name=f'mlp_{index}')(x)
         index += 1
         if self.use_bn:
-          # torch BatchNorm1d: momentum 0.1 (= Flax 0.9), eps 1e-5.
-          x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-            name=f'mlp_{index}',
-          )(x)
+          # torch BatchNorm1d (momentum 0.1, eps 1e-5, unbiased running
+          # variance) over every row: the batch and crop axes together.
+          x = resnet.BatchNorm(name=f'mlp_{index}')(x, train)
           index += 1
         x = vit.gelu(x)  # exact erf GELU
         # Rows stay on their devices: the fsdp-split weights are gathered
@@ -148,7 +143,8 @@ class MultiCropModel(nn.Module):
     Args:
       global_crops: [G, B, H, W, C].
       local_crops: [L, B, h, w, C] or None.
-      train: stochastic depth on.
+      train: training mode: stochastic depth on, BatchNorm on batch
+        statistics (updating ``batch_stats``, which must be mutable).
 
     Returns:
       [G + L, B, K] float32, crop-major (globals first).

@@ -172,21 +172,22 @@ class ResNet(nn.Module):
   layers: Sequence[int]
   zero_init_residual: bool = False
   axis_name: str | None = None
+  width: int = 64  # stem and first stage width (torchvision: 64)
 
   @property
   def num_features(self) -> int:
-    return 512 * (4 if self.block == 'bottleneck' else 1)
+    return 8 * self.width * (4 if self.block == 'bottleneck' else 1)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     block_cls = Bottleneck if self.block == 'bottleneck' else BasicBlock
     expansion = block_cls.expansion
-    x = _conv(64, 7, 2, 'conv1')(x)
+    x = _conv(self.width, 7, 2, 'conv1')(x)
     x = BatchNorm(axis_name=self.axis_name, name='bn1')(x, train)
     x = _max_pool_torch(nn.relu(x))
-    inplanes = 64
+    inplanes = self.width
     for i, n in enumerate(self.layers):
-      planes = 64 * 2**i
+      planes = self.width * 2**i
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
         down = j == 0 and (stride != 1 or inplanes != planes * expansion)
