@@ -65,6 +65,8 @@ class Chip:
       before the allocator's fraction.
     peak_tflops: dense bf16 matmul peak per chip, TFLOP/s.
     source: where ``peak_tflops`` comes from.
+    bandwidth_gbps: peak HBM bandwidth per chip, GB/s (10^9 bytes).
+    bandwidth_source: where ``bandwidth_gbps`` comes from.
   """
 
   name: str
@@ -72,16 +74,27 @@ class Chip:
   memory_gib: float
   peak_tflops: float
   source: str
+  bandwidth_gbps: float
+  bandwidth_source: str
+
+  @property
+  def ridge(self) -> float:
+    """FLOPs per byte above which a program is compute-bound on the chip."""
+    return self.peak_tflops * 1e12 / (self.bandwidth_gbps * 1e9)
 
 
-# Dense bf16 peaks (without 2:4 sparsity) from the makers' pages; TPU v4 and
-# v5p count one chip (two TensorCores as one megacore device).
+# Dense bf16 peaks (without 2:4 sparsity) and HBM bandwidths from the
+# makers' pages; TPU v4 and v5p count one chip (two TensorCores as one
+# megacore device). The GPUs' bandwidths are also GPU_TARGETS'
+# ``memory_bandwidth`` (XLA's descriptions of them).
 CHIPS = {
   'v4': Chip(
     'TPU v4',
     'tpu',
     30.75,
     275.0,
+    'https://cloud.google.com/tpu/docs/v4',
+    1200.0,
     'https://cloud.google.com/tpu/docs/v4',
   ),
   'v5e': Chip(
@@ -90,12 +103,16 @@ CHIPS = {
     15.75,
     197.0,
     'https://cloud.google.com/tpu/docs/v5e',
+    819.0,
+    'https://cloud.google.com/tpu/docs/v5e',
   ),
   'v5p': Chip(
     'TPU v5p',
     'tpu',
     95.74,
     459.0,
+    'https://cloud.google.com/tpu/docs/v5p',
+    2765.0,
     'https://cloud.google.com/tpu/docs/v5p',
   ),
   'v6e': Chip(
@@ -104,6 +121,8 @@ CHIPS = {
     31.25,
     918.0,
     'https://cloud.google.com/tpu/docs/v6e',
+    1640.0,
+    'https://cloud.google.com/tpu/docs/v6e',
   ),
   'a100': Chip(
     'NVIDIA A100-SXM4-80GB',
@@ -111,6 +130,8 @@ CHIPS = {
     85100068864 / GiB,
     312.0,
     'NVIDIA A100 datasheet, SXM',
+    2039.0,
+    'NVIDIA A100 datasheet, SXM 80GB',
   ),
   'h100': Chip(
     'NVIDIA H100 80GB HBM3',
@@ -118,6 +139,8 @@ CHIPS = {
     84942979072 / GiB,
     989.0,
     'NVIDIA H100 datasheet, SXM (1979 with sparsity)',
+    3350.0,
+    'NVIDIA H100 datasheet, SXM',
   ),
   'h200': Chip(
     'NVIDIA H200 141GB HBM3e',
@@ -125,6 +148,8 @@ CHIPS = {
     151397597184 / GiB,
     989.0,
     'NVIDIA H200 datasheet, SXM (1979 with sparsity)',
+    4800.0,
+    'NVIDIA H200 datasheet, SXM',
   ),
 }
 
@@ -453,17 +478,75 @@ def memory(compiled) -> dict[str, int]:
   return out
 
 
-def xla_flops(compiled) -> float | None:
-  """XLA's FLOPs per device, or None where it counts none (XLA:GPU's
-  cuBLAS/cuDNN calls are not counted, dino_jax/flops.py)."""
+def xla_cost(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled program, per device.
+
+  Returns:
+    ``{'flops': ..., 'bytes': ...}``: XLA's FLOPs and the bytes its
+    instructions read and write in device memory ('bytes accessed': each
+    fusion's operands and results, so what stays inside a fusion is not
+    counted), each None where XLA counts none (XLA:GPU does not count its
+    cuBLAS/cuDNN calls, dino_jax/flops.py).
+  """
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 - some backends do not implement it
-    return None
+    cost = None
   if isinstance(cost, list | tuple):
     cost = cost[0] if cost else {}
-  flops = (cost or {}).get('flops')
-  return float(flops) if flops and flops > 0 else None
+  cost = cost or {}
+  out = {}
+  for key, name in (('flops', 'flops'), ('bytes', 'bytes accessed')):
+    value = cost.get(name)
+    out[key] = float(value) if value and value > 0 else None
+  return out
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's FLOPs per device, or None where it counts none (XLA:GPU's
+  cuBLAS/cuDNN calls are not counted, dino_jax/flops.py)."""
+  return xla_cost(compiled)['flops']
+
+
+def roofline(
+  chip: Chip,
+  flops_per_image: float,
+  bytes_per_image: float | None,
+  mfu: float,
+) -> dict:
+  """Images/s per device: the lower of the compute and the memory bound.
+
+  Args:
+    chip: the chip (peak FLOP/s, HBM bandwidth).
+    flops_per_image: FLOPs one image costs (the compute bound divides the
+      peak at ``mfu`` by it).
+    bytes_per_image: bytes of device memory one image reads and writes
+      (XLA's 'bytes accessed'); None where unknown, and then only the
+      compute bound is given.
+    mfu: the fraction of the peak FLOP/s the compute bound assumes.
+
+  Returns:
+    ``compute`` (images/s at ``mfu``), ``memory`` (images/s with every byte
+    at the full HBM bandwidth, or None), ``images_per_second`` (the lower)
+    and ``bound`` ('compute' or 'memory').
+  """
+  compute = chip.peak_tflops * 1e12 * mfu / flops_per_image
+  memory_bound = (
+    chip.bandwidth_gbps * 1e9 / bytes_per_image if bytes_per_image else None
+  )
+  if memory_bound is not None and memory_bound < compute:
+    return {
+      'compute': compute,
+      'memory': memory_bound,
+      'images_per_second': memory_bound,
+      'bound': 'memory',
+    }
+  return {
+    'compute': compute,
+    'memory': memory_bound,
+    'images_per_second': compute,
+    'bound': 'compute',
+  }
 
 
 # libtpu's two RESOURCE_EXHAUSTED forms: the whole program ("Used 92.80G of
@@ -739,6 +822,7 @@ def analyze(config, target: Target, mesh, mfu: float = 0.35) -> dict:
     'topology': target.spec,
     'slices': target.slices,
     'chip': chip.name,
+    'platform': chip.platform,
     'devices': n,
     'mesh': dict(mesh.shape),
     # Each device's slice, by mesh position ([data][fsdp]).
@@ -777,10 +861,19 @@ def analyze(config, target: Target, mesh, mfu: float = 0.35) -> dict:
     compiled = step_result.compiled
     report['memory'] = memory(compiled)
     report['fits'] = report['memory']['peak'] <= limit
-    xla = xla_flops(compiled)
+    cost = xla_cost(compiled)
+    xla, moved = cost['flops'], cost['bytes']
+    per_image = n / config.batch_size
     report['xla_flops_per_device'] = xla
-    report['xla_flops_per_image'] = xla * n / config.batch_size if xla else None
+    report['xla_flops_per_image'] = xla * per_image if xla else None
+    report['xla_bytes_per_device'] = moved
+    report['xla_bytes_per_image'] = moved * per_image if moved else None
     report['collectives'] = collectives(compiled.as_text())
+  report['bandwidth_gbps'] = chip.bandwidth_gbps
+  report['bandwidth_source'] = chip.bandwidth_source
+  report['roofline'] = roofline(
+    chip, analytic['per_image'], report.get('xla_bytes_per_image'), mfu
+  )
   return report
 
 
@@ -866,13 +959,30 @@ def format_report(report: dict) -> str:
   elif 'memory' in report:
     flop_line += '; XLA counts none here'
   lines.append(flop_line)
-  lines.append(
-    f'roofline: {report["images_per_second_per_device"]:.0f} images/s per '
-    f'device ({report["images_per_second_per_device"] * report["devices"]:.0f}'
-    f' in all) at {report["mfu"]:.0%} MFU of '
-    f'{report["peak_tflops"]:.0f} TFLOP/s bf16 per chip; '
-    f'{report["peak_source"]}'
-  )
+  if report.get('xla_bytes_per_device'):
+    moved = report['xla_bytes_per_image']
+    line = (
+      f'bytes accessed (XLA): {moved / 1e9:.4g} GB per image, '
+      f'{report["xla_bytes_per_device"] / 1e9:.4g} GB per device per step'
+    )
+    if report.get('xla_flops_per_device'):
+      intensity = (
+        report['xla_flops_per_device'] / report['xla_bytes_per_device']
+      )
+      ridge = report['peak_tflops'] * 1e3 / report['bandwidth_gbps']
+      line += (
+        f'; {intensity:.3g} FLOPs per byte (compute-bound above '
+        f'{ridge:.0f} on this chip)'
+      )
+    if report.get('platform') == 'gpu':
+      line += (
+        "; XLA:GPU leaves out its cuBLAS/cuDNN calls' bytes, so the memory "
+        'bound below is an upper bound'
+      )
+    lines.append(line)
+  elif 'memory' in report:
+    lines.append('bytes accessed: XLA counts none here')
+  lines.extend(roofline_lines(report))
   if report.get('collectives'):
     parts = [
       f'{op} {c["count"]} ({c["bytes"] / 2**20:.1f} MiB)'
@@ -903,6 +1013,34 @@ def format_report(report: dict) -> str:
   lines.append(f'host: peak {report["host_peak_bytes"] / GiB:.1f} GiB resident')
   lines.append(verdict(report))
   return '\n'.join(lines)
+
+
+def roofline_lines(report: dict) -> list[str]:
+  """The roofline's lines: the compute bound, the memory bound, the lower."""
+  r = report.get('roofline') or {
+    'compute': report['images_per_second_per_device'],
+    'memory': None,
+    'images_per_second': report['images_per_second_per_device'],
+    'bound': 'compute',
+  }
+  n = report['devices']
+  lines = [
+    f'compute bound: {r["compute"]:.0f} images/s per device at '
+    f'{report["mfu"]:.0%} MFU of {report["peak_tflops"]:.0f} TFLOP/s bf16 '
+    f'per chip ({report["peak_source"]})'
+  ]
+  if r['memory'] is not None:
+    lines.append(
+      f'memory bound: {r["memory"]:.0f} images/s per device at '
+      f'{report["bandwidth_gbps"]:.0f} GB/s HBM per chip '
+      f'({report["bandwidth_source"]})'
+    )
+  lines.append(
+    f'roofline: {r["images_per_second"]:.0f} images/s per device '
+    f'({r["images_per_second"] * n:.0f} in all), {r["bound"]}-bound'
+    + ('' if r['memory'] is not None else ' (no byte count: compute only)')
+  )
+  return lines
 
 
 def host_peak_bytes() -> int:

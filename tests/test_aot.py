@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from dino_jax import aot
@@ -98,6 +100,101 @@ def test_collectives_counts_results_once():
     'reduce-scatter': {'count': 1, 'bytes': 64},
     'collective-permute': {'count': 1, 'bytes': 12},
   }
+
+
+def test_bytes_accessed_come_from_the_compiled_program():
+  # A matmul reads both operands once and writes its result once: XLA's
+  # 'bytes accessed' of the compiled program is exactly those bytes (the
+  # CPU backend's cost analysis, the same HloCostAnalysis as the TPU's).
+  a = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  b = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+  compiled = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+  cost = aot.xla_cost(compiled)
+  assert cost['bytes'] == (64 * 32 + 32 * 16 + 64 * 16) * 4
+  assert cost['flops'] == 2 * 64 * 32 * 16
+
+
+def test_roofline_takes_the_lower_bound():
+  v5e = aot.CHIPS['v5e']
+  # The issue's ViT-S/16 step on v5e: 113 GFLOPs, 3.5 GB per image.
+  r = aot.roofline(v5e, 113e9, 3.5e9, 0.35)
+  assert r['compute'] == pytest.approx(197e12 * 0.35 / 113e9)  # 610
+  assert r['memory'] == pytest.approx(819e9 / 3.5e9)  # 234
+  assert (r['images_per_second'], r['bound']) == (r['memory'], 'memory')
+  # Above the chip's ridge (197e12 / 819e9 = 241 FLOPs per byte at 100 %
+  # MFU, 84 at 35 %) the compute bound holds.
+  assert v5e.ridge == pytest.approx(240.5, abs=0.1)
+  r = aot.roofline(v5e, 113e9, 113e9 / 100, 0.35)
+  assert r['bound'] == 'compute' and r['images_per_second'] == r['compute']
+  assert aot.roofline(v5e, 113e9, None, 0.35) == {
+    'compute': pytest.approx(610.2, abs=0.1),
+    'memory': None,
+    'images_per_second': pytest.approx(610.2, abs=0.1),
+    'bound': 'compute',
+  }
+
+
+def test_chip_bandwidths():
+  # The GPUs' datasheet bandwidths agree with XLA's descriptions of them.
+  for gen, target in aot.GPU_TARGETS.items():
+    assert aot.CHIPS[gen].bandwidth_gbps * 1e9 == pytest.approx(
+      target['memory_bandwidth'], rel=0.005
+    )
+  for chip in aot.CHIPS.values():
+    assert chip.bandwidth_source and 500 < chip.bandwidth_gbps < 5000
+
+
+def test_report_prints_the_memory_roofline():
+  report = {
+    'topology': 'v5e:4x4',
+    'slices': 1,
+    'chip': 'TPU v5e',
+    'platform': 'tpu',
+    'devices': 16,
+    'mesh': {'data': 16, 'fsdp': 1},
+    'arch': 'vit_small',
+    'patch_size': 16,
+    'dtype': 'bfloat16',
+    'attention': 'fused',
+    'remat': False,
+    'batch_size': 1024,
+    'compile_seconds': 900.0,
+    'memory': {
+      'arguments': 0,
+      'outputs': 0,
+      'aliased': 0,
+      'temporaries': 0,
+      'code': 0,
+      'peak': 11 * 2**30,
+    },
+    'memory_limit_bytes': 15.75 * 2**30,
+    'fits': True,
+    'flops_per_image': 113e9,
+    'flops_per_device': 113e9 * 64,
+    'xla_flops_per_image': 117.5e9,
+    'xla_flops_per_device': 117.5e9 * 64,
+    'xla_bytes_per_image': 3.5e9,
+    'xla_bytes_per_device': 3.5e9 * 64,
+    'peak_tflops': 197.0,
+    'peak_source': 'v5e page',
+    'bandwidth_gbps': 819.0,
+    'bandwidth_source': 'v5e page',
+    'mfu': 0.35,
+    'images_per_second_per_device': 610.2,
+    'roofline': aot.roofline(aot.CHIPS['v5e'], 113e9, 3.5e9, 0.35),
+    'host_peak_bytes': 2**30,
+  }
+  lines = aot.format_report(report).splitlines()
+  assert (
+    'bytes accessed (XLA): 3.5 GB per image, 224 GB per device per step; '
+    '33.6 FLOPs per byte (compute-bound above 241 on this chip)'
+  ) in lines
+  assert (
+    'memory bound: 234 images/s per device at 819 GB/s HBM per chip (v5e page)'
+  ) in lines
+  assert (
+    'roofline: 234 images/s per device (3744 in all), memory-bound'
+  ) in lines
 
 
 def test_hbm_needed_from_the_tpu_message():
@@ -243,6 +340,17 @@ def test_tiny_config_fits_v5e_2x2(tmp_path):
   ratio = report['xla_flops_per_image'] / report['flops_per_image']
   assert 1.0 <= ratio < 2.0, ratio
   assert 0 < report['memory']['peak'] < 2**30
+  # XLA's bytes of the compiled program: the step reads at least the
+  # state it is given (arguments) and writes the new one; the roofline
+  # is the lower of its two bounds.
+  moved = report['xla_bytes_per_device']
+  assert moved > report['memory']['arguments'] + report['memory']['outputs']
+  assert report['xla_bytes_per_image'] == pytest.approx(moved * 4 / 8)
+  roof = report['roofline']
+  assert roof['memory'] == pytest.approx(819e9 / report['xla_bytes_per_image'])
+  assert roof['images_per_second'] == min(roof['compute'], roof['memory'])
+  roofline_line = next(x for x in lines if x.startswith('roofline: '))
+  assert roofline_line.endswith(f'{roof["bound"]}-bound'), roofline_line
   # fsdp gathers parameters and the gradients are all-reduced.
   assert report['collectives']['all-gather']['count'] > 0
   assert report['collectives']['all-reduce']['bytes'] > 0
