@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dino_jax import cli_errors, hostmem
+from dino_jax import cli_errors, console, hostmem
 
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and evaluations.')
 flags.DEFINE_string(
@@ -30,7 +30,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, with one clear line for a bad flag or config field."""
+  """absl parsing, with one clear line for a bad flag or config field.
+
+  ``-h`` / ``--help``: the entry point's help (``console.TOOLS``), exit 0.
+  """
+  if console.wants_help(argv):
+    name = console.program('__main__')
+    if name not in console.TOOLS:  # imported (tests): this module's help
+      name = __name__ if __name__ in console.TOOLS else 'dino_jax.main'
+    console.print_help(console.tool_help(name, flags.FLAGS))
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - a config file raises its own
@@ -54,6 +62,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = load_config()
+  # The first line within seconds: JAX, the data and the first compile
+  # take a minute on a CPU before the first step's line (process 0's).
+  if not flags.FLAGS.process_id:
+    print(
+      f'dino_jax.main: {config.model.arch} on {config.data.source} in '
+      f'{flags.FLAGS.workdir}; starting JAX, the data and the first '
+      'compile (a minute on a CPU) before step 1',
+      file=sys.stderr,
+      flush=True,
+    )
   from dino_jax import parallel, train  # after flags: keeps --help fast
   from dino_jax.checkpoint import (
     DamagedCheckpointError,
@@ -74,6 +92,7 @@ def main(argv):
     flags.FLAGS.num_processes,
     flags.FLAGS.process_id,
   )
+  console.quiet_other_processes(jax.process_index(), jax.process_count())
   logging.info(
     'process %d/%d, %d local devices: %s',
     jax.process_index(),
@@ -93,8 +112,7 @@ def main(argv):
     StorageError,
     WorkdirError,
   ) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)  # once: no absl E line as well
     sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C, or one before training
     pass  # below, once the traceback's frames are gone

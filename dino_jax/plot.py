@@ -16,8 +16,8 @@ import sys
 
 from absl import app, flags
 
+from dino_jax import console, storage
 from dino_jax import metrics as metrics_lib
-from dino_jax import storage
 
 _LABELS = {
   'trained': 'trained (teacher)',
@@ -128,6 +128,16 @@ def main(argv) -> None:
   print(f'wrote {out}')
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing; ``-h`` / ``--help`` print the help and exit 0."""
+  if console.wants_help(argv):
+    console.print_help(console.tool_help('dino_jax.plot', flags.FLAGS))
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}; pass --help for the flags')
+
+
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

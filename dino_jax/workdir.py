@@ -27,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dino_jax import checkpoint as checkpoint_lib
-from dino_jax import cli_errors, storage
+from dino_jax import cli_errors, console, storage
 
 
 class WorkdirError(ValueError):
@@ -726,6 +726,9 @@ def run_cli(
   )
 
   def parse(args: list[str]) -> list[str]:
+    if console.wants_help(args):
+      name = console.program(main.__module__)
+      console.print_help(console.tool_help(name, values))
     try:
       rest, overrides = split_overrides(args)
       return [*values(rest), *overrides]
@@ -745,6 +748,9 @@ def run_cli(
     parallel.initialize_distributed(
       values.coordinator_address, values.num_processes, values.process_id
     )
+    import jax
+
+    console.quiet_other_processes(jax.process_index(), jax.process_count())
     return _run_tool(main, (values, positional, overrides), reported)
 
   if argv is None:
