@@ -1,24 +1,34 @@
-"""The end-of-training evaluations beyond k-NN (eval.linear, mask Jaccard).
+"""The end-of-training evaluations beyond k-NN.
 
 ``eval.run.after_training`` with ``eval.linear`` and
 ``eval.mask_jaccard_images`` prints and records (WORKDIR/eval/
 downstream.json) the lr-swept linear probe and the attention-mask Jaccard
 of the trained teacher and its baselines; the numbers are those of the
-evaluations called directly.
+evaluations called directly. With ``eval.retrieval_root``,
+``eval.copydays_root`` and ``eval.davis_root`` a training run records the
+three protocols' results, equal to what their CLIs record.
 """
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
+import pytest
+import test_copy_detection
+import test_retrieval
+import test_video
 import tiny_config
 from absl.testing import absltest
 from test_attention_masks import write_idx
 
-from dino_jax import parallel
+from dino_jax import parallel, train
 from dino_jax import step as step_lib
-from dino_jax.eval import attention, linear
+from dino_jax import workdir as workdir_lib
+from dino_jax.eval import attention, copy_detection, linear, retrieval, video
 from dino_jax.eval import run as run_lib
 
 
@@ -94,6 +104,115 @@ class DownstreamAfterTrainingTest(absltest.TestCase):
     config = tiny_config.get_config()
     self.assertFalse(config.eval.linear)
     self.assertEqual(config.eval.mask_jaccard_images, 0)
+
+
+def downstream_fixtures(root: str) -> dict:
+  """The three protocols' tiny fixtures, and the config fields naming them."""
+  test_retrieval.make_fixture(os.path.join(root, 'retrieval'))
+  copydays = test_copy_detection.make_copydays(os.path.join(root, 'copydays'))
+  whitening = test_copy_detection.make_folder(os.path.join(root, 'whit'), 4, 20)
+  davis = test_video.synthetic_davis(os.path.join(root, 'davis'))
+  return {
+    'retrieval_root': os.path.join(root, 'retrieval'),
+    'retrieval_imsize': 32,
+    'copydays_root': copydays,
+    'copydays_whitening': whitening,
+    'copydays_imsize': 32,
+    'davis_root': davis,
+    'davis_size': 64,
+  }
+
+
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+class ProtocolsAtTheEndOfTrainingTest(absltest.TestCase):
+  """A tiny training run whose config names the three protocols' data
+  records (eval/downstream.json) what their CLIs record on its workdir."""
+
+  @pytest.mark.slow
+  def test_training_records_what_the_clis_record(self):
+    root = tempfile.mkdtemp()
+    fields = downstream_fixtures(root)
+    config = tiny_config.get_config()
+    config.data.synthetic_size = 8  # one step of 8
+    config.epochs = 1
+    config.eval.knn = False
+    config.eval.attention_images = 0
+    for name, value in fields.items():
+      setattr(config.eval, name, value)
+    workdir = os.path.join(root, 'w')
+    train.train_and_evaluate(config, workdir)
+    record = _json(os.path.join(workdir, 'eval', 'downstream.json'))
+    self.assertEqual(record['step'], 1)
+    self.assertEqual(
+      set(record), {'step', 'retrieval', 'copy_detection', 'davis'}
+    )
+    davis_dir = os.path.join(workdir, 'eval', 'davis', 'square')
+    pngs = {n: open(os.path.join(davis_dir, n), 'rb').read()
+            for n in sorted(os.listdir(davis_dir))}  # fmt: skip
+    self.assertLen(pngs, 6)
+    shutil.rmtree(os.path.join(workdir, 'eval', 'davis'))
+
+    base = [f'--workdir={workdir}']
+    for module, argv in (
+      (retrieval, ['--data_root=' + fields['retrieval_root'], '--imsize=32']),
+      (
+        copy_detection,
+        [
+          '--data_root=' + fields['copydays_root'],
+          '--whitening=' + fields['copydays_whitening'],
+          '--imsize=32',
+        ],
+      ),
+      (video, ['--davis_root=' + fields['davis_root'], '--size=64']),
+    ):
+      stderr = io.StringIO()
+      with (
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(stderr),
+      ):
+        status = workdir_lib.run_cli(
+          module.define_flags,
+          module.main,
+          ['prog', *base, *argv],
+          errors=copy_detection.ERRORS,
+        )
+      self.assertEqual(status, 0, stderr.getvalue())
+    clis = {
+      'retrieval': 'retrieval_roxford5k.json',
+      'copy_detection': 'copy_detection.json',
+      'davis': 'davis.json',
+    }
+    for name, file in clis.items():
+      cli = _json(os.path.join(workdir, 'eval', file))
+      self.assertEqual(cli.pop('step'), 1)
+      self.assertEqual(record[name], cli, name)
+    # Scores that mean something: the copies find their originals, the
+    # propagation follows the square.
+    self.assertGreater(record['copy_detection']['blocks']['jpegqual/50']['mAP'],
+                       0.9)  # fmt: skip
+    self.assertGreater(record['davis']['J'], 0.5)
+    self.assertEqual(record['retrieval']['num_queries'], 2)
+    self.assertEqual(
+      {n: open(os.path.join(davis_dir, n), 'rb').read() for n in pngs}, pngs
+    )
+
+  def test_a_bad_root_is_skipped_with_a_warning(self):
+    config = tiny_config.get_config()
+    config.eval.retrieval_root = '/nonexistent/retrieval'
+    with self.assertLogs(run_lib.logger, 'WARNING') as logs:
+      out = run_lib.downstream(config, '/unused', None, None, None, step=3)
+    self.assertEqual(out, {})
+    self.assertIn('retrieval skipped', logs.output[0])
+    self.assertIn('/nonexistent/retrieval', logs.output[0])
+
+  def test_off_by_default(self):
+    e = tiny_config.get_config().eval
+    self.assertEqual((e.retrieval_root, e.copydays_root, e.davis_root),
+                     ('', '', ''))  # fmt: skip
 
 
 if __name__ == '__main__':

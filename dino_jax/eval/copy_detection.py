@@ -156,26 +156,49 @@ def extract(
 ) -> np.ndarray:
   """[len(paths), 2 D] float32 features, in the order of ``paths``.
 
-  Every process reads every image of a batch (the batch is padded to a
-  multiple of the device count); ``interrupt.check()`` between batches.
+  Each batch (padded to a multiple of the device count) is one global
+  array split over ``mesh``; each process reads only the images of its
+  devices' rows, and the features are gathered by position. An image
+  that cannot be read fails every process alike (``CopydaysError``).
+  ``interrupt.check()`` between batches.
   """
   fn = jit_copy_features(model, mesh)
   devices = 1 if mesh is None else mesh.devices.size
   size = -(-batch_size // devices) * devices
+  shape = (size, imsize, imsize, 3)
   out = []
   for start in range(0, len(paths), size):
     interrupt.check()
     chunk = paths[start : start + size]
-    x = np.stack([load_image(p, imsize) for p in chunk])
-    x = np.pad(x, ((0, size - len(chunk)), (0, 0), (0, 0), (0, 0)))
+    failures = {}
+
+    def rows(index, chunk=chunk, failures=failures):
+      """This process's rows of the batch (``index``: their slices)."""
+      lo, hi, _ = index[0].indices(size)
+      x = np.zeros((hi - lo, *shape[1:]), np.float32)
+      for j in range(lo, min(hi, len(chunk))):
+        try:
+          x[j - lo] = load_image(chunk[j], imsize)
+        except CopydaysError as e:
+          failures[j] = str(e)
+      return x
+
+    def failed_rows(index, failures=failures):
+      lo, hi, _ = index[0].indices(size)
+      return np.array([j in failures for j in range(lo, hi)], np.int32)
+
     if mesh is None:
-      feats = np.asarray(fn(params, x))
+      feats = np.asarray(fn(params, rows((slice(None),))))
+      bad = failed_rows((slice(None),))
     else:
       sharding = parallel.batch_sharding(mesh)
-      images = jax.make_array_from_callback(
-        x.shape, sharding, lambda i, x=x: x[i]
+      images = jax.make_array_from_callback(shape, sharding, rows)
+      failed = jax.make_array_from_callback((size,), sharding, failed_rows)
+      feats, bad = features.gather(mesh, (fn(params, images), failed))
+    for j in np.flatnonzero(bad):
+      raise CopydaysError(
+        failures.get(j, f'cannot read image {chunk[j]} (another process)')
       )
-      feats = features.gather(mesh, fn(params, images))
     out.append(np.asarray(feats, np.float32)[: len(chunk)])
   if not out:
     return np.zeros((0, 0), np.float32)
@@ -312,17 +335,30 @@ def _check_dir(flag: str, path: str | None, required: bool = False):
     )
 
 
-def _plan(values) -> dict:
-  """Validates the flags and lists every image: nothing read or written."""
-  _check_dir('data_root', values.data_root, required=True)
-  _check_dir('distractors', values.distractors)
-  _check_dir('whitening', values.whitening)
-  if values.imsize <= 0:
-    raise CopydaysError(f'--imsize={values.imsize} must be positive')
-  if values.batch_size <= 0:
-    raise CopydaysError(f'--batch_size={values.batch_size} must be positive')
-  root = values.data_root
-  original_dir = os.path.join(root, 'original')
+def plan(
+  data_root: str,
+  distractors: str | None = None,
+  whitening: str | None = None,
+  imsize: int = 320,
+  batch_size: int = 16,
+) -> dict:
+  """Validates the options and lists every image: nothing read or written.
+
+  Returns:
+    {'originals': [path], 'queries': {block: ([path], positives)},
+    'distractors': [path], 'whitening': [path]}.
+
+  Raises:
+    CopydaysError: a missing folder, an empty block, a bad size.
+  """
+  _check_dir('data_root', data_root, required=True)
+  _check_dir('distractors', distractors)
+  _check_dir('whitening', whitening)
+  if imsize <= 0:
+    raise CopydaysError(f'--imsize={imsize} must be positive')
+  if batch_size <= 0:
+    raise CopydaysError(f'--batch_size={batch_size} must be positive')
+  original_dir = os.path.join(data_root, 'original')
   originals = (
     list_images(original_dir, jpg_only=True)
     if os.path.isdir(original_dir)
@@ -330,74 +366,135 @@ def _plan(values) -> dict:
   )
   if not originals:
     raise CopydaysError(
-      f'--data_root={root} has no original/*.jpg; pass the Copydays root'
+      f'--data_root={data_root} has no original/*.jpg; pass the Copydays root'
     )
   names = [os.path.basename(p) for p in originals]
   queries = {}
-  for block in query_blocks(root):
-    paths = list_images(os.path.join(root, block), jpg_only=True)
+  for block in query_blocks(data_root):
+    paths = list_images(os.path.join(data_root, block), jpg_only=True)
     pos = block_positives(block, [os.path.basename(p) for p in paths], names)
     queries[block] = (paths, pos)
   if not queries:
     raise CopydaysError(
-      f'--data_root={root} has no query block (strong/, jpegqual/N/, '
+      f'--data_root={data_root} has no query block (strong/, jpegqual/N/, '
       'crops/N/ with .jpg files); pass the Copydays root'
     )
-  plan = {'originals': originals, 'queries': queries}
-  for flag in ('distractors', 'whitening'):
-    path = getattr(values, flag)
-    plan[flag] = list_images(path) if path else []
-    if path and not plan[flag]:
+  out = {'originals': originals, 'queries': queries}
+  for flag, path in (('distractors', distractors), ('whitening', whitening)):
+    out[flag] = list_images(path) if path else []
+    if path and not out[flag]:
       raise CopydaysError(f'--{flag}={path} holds no images; pass a folder')
-  return plan
+  return out
+
+
+def copy_detection_evaluation(
+  config,
+  mesh,
+  backbone,
+  params,
+  *,
+  data_root: str,
+  distractors: str | None = None,
+  whitening: str | None = None,
+  imsize: int = 320,
+  batch_size: int = 16,
+  official: bool = False,
+) -> dict:
+  """The evaluation of a backbone on Copydays: its record.
+
+  The interface every evaluation shares: the CLI and
+  ``eval.run.after_training`` (``eval.copydays_root``) call it alike, on
+  any number of processes (each reads its devices' rows of a batch).
+
+  Args:
+    config: the run's config (unused: the options come as arguments).
+    mesh: the device mesh ``params`` live on.
+    backbone: the ViT backbone module.
+    params: its parameters (any sharding over ``mesh``).
+    data_root: the Copydays root (original/, strong/, jpegqual/, crops/).
+    distractors: a folder of distractor images (None or '': none).
+    whitening: a folder to learn the PCA whitening on (None or '': none).
+    imsize: the square resize of every image.
+    batch_size: images per batch (rounded up to the device count).
+    official: the uncentred whitening covariance.
+
+  Returns:
+    {'imsize', 'official', 'top_k', 'originals', 'distractors',
+    'whitening_images', 'blocks': {block: {'queries', 'mAP'}}}, mAP in
+    [0, 1].
+
+  Raises:
+    CopydaysError: bad data or options (one line naming them).
+  """
+  del config
+  images = plan(
+    data_root, distractors or None, whitening or None, imsize, batch_size
+  )
+  extract_fn = functools.partial(
+    extract,
+    model=backbone,
+    params=params,
+    mesh=mesh,
+    imsize=imsize,
+    batch_size=batch_size,
+  )
+  database = extract_fn(images['originals'])
+  if images['distractors']:
+    database = np.concatenate([database, extract_fn(images['distractors'])])
+  blocks = {
+    name: (extract_fn(paths), pos)
+    for name, (paths, pos) in images['queries'].items()
+  }
+  learned = None
+  if images['whitening']:
+    learned = learn_whitening(
+      extract_fn(images['whitening']), official=official
+    )
+  maps = evaluate(blocks, database, learned)
+  return {
+    'imsize': imsize,
+    'official': bool(official),
+    'top_k': TOP_K,
+    'originals': len(images['originals']),
+    'distractors': len(images['distractors']),
+    'whitening_images': len(images['whitening']),
+    'blocks': {
+      name: {'queries': len(images['queries'][name][0]), 'mAP': m}
+      for name, m in maps.items()
+    },
+  }
+
+
+def format_results(record: dict, step: int) -> str:
+  lines = [f'Copydays copy detection (step {step}), mAP over the top {TOP_K}:']
+  lines += [
+    f'  {name:12s} {b["mAP"]:.3f}' for name, b in record['blocks'].items()
+  ]
+  return '\n'.join(lines)
 
 
 def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
   """``python -m dino_jax.eval.copy_detection``: mAP per Copydays block."""
   if args:
     raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  plan = _plan(values)
-  _, mesh, model, params, step = common.load(values, overrides)
-  extract_fn = functools.partial(
-    extract,
-    model=model,
-    params=params,
-    mesh=mesh,
+  options = dict(
+    data_root=values.data_root,
+    distractors=values.distractors,
+    whitening=values.whitening,
     imsize=values.imsize,
     batch_size=values.batch_size,
   )
-  database = extract_fn(plan['originals'])
-  if plan['distractors']:
-    database = np.concatenate([database, extract_fn(plan['distractors'])])
-  blocks = {
-    name: (extract_fn(paths), pos)
-    for name, (paths, pos) in plan['queries'].items()
-  }
-  whitening = None
-  if plan['whitening']:
-    whitening = learn_whitening(
-      extract_fn(plan['whitening']), official=values.official
-    )
-  maps = evaluate(blocks, database, whitening)
-  lines = [f'Copydays copy detection (step {step}), mAP over the top {TOP_K}:']
-  lines += [f'  {name:12s} {m:.3f}' for name, m in maps.items()]
-  print('\n'.join(lines), flush=True)
-  payload = {
-    'step': step,
-    'imsize': values.imsize,
-    'official': bool(values.official),
-    'top_k': TOP_K,
-    'originals': len(plan['originals']),
-    'distractors': len(plan['distractors']),
-    'whitening_images': len(plan['whitening']),
-    'blocks': {
-      name: {'queries': len(plan['queries'][name][0]), 'mAP': m}
-      for name, m in maps.items()
-    },
-  }
-  path = common.write_record(values.workdir, 'copy_detection', payload)
+  plan(**options)  # checked before anything is imported or written
+  config, mesh, model, params, step = common.load(values, overrides)
+  record = copy_detection_evaluation(
+    config, mesh, model, params, official=values.official, **options
+  )
+  print(format_results(record, step), flush=True)
+  path = common.write_record(
+    values.workdir, 'copy_detection', {'step': step, **record}
+  )
   logger.info('wrote %s', path)
-  return maps
+  return {name: b['mAP'] for name, b in record['blocks'].items()}
 
 
 if __name__ == '__main__':

@@ -35,7 +35,7 @@ from PIL import Image
 from dino_jax import hostmem, interop, interrupt
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
-from dino_jax.eval import common
+from dino_jax.eval import common, shards
 
 logger = logging.getLogger(__name__)
 
@@ -233,17 +233,28 @@ def extract(
   multiscale: bool = False,
   boxes=None,
 ) -> np.ndarray:
-  """[len(paths), D] L2-normalized features, one image at a time."""
+  """[len(paths), D] L2-normalized features, one image at a time.
+
+  Several processes: each extracts its share (every ``process_count``-th
+  image, with ``params`` usable on its own: ``shards.local_params``) and
+  the rows are gathered with their indices; every process gets them all.
+  """
   fn = feature_fn(model, multiscale)
-  rows = []
-  for i, path in enumerate(paths):
+  mine = shards.share(len(paths))
+  rows, failure = [], None
+  for done, i in enumerate(mine):
     interrupt.check()  # a signal stops the extraction between images
     bbx = None if boxes is None else boxes[i]
-    x = load_image(path, imsize, bbx)
-    rows.append(np.asarray(fn(params, jnp.asarray(x[None]))[0]))
-    if (i + 1) % 500 == 0:
-      logger.info('retrieval: %d / %d images', i + 1, len(paths))
-  return np.stack(rows).astype(np.float32)
+    try:
+      x = load_image(paths[i], imsize, bbx)
+    except workdir_lib.WorkdirError as e:  # raised on every process
+      failure = e
+      break
+    rows.append(np.asarray(fn(params, jnp.asarray(x[None]))[0], np.float32))
+    if (done + 1) % 500 == 0:
+      logger.info('retrieval: %d / %d images', done + 1, len(mine))
+  rows = np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+  return shards.gather_rows(mine[: len(rows)], rows, len(paths), failure)
 
 
 # -------------------------------------------------------------------- the data
@@ -336,6 +347,78 @@ def retrieval_eval(
   return evaluate(rank(db, queries), cfg['gnd']), db, queries
 
 
+def check_imsize(imsize: int, what: str = '--imsize') -> None:
+  if imsize < 1:
+    raise workdir_lib.WorkdirError(
+      f'{what}={imsize} must be a positive number of pixels '
+      '(224 for roxford5k, 512 for rparis6k)'
+    )
+
+
+def retrieval_evaluation(
+  config,
+  mesh,
+  backbone,
+  params,
+  *,
+  data_root: str,
+  dataset: str,
+  imsize: int = 224,
+  multiscale: bool = False,
+  official: bool = False,
+) -> dict:
+  """The evaluation of a backbone on one dataset: its record.
+
+  The interface every evaluation shares: the CLI and
+  ``eval.run.after_training`` (``eval.retrieval_root``) call it alike, on
+  any number of processes (each extracts its share of the images).
+
+  Args:
+    config: the run's config (unused: the options come as arguments).
+    mesh: the device mesh ``params`` live on.
+    backbone: the ViT backbone module.
+    params: its parameters (any sharding over ``mesh``).
+    data_root: the folder holding ``<dataset>/``.
+    dataset: 'roxford5k' or 'rparis6k'.
+    imsize: ``thumbnail((imsize, imsize))``.
+    multiscale: the mean of the features at 3 scales.
+    official: queries uncropped (the paper's numbers).
+
+  Returns:
+    {'dataset', 'imsize', 'multiscale', 'official', 'queries_cropped',
+    'num_database', 'num_queries', 'medium': {...}, 'hard': {...}} with the
+    mAP and mP@k in percent (``evaluate``).
+
+  Raises:
+    WorkdirError: bad data or options (one line naming them).
+  """
+  del config
+  if dataset not in DATASETS:
+    raise workdir_lib.WorkdirError(
+      f'dataset {dataset!r} is not one of {", ".join(DATASETS)}'
+    )
+  check_imsize(imsize)
+  cfg = load_dataset(data_root, dataset)
+  results, _, _ = retrieval_eval(
+    backbone,
+    shards.local_params(mesh, params),
+    cfg,
+    imsize,
+    multiscale=multiscale,
+    crop_queries=not official,
+  )
+  return {
+    'dataset': dataset,
+    'imsize': imsize,
+    'multiscale': multiscale,
+    'official': official,
+    'queries_cropped': not official,
+    'num_database': len(cfg['imlist']),
+    'num_queries': len(cfg['qimlist']),
+    **results,
+  }
+
+
 def format_results(dataset: str, results: dict, step: int) -> str:
   m, h = results['medium'], results['hard']
   mp = lambda r: ' '.join(f'{r[f"mp@{k}"]:.2f}' for k in KS)  # noqa: E731
@@ -379,39 +462,26 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
   """``python -m dino_jax.eval.retrieval``: rOxford / rParis mAP."""
   if args:
     raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  if values.imsize < 1:
-    raise workdir_lib.WorkdirError(
-      f'--imsize={values.imsize} must be a positive number of pixels '
-      '(224 for roxford5k, 512 for rparis6k)'
-    )
+  check_imsize(values.imsize)
   if not values.workdir:
     raise workdir_lib.WorkdirError('--workdir is required; pass a directory')
   # The data is checked before anything is imported or written.
-  cfg = load_dataset(values.data_root, values.dataset)
-  _, _, backbone, params, step = common.load(values, overrides)
-  results, _, _ = retrieval_eval(
+  load_dataset(values.data_root, values.dataset)
+  config, mesh, backbone, params, step = common.load(values, overrides)
+  record = retrieval_evaluation(
+    config,
+    mesh,
     backbone,
     params,
-    cfg,
-    values.imsize,
+    data_root=values.data_root,
+    dataset=values.dataset,
+    imsize=values.imsize,
     multiscale=values.multiscale,
-    crop_queries=not values.official,
+    official=values.official,
   )
-  print(format_results(values.dataset, results, step), flush=True)
+  print(format_results(values.dataset, record, step), flush=True)
   path = common.write_record(
-    values.workdir,
-    f'retrieval_{values.dataset}',
-    {
-      'step': step,
-      'dataset': values.dataset,
-      'imsize': values.imsize,
-      'multiscale': values.multiscale,
-      'official': values.official,
-      'queries_cropped': not values.official,
-      'num_database': len(cfg['imlist']),
-      'num_queries': len(cfg['qimlist']),
-      **results,
-    },
+    values.workdir, f'retrieval_{values.dataset}', {'step': step, **record}
   )
   logger.info('wrote %s', path)
 

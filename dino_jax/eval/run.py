@@ -9,8 +9,18 @@ import numpy as np
 
 from dino_jax import interrupt, parallel, storage
 from dino_jax import step as step_lib
+from dino_jax import workdir as workdir_lib
 from dino_jax.data import sources
-from dino_jax.eval import attention, common, features, knn, linear
+from dino_jax.eval import (
+  attention,
+  common,
+  copy_detection,
+  features,
+  knn,
+  linear,
+  retrieval,
+  video,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +48,14 @@ def after_training(
   ``final=False`` (an ``eval_every_steps`` evaluation during training)
   scores only the trained features: the baselines (random init, raw pixels)
   do not change with the step and are scored once, at the end, with the
-  attention maps.
+  attention maps. At the end, the linear probe, the mask Jaccard and the
+  downstream protocols (``downstream``) go to WORKDIR/eval/downstream.json.
   """
   e = config.eval
   out = {}
   _, teacher = step_lib.build_models(config)
   backbone = teacher.backbone
-  params = state.teacher['backbone']
+  params = step_lib.teacher_backbone(state)
   if e.knn:
     cls = features.jit_feature_fn(backbone, mesh)
     fns = {'trained': functools.partial(cls, params)}
@@ -59,7 +70,8 @@ def after_training(
       logger.warning('k-NN skipped: %s', error)
       results = {}
     for name, table in results.items():
-      print(knn.format_table(table, f'k-NN {name} (step {step})'), flush=True)
+      title = knn.title(workdir, step, name)
+      print(knn.format_table(table, title), flush=True)
     interrupt.check()  # nothing partial: all of the k-NN results or none
     if results:
       knn.write_results(
@@ -72,14 +84,17 @@ def after_training(
             for name, table in results.items()
           },
         },
+        config,
       )
     out['knn'] = results
   if final and e.linear:
     out['linear'] = _linear_sweeps(config, mesh, backbone, params, step)
   if final and e.mask_jaccard_images > 0:
     out['mask_jaccard'] = _mask_jaccard(config, mesh, backbone, params, step)
-  if final and (e.linear or e.mask_jaccard_images > 0):
-    record = {k: out[k] for k in ('linear', 'mask_jaccard') if k in out}
+  if final:
+    out.update(downstream(config, workdir, mesh, backbone, params, step))
+  record = {k: out[k] for k in DOWNSTREAM if k in out}
+  if final and record:
     interrupt.check()  # nothing partial
     common.write_record(workdir, 'downstream', {'step': step, **record})
   if final and e.attention_images > 0:  # every process takes part
@@ -105,6 +120,78 @@ def after_training(
       'attention maps: %d files in %s/eval/attention', len(paths), workdir
     )
     out['attention'] = paths
+  return out
+
+
+# What eval/downstream.json holds (those the config turned on).
+DOWNSTREAM = ('linear', 'mask_jaccard', 'retrieval', 'copy_detection', 'davis')
+# A protocol whose data is wrong is skipped with a warning: the run, done,
+# keeps its other results (the CLI gives the same error as one line).
+_DATA_ERRORS = (
+  workdir_lib.WorkdirError,
+  workdir_lib.ConfigOverrideError,
+  copy_detection.CopydaysError,
+)
+
+
+def downstream(config, workdir, mesh, backbone, params, step: int) -> dict:
+  """The protocols whose data the config names: {name: record}.
+
+  Retrieval (``eval.retrieval_root``), copy detection
+  (``eval.copydays_root``), DAVIS (``eval.davis_root``; PNGs into
+  WORKDIR/eval/davis/): each the record its CLI writes (without the step),
+  from the same function, on the trained backbone. Every process takes
+  part; process 0 writes.
+  """
+  e = config.eval
+  runs = {}
+  if e.retrieval_root:
+    runs['retrieval'] = lambda: retrieval.retrieval_evaluation(
+      config,
+      mesh,
+      backbone,
+      params,
+      data_root=e.retrieval_root,
+      dataset=e.retrieval_dataset,
+      imsize=e.retrieval_imsize,
+      multiscale=e.retrieval_multiscale,
+    )
+  if e.copydays_root:
+    runs['copy_detection'] = lambda: copy_detection.copy_detection_evaluation(
+      config,
+      mesh,
+      backbone,
+      params,
+      data_root=e.copydays_root,
+      distractors=e.copydays_distractors,
+      whitening=e.copydays_whitening,
+      imsize=e.copydays_imsize,
+    )
+  if e.davis_root:
+    runs['davis'] = lambda: video.video_evaluation(
+      config,
+      mesh,
+      backbone,
+      params,
+      davis_root=e.davis_root,
+      split=e.davis_split,
+      size=e.davis_size,
+      write=lambda rel, data: common.write_bytes(workdir, f'davis/{rel}', data),
+    )
+  formats = {
+    'retrieval': lambda r: retrieval.format_results(r['dataset'], r, step),
+    'copy_detection': lambda r: copy_detection.format_results(r, step),
+    'davis': lambda r: video.format_results(r, step),
+  }
+  out = {}
+  for name, run in runs.items():
+    interrupt.check()
+    try:
+      out[name] = run()
+    except _DATA_ERRORS as error:
+      logger.warning('%s skipped: %s', name, error)
+      continue
+    print(formats[name](out[name]), flush=True)
   return out
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from dino_jax import hostmem, interop, interrupt
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
-from dino_jax.eval import common, davis_metrics
+from dino_jax.eval import common, davis_metrics, shards
 
 logger = logging.getLogger(__name__)
 
@@ -295,17 +295,139 @@ def read_labels(path: str) -> np.ndarray:
 def evaluate(
   feature_fn, videos: dict, patch: int, write=None, **options
 ) -> dict:
-  """Segments and scores every sequence; {'J', 'F', 'J&F', 'sequences'}."""
-  per_sequence = {}
-  for seq, (frames, annotations) in videos.items():
+  """Segments and scores every sequence; {'J', 'F', 'J&F', 'sequences'}.
+
+  Several processes: each segments its share of the sequences (every
+  ``process_count``-th); the scores and the PNGs are gathered, so every
+  process returns all the scores, and ``write(relative path, png bytes)``
+  gets every frame, in sequence order, once all are done (nothing
+  partial). A sequence that fails on one process fails every process.
+  """
+  names = list(videos)
+  mine = shards.share(len(names))
+  done, failure = {}, None
+  for i in mine:
+    seq = names[i]
+    frames, annotations = videos[seq]
     logger.info('segmenting %s (%d frames)', seq, len(frames))
-    seq_write = (lambda n, b, s=seq: write(f'{s}/{n}', b)) if write else None
-    labels, _ = segment_video(
-      feature_fn, frames, annotations[0], patch, write=seq_write, **options
-    )
-    gt = np.stack([read_labels(a) for a in annotations])
-    per_sequence[seq] = davis_metrics.sequence_scores(gt, np.stack(labels))
+    pngs = []
+    try:
+      labels, _ = segment_video(
+        feature_fn,
+        frames,
+        annotations[0],
+        patch,
+        write=lambda n, b, s=seq, out=pngs: out.append((f'{s}/{n}', b)),
+        **options,
+      )
+      gt = np.stack([read_labels(a) for a in annotations])
+    except (workdir_lib.WorkdirError, OSError) as e:  # on every process
+      failure = e
+      break
+    done[seq] = (davis_metrics.sequence_scores(gt, np.stack(labels)), pngs)
+  parts = shards.gather_objects((done, failure))
+  shards.raise_first([f for _, f in parts])
+  for part, _ in parts:
+    done.update(part)
+  if write:
+    for seq in names:
+      for relative, data in done[seq][1]:
+        write(relative, data)
+  per_sequence = {seq: done[seq][0] for seq in names}
   return {**davis_metrics.summarize(per_sequence), 'sequences': per_sequence}
+
+
+def check_options(
+  davis_root: str,
+  size: int,
+  n_last_frames: int,
+  size_mask_neighborhood: int,
+  topk: int,
+) -> None:
+  """Raises a one-line error for a bad option (named as its flag)."""
+  checks = [
+    ('size', size, 1),
+    ('n_last_frames', n_last_frames, 0),
+    ('size_mask_neighborhood', size_mask_neighborhood, 0),
+    ('topk', topk, 1),
+  ]
+  for name, value, least in checks:
+    if value < least:
+      raise workdir_lib.ConfigOverrideError(
+        f'--{name}={value} is below {least}; pass an integer >= {least}'
+      )
+  if not davis_root:
+    raise workdir_lib.WorkdirError(
+      '--davis_root is required; pass the DAVIS 2017 folder'
+    )
+
+
+def video_evaluation(
+  config,
+  mesh,
+  backbone,
+  params,
+  *,
+  davis_root: str,
+  split: str = 'val',
+  size: int = 480,
+  n_last_frames: int = 7,
+  size_mask_neighborhood: int = 12,
+  topk: int = 5,
+  official: bool = False,
+  write=None,
+) -> dict:
+  """The evaluation of a backbone on DAVIS 2017: its record.
+
+  The interface every evaluation shares: the CLI and
+  ``eval.run.after_training`` (``eval.davis_root``) call it alike, on any
+  number of processes (each segments its share of the sequences).
+
+  Args:
+    config: the run's config (its ``model.patch_size``).
+    mesh: the device mesh ``params`` live on.
+    backbone: the ViT backbone module.
+    params: its parameters (any sharding over ``mesh``).
+    davis_root: the DAVIS folder (ImageSets/2017, JPEGImages/480p,
+      Annotations/480p).
+    split: ImageSets/2017/<split>.txt.
+    size: the frames' short side.
+    n_last_frames: previous frames in the context.
+    size_mask_neighborhood: window radius in patches (0: none).
+    topk: sources kept per target patch.
+    official: the official std typo and one-hot depth.
+    write: ``write(relative path, png bytes)``, e.g. into
+      WORKDIR/eval/davis/ (process 0); None: no PNGs.
+
+  Returns:
+    {'split', 'size', 'n_last_frames', 'size_mask_neighborhood', 'topk',
+    'official', 'J', 'F', 'J&F' (in [0, 1]), 'sequences'}.
+
+  Raises:
+    WorkdirError, ConfigOverrideError: bad data or options (one line).
+  """
+  options = dict(
+    size=size,
+    n_last_frames=n_last_frames,
+    size_mask_neighborhood=size_mask_neighborhood,
+    topk=topk,
+  )
+  check_options(davis_root, **options)
+  videos = list_videos(davis_root, split)
+  patch = config.model.patch_size
+  check_grids(videos, size, patch, topk)
+  feature_fn = make_feature_fn(backbone, shards.local_params(mesh, params))
+  results = evaluate(
+    feature_fn, videos, patch, write=write, official=official, **options
+  )
+  return {'split': split, **options, 'official': official, **results}
+
+
+def format_results(record: dict, step: int) -> str:
+  return (
+    f'DAVIS {record["split"]} (step {step}): J {100 * record["J"]:.1f}  '
+    f'F {100 * record["F"]:.1f}  J&F {100 * record["J&F"]:.1f}'
+  )
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -333,55 +455,34 @@ def define_flags(values: flags.FlagValues) -> None:
   )
 
 
-def _check_values(values) -> None:
-  checks = [
-    ('size', values.size, 1),
-    ('n_last_frames', values.n_last_frames, 0),
-    ('size_mask_neighborhood', values.size_mask_neighborhood, 0),
-    ('topk', values.topk, 1),
-  ]
-  for name, value, least in checks:
-    if value < least:
-      raise workdir_lib.ConfigOverrideError(
-        f'--{name}={value} is below {least}; pass an integer >= {least}'
-      )
-  if not values.davis_root:
-    raise workdir_lib.WorkdirError(
-      '--davis_root is required; pass the DAVIS 2017 folder'
-    )
-
-
 def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
   """``python -m dino_jax.eval.video``: DAVIS J&F of a workdir."""
   if args:
     raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  _check_values(values)
-  videos = list_videos(values.davis_root, values.split)
-  config, _, backbone, params, step = common.load(values, overrides)
-  patch = config.model.patch_size
-  check_grids(videos, values.size, patch, values.topk)
   options = dict(
     size=values.size,
     n_last_frames=values.n_last_frames,
     size_mask_neighborhood=values.size_mask_neighborhood,
     topk=values.topk,
-    official=values.official,
   )
-  results = evaluate(
-    make_feature_fn(backbone, params),
-    videos,
-    patch,
+  check_options(values.davis_root, **options)
+  list_videos(values.davis_root, values.split)  # before anything is written
+  config, mesh, backbone, params, step = common.load(values, overrides)
+  record = video_evaluation(
+    config,
+    mesh,
+    backbone,
+    params,
+    davis_root=values.davis_root,
+    split=values.split,
+    official=values.official,
     write=lambda rel, data: common.write_bytes(
       values.workdir, f'davis/{rel}', data
     ),
     **options,
   )
-  payload = {'step': step, 'split': values.split, **options, **results}
-  path = common.write_record(values.workdir, 'davis', payload)
-  print(
-    f'DAVIS {values.split}: J {100 * results["J"]:.1f}  '
-    f'F {100 * results["F"]:.1f}  J&F {100 * results["J&F"]:.1f}'
-  )
+  path = common.write_record(values.workdir, 'davis', {'step': step, **record})
+  print(format_results(record, step), flush=True)
   logger.info('wrote %s', path)
 
 
