@@ -257,6 +257,19 @@ def state_template(
   return student, tx, init_fn_for(config, student, tx)
 
 
+def teacher_backbone(state: TrainState) -> Any:
+  """What evaluations apply the teacher backbone with (``eval/features``).
+
+  Its params, or for a backbone with BatchNorm (a ResNet) ``{'params',
+  'batch_stats'}``: the teacher's running statistics, for inference mode.
+  """
+  params = state.teacher['backbone']
+  stats = (state.batch_stats or {}).get('teacher', {}).get('backbone')
+  if not stats:
+    return params
+  return {'params': params, 'batch_stats': stats}
+
+
 def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
   values = jnp.asarray(table, jnp.float32)
   return values[jnp.minimum(index, len(table) - 1)]

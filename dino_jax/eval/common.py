@@ -101,7 +101,7 @@ def load(values: flags.FlagValues, overrides: list[str]):
     values.workdir, overrides
   )
   _, teacher = step_lib.build_models(config)
-  return config, mesh, teacher.backbone, state.teacher['backbone'], step
+  return config, mesh, teacher.backbone, step_lib.teacher_backbone(state), step
 
 
 def write_record(workdir: str, name: str, payload: dict) -> str:

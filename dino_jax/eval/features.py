@@ -13,7 +13,7 @@ together (``gather``), so no row can lose its label.
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -167,9 +167,20 @@ def report_undecodable(source, indices, show: int = 5) -> str | None:
   return message
 
 
+def variables_of(params) -> dict:
+  """``{'params': params}``, or ``params`` itself when it already holds the
+  variables with BatchNorm running statistics (``{'params',
+  'batch_stats'}``, a ResNet: ``step.teacher_backbone``), so a ResNet runs
+  in inference mode on its running statistics."""
+  if isinstance(params, Mapping) and 'batch_stats' in params:
+    return params
+  return {'params': params}
+
+
 def cls_features(model, params, images: jax.Array) -> jax.Array:
-  """[B, S, S, 3] -> [B, D]: backbone CLS after the final norm (SPEC §7.1)."""
-  return model.apply({'params': params}, images).astype(jnp.float32)
+  """[B, S, S, 3] -> [B, D]: backbone CLS after the final norm (SPEC §7.1);
+  a ResNet's pooled features (inference mode)."""
+  return model.apply(variables_of(params), images).astype(jnp.float32)
 
 
 def probe_features(
@@ -183,8 +194,11 @@ def probe_features(
 
   The CLS tokens of the last ``n_last_blocks`` blocks (each after the final
   norm) concatenated, F = n * D; with ``avgpool`` (n = 1) the CLS and the
-  mean patch token interleaved element-wise, F = 2 * D.
+  mean patch token interleaved element-wise, F = 2 * D. A ResNet has no
+  blocks of tokens: its pooled features (official eval_linear.py).
   """
+  if not hasattr(model, 'intermediate_layers'):
+    return jax.lax.stop_gradient(cls_features(model, params, images))
   layers = model.apply(
     {'params': params}, images, n=n_last_blocks, method='intermediate_layers'
   )

@@ -232,7 +232,8 @@ def knn_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
   """
   config, mesh, state, step = workdir_lib.load_workdir(workdir, overrides)
   _, teacher = step_lib.build_models(config)
-  results = knn_eval(config, mesh, teacher.backbone, state.teacher['backbone'])
+  params = step_lib.teacher_backbone(state)
+  results = knn_eval(config, mesh, teacher.backbone, params)
   print(format_table(results, f'k-NN teacher (step {step})'), flush=True)
   path = write_results(
     workdir,

@@ -440,7 +440,11 @@ def linear_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
   config, mesh, state, step = workdir_lib.load_workdir(workdir, overrides)
   _, teacher = step_lib.build_models(config)
   result = train_linear_probe(
-    config, mesh, teacher.backbone, state.teacher['backbone'], seed=config.seed
+    config,
+    mesh,
+    teacher.backbone,
+    step_lib.teacher_backbone(state),
+    seed=config.seed,
   )
   write_results(workdir, step, result)
   return result
