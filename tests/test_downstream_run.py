@@ -165,6 +165,7 @@ class ProtocolsAtTheEndOfTrainingTest(absltest.TestCase):
           '--data_root=' + fields['copydays_root'],
           '--whitening=' + fields['copydays_whitening'],
           '--imsize=32',
+          '--batch_size=8',  # eval.batch_size
         ],
       ),
       (video, ['--davis_root=' + fields['davis_root'], '--size=64']),

@@ -138,10 +138,10 @@ def downstream(config, workdir, mesh, backbone, params, step: int) -> dict:
   """The protocols whose data the config names: {name: record}.
 
   Retrieval (``eval.retrieval_root``), copy detection
-  (``eval.copydays_root``), DAVIS (``eval.davis_root``; PNGs into
-  WORKDIR/eval/davis/): each the record its CLI writes (without the step),
-  from the same function, on the trained backbone. Every process takes
-  part; process 0 writes.
+  (``eval.copydays_root``, in batches of ``eval.batch_size``), DAVIS
+  (``eval.davis_root``; PNGs into WORKDIR/eval/davis/): each the record
+  its CLI writes (without the step), from the same function, on the
+  trained backbone. Every process takes part; process 0 writes.
   """
   e = config.eval
   runs = {}
@@ -166,6 +166,7 @@ def downstream(config, workdir, mesh, backbone, params, step: int) -> dict:
       distractors=e.copydays_distractors,
       whitening=e.copydays_whitening,
       imsize=e.copydays_imsize,
+      batch_size=e.batch_size,
     )
   if e.davis_root:
     runs['davis'] = lambda: video.video_evaluation(
