@@ -387,12 +387,12 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
       else state.center
     )
     epoch = int(raw.get('epoch', 0))
+    step = _resume_step(raw, epoch, config)
   else:
     backbone = student_params['backbone']
     student = {**state.student, 'backbone': backbone}
     teacher = {**state.teacher, 'backbone': backbone}
-    center, epoch = state.center, 0
-  step = epoch * config.steps_per_epoch if config.steps_per_epoch > 0 else 0
+    center, step = state.center, 0
   state = state.replace(
     step=jnp.asarray(step, jnp.int32),
     student=student,
@@ -401,6 +401,9 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     opt_state=optim.set_schedule_step(tx.init(student), step),
   )
   _save_new(workdir, step, state, config)
+  workdir_lib.write_import_record(
+    workdir, path, step, 'full' if full else 'backbone'
+  )
   logger.info(
     'imported %s (%s) into %s at step %d',
     path,
@@ -409,6 +412,32 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     step,
   )
   return step
+
+
+# The extra key of an exported full checkpoint holding its step (the
+# official loader reads the keys it names and ignores the others).
+STEP_KEY = 'dino_jax_step'
+
+
+def _resume_step(raw: dict, epoch: int, config) -> int:
+  """The step a full checkpoint resumes at: its ``dino_jax_step`` (our
+  export), else ``epoch * steps_per_epoch`` (an official file records
+  epochs only: training resumes at the start of the next one). A file
+  with an epoch but no known epoch length resumes at step 0, said in one
+  line."""
+  if STEP_KEY in raw:
+    return int(raw[STEP_KEY])
+  if config.steps_per_epoch > 0:
+    return epoch * config.steps_per_epoch
+  if epoch > 0:
+    print(
+      f'warning: the checkpoint records epoch {epoch} but no step, and '
+      'config.steps_per_epoch is 0 (the epoch length comes from the data): '
+      'training resumes at step 0; pass --config.steps_per_epoch=N to '
+      f'resume at step {epoch}*N',
+      file=sys.stderr,
+    )
+  return 0
 
 
 def _reason(error: Exception) -> str:
@@ -470,7 +499,8 @@ def export_checkpoint(workdir: str, path: str, what: str = 'backbone') -> dict:
       'student': state_dict(state.student, 'module.'),
       'teacher': state_dict(state.teacher, ''),
       'dino_loss': {'center': torch.from_numpy(np.array(state.center))},
-      'epoch': int(step) // max(config.steps_per_epoch, 1),
+      'epoch': _epoch_of(config, int(step)),
+      STEP_KEY: int(step),  # mid-epoch too; ignored by the official code
     }
   else:
     raise ValueError(f"what={what!r}; use 'backbone' or 'full'")
@@ -478,6 +508,23 @@ def export_checkpoint(workdir: str, path: str, what: str = 'backbone') -> dict:
   torch.save(payload, data)
   storage.write_bytes(path, data.getvalue())  # whole or not at all
   return payload
+
+
+def _epoch_of(config, step: int) -> int:
+  """The epoch ``step`` lies in: by ``steps_per_epoch``, or by the data's
+  size when the config leaves the epoch length to the data (as training
+  does); 0 when the data cannot be read (the step key still holds it)."""
+  per_epoch = config.steps_per_epoch
+  if per_epoch <= 0:
+    from dino_jax.data import sources
+
+    try:
+      size = len(sources.make_source(config.data, config.data.split))
+    except (sources.DataError, OSError) as e:
+      logger.warning('epoch unknown (%s); the step is in %s', e, STEP_KEY)
+      return 0
+    per_epoch = max(size // config.batch_size, 1)
+  return step // per_epoch
 
 
 def define_flags(values: flags.FlagValues) -> None:

@@ -39,6 +39,12 @@ class Stopped(Exception):
     self.signal_name = signal_name
 
 
+# What the first signal's line says: training saves; an evaluation tool
+# stops between batches and writes nothing partial.
+SAVING = 'saving at the next step boundary, then exiting'
+STOPPING = 'stopping at the next batch; nothing partial is written'
+
+
 class Record:
   """What the handlers saw.
 
@@ -51,7 +57,8 @@ class Record:
       preemption notifier as SIGTERM.
   """
 
-  def __init__(self, local: bool):
+  def __init__(self, local: bool, announce: str = SAVING):
+    self.announce = announce
     self.signal_name = None
     self.aborted = False
     self.local = local
@@ -66,10 +73,11 @@ class Record:
       return
     self.signal_name = name
     logger.warning(
-      '%s: saving at the next step boundary, then exiting%s',
+      '%s: %s%s',
       name,
+      self.announce,
       ' (press Ctrl-C again to exit at once without saving)'
-      if signum == signal.SIGINT
+      if signum == signal.SIGINT and self.announce == SAVING
       else '',
     )
 
@@ -78,18 +86,21 @@ _active: Record | None = None
 
 
 @contextlib.contextmanager
-def handled(*, sigterm: bool = True, local: bool = True):
+def handled(
+  *, sigterm: bool = True, local: bool = True, announce: str = SAVING
+):
   """Installs the recording handlers for the block; yields the Record.
 
   Args:
     sigterm: also handle SIGTERM (False: left to JAX's preemption notifier).
     local: whether ``check()`` stops this process on its own.
+    announce: what the first signal's warning says will happen.
 
   Off the main thread (where Python cannot set handlers) the block runs
   with a Record that no signal reaches.
   """
   global _active
-  record = Record(local)
+  record = Record(local, announce)
   previous = {}
   if threading.current_thread() is threading.main_thread():
     # SIGINT is set even when inherited ignored (a background job, a test

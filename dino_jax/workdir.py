@@ -551,6 +551,26 @@ def checkpoint_dir(workdir: str) -> str:
   return path
 
 
+IMPORT_RECORD = 'imported.json'
+
+
+def write_import_record(workdir: str, source: str, step: int, what: str):
+  """WORKDIR/imported.json: the .pth a workdir was seeded from, its step."""
+  record = {'source': source, 'step': int(step), 'what': what}
+  storage.write_text(storage.join(workdir, IMPORT_RECORD), json.dumps(record))
+
+
+def imported_from(workdir: str) -> dict | None:
+  """WORKDIR/imported.json ({'source', 'step', 'what'}), or None."""
+  path = storage.join(workdir, IMPORT_RECORD)
+  if not storage.as_path(path).exists():
+    return None
+  try:
+    return json.loads(storage.read_text(path))
+  except ValueError:
+    return None
+
+
 def has_checkpoint(workdir: str) -> bool:
   """Whether ``WORKDIR/checkpoints`` holds a step directory; reads only."""
   path = storage.as_path(storage.join(workdir, 'checkpoints'))
@@ -672,7 +692,7 @@ def _run_tool(main, args, reported) -> int:
   """
   from dino_jax import interrupt
 
-  with interrupt.handled():
+  with interrupt.handled(announce=interrupt.STOPPING):
     try:
       main(*args)
       interrupt.check()  # a signal near the end still stops with its status

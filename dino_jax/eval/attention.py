@@ -361,12 +361,16 @@ def load_image(path: str, image_size: int, patch_size: int) -> np.ndarray:
 def attention_from_workdir(
   workdir: str,
   image_path: str,
-  image_size: int = 480,
+  image_size: int = 0,
   threshold: float = 0.6,
   output_dir: str | None = None,
   overrides: list[str] = (),
 ) -> list[str]:
-  """Maps of the teacher backbone in ``workdir`` for one image file."""
+  """Maps of the teacher backbone in ``workdir`` for one image file.
+
+  ``image_size`` 0: the config's ``eval.attention_size``, else its
+  ``eval.crop_size`` (the size the model was evaluated at).
+  """
   if not storage.as_path(image_path).is_file():
     raise workdir_lib.WorkdirError(
       f'--image={image_path} is not a file; pass an image file'
@@ -374,6 +378,15 @@ def attention_from_workdir(
   config, mesh, state, _ = workdir_lib.load_workdir(workdir, overrides)
   _, teacher = step_lib.build_models(config)
   p = config.model.patch_size
+  image_size = image_size or config.eval.attention_size or config.eval.crop_size
+  if image_size < p:
+    raise workdir_lib.ConfigOverrideError(
+      f'--image_size={image_size} is smaller than the patch size {p}; pass '
+      f"a size of at least {p} (0: the config's eval.attention_size)"
+    )
+  print(
+    f'attention maps at {image_size} x {image_size} pixels', file=sys.stderr
+  )
   image = load_image(image_path, image_size, p)
   out = output_dir or storage.join(workdir, 'eval', 'attention')
   stem = storage.as_path(image_path).stem
@@ -394,7 +407,13 @@ def define_flags(values: flags.FlagValues) -> None:
   kw = {'flag_values': values}
   common.define_flags(values)
   flags.DEFINE_string('image', None, 'Image file.', **kw)
-  flags.DEFINE_integer('image_size', 480, 'Resize to this square size.', **kw)
+  flags.DEFINE_integer(
+    'image_size',
+    0,
+    "Resize to this square size (0: the config's eval.attention_size, "
+    'else eval.crop_size).',
+    **kw,
+  )
   flags.DEFINE_float(
     'threshold', 0.6, 'Attention mass kept by the masks.', **kw
   )
@@ -414,6 +433,11 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
   for name in ('workdir', 'image'):
     if not values[name].value:
       raise workdir_lib.ConfigOverrideError(f'--{name} is required')
+  if values.image_size < 0:
+    raise workdir_lib.ConfigOverrideError(
+      f'--image_size={values.image_size} is negative; pass a side in '
+      "pixels, or 0 for the config's eval.attention_size"
+    )
   if not 0 < values.threshold <= 1:
     raise workdir_lib.ConfigOverrideError(
       f'--threshold={values.threshold} is outside (0, 1]; pass the fraction '

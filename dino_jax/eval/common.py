@@ -7,15 +7,18 @@ dict``; its CLI (``python -m dino_jax.eval.<name>``) is a thin shell:
     with --config (the official weights imported into --workdir first);
   ``load(values, overrides)``: (config, mesh, backbone, params, step), the
     teacher backbone of the newest intact checkpoint;
-  ``write_record(workdir, name, payload)``: WORKDIR/eval/<name>.json through
+  ``write_record(workdir, name, payload)``: WORKDIR/eval/<name>.json and a
+    record of the run in WORKDIR/eval/records/ (never replaced) through
     ``storage`` (local or gs://), written by process 0, atomically.
 
 Long work calls ``interrupt.check()`` between batches, so SIGTERM / Ctrl-C
 stop it cleanly with nothing partial written.
 """
 
+import datetime
 import json
 import logging
+import sys
 
 import jax
 from absl import flags
@@ -104,17 +107,64 @@ def load(values: flags.FlagValues, overrides: list[str]):
   return config, mesh, teacher.backbone, step_lib.teacher_backbone(state), step
 
 
-def write_record(workdir: str, name: str, payload: dict) -> str:
-  """Writes WORKDIR/eval/<name>.json (process 0 only); returns the path.
+def write_record(
+  workdir: str,
+  name: str,
+  payload: dict,
+  *,
+  settings: dict | None = None,
+  keep: tuple[str, ...] = (),
+) -> str:
+  """Writes WORKDIR/eval/<name>.json and a record of this run; the path.
 
-  Atomic (``storage.write_text``): a run stopped meanwhile leaves the
-  previous file whole. Local paths and gs:// alike.
+  Every call adds ``WORKDIR/eval/records/<name>-step<S>-<UTC time>.json``
+  (what, step, settings, time, command line, the payload), which no later
+  run replaces. ``<name>.json`` holds the newest results; its entries named
+  in ``keep`` that ``payload`` lacks stay (the baselines of a k-NN table
+  when only the trained features were scored again). Process 0 only;
+  atomic (``storage.write_text``): a run stopped meanwhile leaves the
+  previous files whole. Local paths and gs:// alike.
   """
   path = storage.join(workdir, 'eval', f'{name}.json')
-  if jax.process_index() == 0:
-    storage.makedirs(storage.join(workdir, 'eval'))
-    storage.write_text(path, json.dumps(payload, indent=2))
+  if jax.process_index() != 0:
+    return path
+  storage.makedirs(storage.join(workdir, 'eval', 'records'))
+  now = datetime.datetime.now(datetime.UTC)
+  record = {
+    'what': name,
+    'step': payload.get('step'),
+    'time': now.isoformat(timespec='seconds'),
+    'command': list(sys.argv),
+    'settings': settings or {},
+    'results': payload,
+  }
+  stamp = now.strftime('%Y%m%dT%H%M%S%fZ')
+  storage.write_text(
+    storage.join(
+      workdir, 'eval', 'records', f'{name}-step{record["step"]}-{stamp}.json'
+    ),
+    json.dumps(record, indent=2),
+  )
+  kept = {}
+  if keep and storage.as_path(path).exists():
+    try:
+      previous = json.loads(storage.read_text(path))
+    except ValueError:  # a file written by hand, or older: replaced
+      previous = {}
+    kept = {k: previous[k] for k in keep if k in previous and k not in payload}
+  storage.write_text(path, json.dumps({**payload, **kept}, indent=2))
   return path
+
+
+def read_records(workdir: str, name: str | None = None) -> list[dict]:
+  """The records of WORKDIR/eval/records/ (of evaluation ``name``), oldest
+  first."""
+  directory = storage.as_path(storage.join(workdir, 'eval', 'records'))
+  if not directory.exists():
+    return []
+  records = [json.loads(p.read_text()) for p in directory.glob('*.json')]
+  records = [r for r in records if name is None or r['what'] == name]
+  return sorted(records, key=lambda r: r['time'])
 
 
 def write_bytes(workdir: str, relative: str, data: bytes) -> str:

@@ -123,9 +123,54 @@ def format_table(results: dict, title: str = 'k-NN') -> str:
   return '\n'.join(lines)
 
 
-def write_results(workdir: str, name: str, payload: dict) -> str:
-  """WORKDIR/eval/<name>.json (``common.write_record``)."""
-  return common.write_record(workdir, name, payload)
+# The tables a k-NN run may score: the trained teacher, and (with
+# eval.baselines) the baselines, which later runs keep in knn.json.
+TABLES = ('trained', 'random_init', 'raw_pixels')
+_SETTINGS = (
+  'train_split',
+  'test_split',
+  'max_train_images',
+  'max_test_images',
+  'resize_size',
+  'crop_size',
+  'ks',
+  'temperature',
+)
+
+
+def settings(config) -> dict:
+  """What a k-NN score depends on besides the weights (for its record)."""
+  d = config.data
+  return {
+    'data': {'source': d.source, 'name': d.name, 'path': d.path},
+    'eval': {k: config.eval[k] for k in _SETTINGS},
+  }
+
+
+def title(workdir: str, step: int, name: str = 'trained') -> str:
+  """The table's title, the same from training and from the CLI:
+  ``k-NN trained (step S)``; for weights imported and not trained since,
+  ``k-NN trained (imported FILE.pth, step S)``."""
+  imported = workdir_lib.imported_from(workdir)
+  if imported and imported.get('step') == step:
+    source = imported['source'].rstrip('/').rsplit('/', 1)[-1]
+    return f'k-NN {name} (imported {source}, step {step})'
+  return f'k-NN {name} (step {step})'
+
+
+def write_results(workdir: str, name: str, payload: dict, config=None) -> str:
+  """WORKDIR/eval/<name>.json and a record (``common.write_record``).
+
+  The baselines of an earlier run stay in knn.json when this one scored
+  only the trained features; ``config``: the settings recorded.
+  """
+  return common.write_record(
+    workdir,
+    name,
+    payload,
+    settings=settings(config) if config is not None else None,
+    keep=TABLES,
+  )
 
 
 def _extract(config, mesh, fn, split, max_images):
@@ -234,13 +279,14 @@ def knn_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
   _, teacher = step_lib.build_models(config)
   params = step_lib.teacher_backbone(state)
   results = knn_eval(config, mesh, teacher.backbone, params)
-  print(format_table(results, f'k-NN teacher (step {step})'), flush=True)
+  print(format_table(results, title(workdir, step)), flush=True)
   path = write_results(
     workdir,
     'knn',
     {'step': step, 'trained': {str(k): v for k, v in results.items()}},
+    config,
   )
-  logger.info('wrote %s', path)
+  print(f'wrote {path} and a record in eval/records/', flush=True)
   return results
 
 
