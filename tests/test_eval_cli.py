@@ -235,7 +235,7 @@ class SubprocessTest(parameterized.TestCase):
       'eval.max_test_images=8',
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertIn('k-NN teacher (step 0)', result.stdout)
+    self.assertIn('k-NN trained (step 0)', result.stdout)
     self.assertRegex(result.stdout, r'\n\s+3\s+\d+\.\d\d\s+\d+\.\d\d')
     self.assertEqual(
       [x for x in result.stderr.splitlines() if x.startswith('warning:')],

@@ -47,7 +47,7 @@ class ChoosePlatformTest(absltest.TestCase):
       cwd=ROOT,
     )
     self.assertEqual(result.returncode, 0, result.stderr)
-    self.assertIn('k-NN teacher (step 0)', result.stdout)
+    self.assertIn('k-NN trained (step 0)', result.stdout)
     for line in NOISE:
       self.assertNotIn(line, result.stderr)
 
