@@ -14,7 +14,9 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -23,7 +25,9 @@ import test_retrieval
 import test_video
 import tiny_config
 from absl.testing import absltest
+from PIL import Image
 from test_attention_masks import write_idx
+from test_eval_cli import tiny_workdir
 
 from dino_jax import parallel, train
 from dino_jax import step as step_lib
@@ -214,6 +218,98 @@ class ProtocolsAtTheEndOfTrainingTest(absltest.TestCase):
     e = tiny_config.get_config().eval
     self.assertEqual((e.retrieval_root, e.copydays_root, e.davis_root),
                      ('', '', ''))  # fmt: skip
+
+
+def _run(module, argv):
+  """(exit status, stderr) of ``module``'s CLI, run in this process."""
+  stderr = io.StringIO()
+  with (
+    contextlib.redirect_stdout(io.StringIO()),
+    contextlib.redirect_stderr(stderr),
+  ):
+    status = workdir_lib.run_cli(
+      module.define_flags,
+      module.main,
+      ['prog', *argv],
+      errors=copy_detection.ERRORS,
+    )
+  return status, stderr.getvalue()
+
+
+class SignalTest(absltest.TestCase):
+  """SIGTERM during an extraction: each CLI stops at the next image, batch
+  or frame, exits 143 and writes nothing."""
+
+  def test_sigterm_stops_each_protocol_writing_nothing(self):
+    root = tempfile.mkdtemp()
+    fields = downstream_fixtures(root)
+    workdir = os.path.join(root, 'w')
+    tiny_workdir(workdir)
+    # (module, its reader, flags, reads before the stop): retrieval and
+    # video check between images and frames; copy detection between
+    # batches (the first: the 3 originals, padded to the device count).
+    cases = [
+      (
+        retrieval,
+        'load_image',
+        ['--data_root=' + fields['retrieval_root'], '--imsize=32'],
+        2,
+      ),
+      (
+        copy_detection,
+        'load_image',
+        ['--data_root=' + fields['copydays_root'], '--imsize=32'],
+        3,
+      ),
+      (
+        video,
+        'read_frame',
+        ['--davis_root=' + fields['davis_root'], '--size=64'],
+        2,
+      ),
+    ]
+    for module, reader, argv, reads in cases:
+      original = getattr(module, reader)
+      calls = []
+
+      def signalled(*args, original=original, calls=calls, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the signal comes while the 2nd is read
+          os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+      with mock.patch.object(module, reader, signalled):
+        status, stderr = _run(module, [f'--workdir={workdir}', *argv])
+      self.assertEqual(status, 128 + signal.SIGTERM, stderr)
+      self.assertIn('stopped by SIGTERM', stderr)
+      self.assertLen(calls, reads, module.__name__)
+      self.assertFalse(os.path.exists(os.path.join(workdir, 'eval')))
+
+
+def test_davis_pngs_and_record_on_a_gs_workdir(gcs):
+  """The end-of-run protocols write through ``storage``: a gs:// workdir."""
+  root = tempfile.mkdtemp()
+  fields = downstream_fixtures(root)
+  bucket = f'downstream{os.getpid()}'
+  url = gcs.create_bucket(bucket)
+  config = tiny_config.get_config()
+  config.eval.knn = False
+  config.eval.attention_images = 0
+  config.eval.davis_root = fields['davis_root']
+  config.eval.davis_size = 64
+  mesh = parallel.make_mesh()
+  _, _, init_fn = step_lib.state_template(config)
+  out = run_lib.after_training(config, f'{url}/w', mesh, init_fn(), step=5)
+  pngs = [f'w/eval/davis/square/{t:05d}.png' for t in range(6)]
+  names = gcs.list(bucket)
+  assert set(pngs) | {'w/eval/downstream.json'} <= set(names), names
+  assert [n for n in names if n.startswith('w/eval/davis/')] == pngs
+  record = json.loads(gcs.read(bucket, 'w/eval/downstream.json'))
+  assert record['step'] == 5
+  assert record['davis'] == json.loads(json.dumps(out['davis']))
+  with Image.open(io.BytesIO(gcs.read(bucket, pngs[3]))) as im:
+    assert im.mode == 'P'
+    assert im.size == (64, 64)
 
 
 if __name__ == '__main__':
