@@ -6,8 +6,10 @@ the repository (as tests/test_convergence.py does).
 """
 
 import argparse
+import contextlib
 import functools
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -162,6 +164,103 @@ class OfficialParityTest(absltest.TestCase):
     want = torch.max(self.official.norm_mask(up), dim=0)[1].numpy()
     got = np.asarray(video.upsample_labels(jnp.asarray(seg), p))
     np.testing.assert_array_equal(got, want)
+
+  def test_video_segmented_as_the_official_script(self):
+    """The tiny workdir's teacher, exported (``dino_jax.interop export``)
+    and loaded into the official ViT, segments the synthetic video through
+    the official eval_video_tracking_davis: the same PNGs, hence the same
+    J and F, as ``python -m dino_jax.eval.video --official``. cv2 is not
+    installed: its imread is PIL's decode in BGR order, and at --size=64
+    no frame is resized (the stub refuses to)."""
+    tmp = self.create_tempdir().full_path
+    workdir = os.path.join(tmp, 'w')
+    config = tiny_workdir(workdir)
+    davis = synthetic_davis(os.path.join(tmp, 'davis'))
+    status, stderr = run_in_process(
+      video,
+      [
+        f'--workdir={workdir}',
+        f'--davis_root={davis}',
+        '--size=64',
+        '--official',
+      ],  # fmt: skip
+    )
+    self.assertEqual(status, 0, stderr)
+    with open(os.path.join(workdir, 'eval', 'davis.json')) as f:
+      record = json.load(f)
+
+    pth = os.path.join(tmp, 'teacher.pth')
+    interop.export_checkpoint(workdir, pth)  # as `interop export` does
+    m = config.model
+    model = self.official.vits.VisionTransformer(
+      img_size=[m.img_size],
+      patch_size=m.patch_size,
+      embed_dim=m.embed_dim,
+      depth=m.depth,
+      num_heads=m.num_heads,
+      qkv_bias=True,
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+    )
+    model.load_state_dict(torch.load(pth), strict=True)
+    model.eval()
+
+    def imread(path):
+      with Image.open(path) as im:
+        return np.asarray(im.convert('RGB'))[:, :, ::-1]
+
+    def resize(image, size):
+      self.assertEqual(size, image.shape[1::-1])
+      return image
+
+    official = self.official
+    read_frame = official.read_frame
+    official.cv2 = types.SimpleNamespace(imread=imread, resize=resize)
+    official.read_frame = lambda path: read_frame(path, scale_size=[64])
+    out = os.path.join(tmp, 'official')
+    args = argparse.Namespace(
+      output_dir=out,
+      n_last_frames=7,
+      size_mask_neighborhood=12,
+      topk=5,
+      patch_size=m.patch_size,
+    )
+    official.args = args  # restrict_neighborhood reads the global
+    video_dir = os.path.join(davis, 'JPEGImages', '480p', 'square')
+    frames = official.read_frame_list(video_dir)
+    annotations = [
+      f.replace('JPEGImages', 'Annotations').replace('jpg', 'png')
+      for f in frames
+    ]
+    first_seg, seg_ori = official.read_seg(
+      annotations[0], m.patch_size, scale_size=[64]
+    )
+    try:
+      with contextlib.redirect_stderr(io.StringIO()):  # tqdm
+        official.eval_video_tracking_davis(
+          args,
+          model,
+          frames,
+          video_dir,
+          first_seg,
+          seg_ori,
+          np.asarray(PALETTE, np.uint8).reshape(-1, 3),
+        )
+    finally:
+      official.read_frame = read_frame
+    gt, theirs = [], []
+    for t, annotation in enumerate(annotations):
+      name = f'{t:05d}.png'
+      with Image.open(os.path.join(out, 'square', name)) as im:
+        theirs.append(np.asarray(im))
+      with Image.open(os.path.join(workdir, 'eval/davis/square', name)) as im:
+        np.testing.assert_array_equal(np.asarray(im), theirs[-1], name)
+      gt.append(video.read_labels(annotation))
+    scores = davis_metrics.summarize(
+      {'square': davis_metrics.sequence_scores(np.stack(gt), np.stack(theirs))}
+    )
+    for key in ('J', 'F', 'J&F'):
+      self.assertAlmostEqual(record[key], scores[key], places=12)
+    self.assertGreater(record['J'], 0.5)
 
   def test_first_labels_official_mode_matches_read_seg(self):
     tmp = self.create_tempdir().full_path
