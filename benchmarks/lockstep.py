@@ -1,0 +1,700 @@
+"""Lockstep of dino_jax's train step with the official training (issue 45).
+
+One process holds both sides, started from the same weights and fed the
+same crops at every step:
+
+- official: ``VisionTransformer``, ``DINOHead``, ``MultiCropWrapper``,
+  ``DINOLoss``, ``get_params_groups`` + AdamW and the ``cosine_scheduler``
+  arrays, built as ``main_dino.train_dino`` builds them (with the config's
+  dims, ``benchmarks/convergence.build_official``), and trained by
+  ``main_dino.train_one_epoch`` itself (per-tensor ``clip_gradients``,
+  ``cancel_gradients_last_layer``, the EMA), all loaded by path from
+  ``--official_repo``; CPU torch, float32.
+- dino_jax: its own train step (``step.make_train_step`` with the models,
+  schedules and optimizer of ``step.build_models`` / ``Schedules`` /
+  ``build_optimizer``, jitted by ``parallel.jit_train_step`` as the trainer
+  does), started from the official initial weights (moved with
+  ``interop.from_pytorch``), fed the official crops (``DataAugmentationDINO``
+  as ``convergence.MultiCropTransform`` writes it, NCHW -> NHWC) with the
+  on-device augmentation bypassed (``augment=None``). One pass-through
+  transformation in front of its optimizer keeps a copy of the clipped
+  gradients for the comparison; it changes no update.
+
+After each step it compares, as ||a - b|| / ||b|| (b the official value):
+the loss, the teacher entropy, the center, the learning rate, weight decay
+and teacher momentum used, the norm of the clipped gradients per parameter
+group (regularized, not regularized; the last layer left out while the
+official code drops its gradient), and every tensor of the student, the
+teacher, the clipped gradients and the two Adam moments (per quantity, the
+largest over tensors). The key part of each ``attn.qkv.bias`` is
+reported apart and not checked (``UNTRACKED``: its gradient is rounding
+noise that no output depends on). One JSON line per step goes to
+``--out``; the last stdout line is
+
+  {"steps": N, "max_rel": {quantity: largest over steps},
+   "first_over": null or {"step": s, "quantity": q, "rel": r}, ...}
+
+with ``first_over`` the first step (and in it, the first quantity in the
+order above) whose difference exceeds ``--tol``. Steps count from 0.
+
+  python benchmarks/lockstep.py --official_repo ../shared/official-dino \\
+      --steps 50 --threads 1
+  python benchmarks/lockstep.py --official_repo ../shared/official-dino \\
+      --steps 50 --config.model.attention=fused
+
+The recipe (default ``configs/fashion_mnist.py:parity``) takes
+``--config.a.b=c`` overrides as the trainer does. Stochastic depth must be
+off (``model.drop_path_rate=0``): the two sides would draw different masks.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (REPO, os.path.join(REPO, 'benchmarks')):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
+
+import convergence  # noqa: E402
+
+# Compared quantities, in the order ``first_over`` checks them within a step.
+SCALARS = ('loss', 'teacher_entropy', 'lr', 'wd', 'momentum')
+GROUPS = ('regularized', 'not_regularized')  # get_params_groups' two groups
+TENSORS = ('grad', 'adam_mu', 'adam_nu', 'student', 'teacher')
+QUANTITIES = (
+  SCALARS + ('center',) + tuple(f'grad_norm_{g}' for g in GROUPS) + TENSORS
+)
+# Reported, never checked against --tol: the key part of each qkv bias. It
+# adds the same q . b_k to every logit of a query, so the softmax cancels it
+# and its gradient is 0 up to rounding (~1e-10). Adam divides that rounding
+# noise by sqrt(v) + eps and steps on it, so both sides move these entries
+# by noise that differs between them, in a direction that changes no output.
+# 'student' and 'teacher' hold the rest of qkv.bias (its q and v parts).
+UNTRACKED = ('student_key_bias', 'teacher_key_bias')
+DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist.py') + ':parity'
+
+
+class LockstepError(ValueError):
+  """A recipe the lockstep cannot run; the message names the value."""
+
+
+def relative(a, b) -> float:
+  """||a - b|| / ||b|| in float64; 0 where both are 0, inf where b alone is."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  diff = float(np.linalg.norm((a - b).ravel()))
+  norm = float(np.linalg.norm(b.ravel()))
+  if norm == 0.0:
+    return 0.0 if diff == 0.0 else math.inf
+  return diff / norm
+
+
+# ---------------------------------------------------------------------------
+# The dino_jax side.
+
+
+class ClippedGrads(NamedTuple):
+  """State of ``keep_clipped_grads``: the last step's clipped gradients."""
+
+  grads: Any
+
+
+def keep_clipped_grads(clip_grad: float):
+  """A pass-through optax transformation that stores the clipped gradients.
+
+  Chained in front of dino_jax's optimizer it changes nothing; its state
+  holds the gradients after dino_jax's own per-tensor clipping
+  (``optim.clip_by_tensor_norm``), for comparison with the official
+  ``p.grad`` after ``clip_gradients``.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from dino_jax import optim
+
+  clip = (
+    optim.clip_by_tensor_norm(clip_grad) if clip_grad > 0 else optax.identity()
+  )
+
+  def init(params):
+    return ClippedGrads(jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    del state
+    clipped, _ = clip.update(updates, clip.init(params), params)
+    return updates, ClippedGrads(clipped)
+
+  return optax.GradientTransformation(init, update)
+
+
+class JaxSide:
+  """dino_jax's jitted train step on ready crops, from given weights."""
+
+  def __init__(self, config, steps_per_epoch: int, official_student, devices):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dino_jax import interop, parallel
+    from dino_jax import step as step_lib
+
+    self.config = config
+    sched = step_lib.Schedules.from_config(config, steps_per_epoch)
+    self.student, teacher = step_lib.build_models(config, 'cpu')
+    tx = optax.chain(
+      keep_clipped_grads(config.optim.clip_grad),
+      step_lib.build_optimizer(config, sched),
+    )
+    train_step = step_lib.make_train_step(
+      self.student,
+      teacher,
+      tx,
+      sched,
+      student_temp=config.loss.student_temp,
+      center_momentum=config.loss.center_momentum,
+      augment=None,
+    )
+    weights = {
+      k: v.detach().numpy()
+      for k, v in official_student.module.state_dict().items()
+    }
+    params = {
+      'backbone': interop.from_pytorch(weights, self.student.backbone)[
+        'params'
+      ],
+      'head': interop.from_pytorch(weights, self.student.head)['params'],
+    }
+    state = step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      rng=jax.random.PRNGKey(config.seed),
+      student=params,
+      # main_dino: the teacher loads the student's state dict.
+      teacher=jax.tree.map(jnp.copy, params),
+      center=jnp.zeros((1, config.model.out_dim), jnp.float32),
+      opt_state=tx.init(params),
+    )
+    mesh = parallel.make_mesh(
+      config.mesh.data, config.mesh.fsdp, devices=devices
+    )
+    shardings = parallel.state_sharding(
+      mesh, jax.eval_shape(lambda: state), config.mesh.fsdp_min_size
+    )
+    self.state = jax.device_put(state, shardings)
+    c = config.crops
+    b = config.batch_size
+    batch_shape = {
+      'global_crops': jax.ShapeDtypeStruct(
+        (2, b, c.global_size, c.global_size, 3), np.float32
+      ),
+    }
+    if c.local_number:
+      batch_shape['local_crops'] = jax.ShapeDtypeStruct(
+        (c.local_number, b, c.local_size, c.local_size, 3), np.float32
+      )
+    self.jitted = parallel.jit_train_step(
+      train_step, mesh, shardings, batch_shape
+    )
+    self.metrics = None
+
+  def step(self, images: list) -> None:
+    """One step on the official crops (a list of [B, 3, H, W] tensors)."""
+    nhwc = [im.permute(0, 2, 3, 1).numpy() for im in images]
+    batch = {'global_crops': np.stack(nhwc[:2])}
+    if len(nhwc) > 2:
+      batch['local_crops'] = np.stack(nhwc[2:])
+    self.state, self.metrics = self.jitted(self.state, batch)
+
+  def named(self, tree) -> dict[str, np.ndarray]:
+    """A student-shaped tree as official names (``backbone.*``, ``head.*``)
+    in the official layout, as ``interop.to_pytorch`` names them.
+
+    ``to_pytorch`` traces the module for its names at each call (about a
+    second for this per step and tree); its rules are looked up once here.
+    """
+    import flax
+
+    from dino_jax import interop
+
+    if not hasattr(self, '_rules'):
+      self._rules = {
+        part: interop._abstract_variables(getattr(self.student, part))[1]
+        for part in ('backbone', 'head')
+      }
+    out = {}
+    for part, rules in self._rules.items():
+      flat = flax.traverse_util.flatten_dict(tree[part], sep='/')
+      for path, value in flat.items():
+        key, transform = interop._torch_key(path, rules)
+        value = np.asarray(value, np.float32)
+        out[f'{part}.{key}'] = transform(value) if transform else value
+    if 'head.last_layer.weight_g' not in out:  # norm_last_layer: fixed at 1
+      k = out['head.last_layer.weight_v'].shape[0]
+      out['head.last_layer.weight_g'] = np.ones((k, 1), np.float32)
+    return out
+
+  def adam_moments(self) -> tuple[dict, dict]:
+    """(mu, nu) over every parameter, merged from the optimizer's
+    partitions (last layer, rest), as official-name arrays."""
+    import flax
+    import jax
+    import optax
+
+    def is_adam(x):
+      return isinstance(x, optax.ScaleByAdamState)
+
+    moments = {'mu': {}, 'nu': {}}
+    for leaf in jax.tree.leaves(self.state.opt_state, is_leaf=is_adam):
+      if not is_adam(leaf):
+        continue
+      for name in moments:
+        # A partition's other parameters are MaskedNodes: no leaves.
+        flat, _ = jax.tree_util.tree_flatten_with_path(getattr(leaf, name))
+        for path, value in flat:
+          moments[name][tuple(str(k.key) for k in path)] = value
+    if not moments['mu']:
+      raise LockstepError(
+        'no Adam state in the optimizer: use optim.name=adamw'
+      )
+    return tuple(
+      self.named(flax.traverse_util.unflatten_dict(jax.device_get(m)))
+      for m in (moments['mu'], moments['nu'])
+    )
+
+  def snapshot(self) -> dict:
+    """What the comparison reads, after a step, as numpy."""
+    import jax
+
+    state = jax.device_get(self.state)
+    metrics = jax.device_get(self.metrics)
+    mu, nu = self.adam_moments()
+    return {
+      'scalars': {name: float(metrics[name]) for name in SCALARS},
+      'center': np.asarray(state.center),
+      'grad': self.named(state.opt_state[0].grads),
+      'adam_mu': mu,
+      'adam_nu': nu,
+      'student': self.named(state.student),
+      'teacher': self.named(state.teacher),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The official side.
+
+
+class OfficialProbe:
+  """Reads what ``train_one_epoch`` computed, after each of its steps.
+
+  The teacher's output and the center it was centered with are caught by
+  forward hooks; everything else is read from the objects after the step.
+  """
+
+  def __init__(self, objects, schedules):
+    self.student = objects['student'].module
+    self.teacher = objects['teacher']
+    self.dino_loss = objects['dino_loss']
+    self.optimizer = objects['optimizer']
+    self.momentum = schedules['momentum_schedule']
+    self.names = {id(p): n for n, p in self.student.named_parameters()}
+    self.groups = {
+      group: {self.names[id(p)] for p in g['params']}
+      for group, g in zip(GROUPS, self.optimizer.param_groups, strict=True)
+    }
+    self.teacher_output = self.center = None
+    self.teacher.register_forward_hook(self._keep_teacher_output)
+    self.dino_loss.register_forward_pre_hook(self._keep_center)
+
+  def _keep_teacher_output(self, module, inputs, output):
+    del module, inputs
+    self.teacher_output = output.detach().clone()
+
+  def _keep_center(self, module, inputs):
+    del inputs
+    self.center = module.center.detach().clone()
+
+  def teacher_entropy(self, epoch: int) -> float:
+    """Mean entropy of the centered, sharpened teacher distribution."""
+    temp = float(self.dino_loss.teacher_temp_schedule[epoch])
+    logits = (self.teacher_output - self.center) / temp
+    log_p = torch.log_softmax(logits, dim=-1)
+    return float(-(log_p.exp() * log_p).sum(-1).mean())
+
+  def snapshot(self, step: int, epoch: int, loss: float) -> dict:
+    group0 = self.optimizer.param_groups[0]
+    grads, mu, nu = {}, {}, {}
+    for name, p in self.student.named_parameters():
+      if not p.requires_grad:
+        continue
+      if p.grad is not None:  # None: the frozen last layer's, dropped
+        grads[name] = p.grad.detach().numpy().copy()
+      state = self.optimizer.state.get(p, {})
+      zeros = np.zeros(p.shape, np.float32)
+      mu[name] = state['exp_avg'].numpy().copy() if state else zeros
+      nu[name] = state['exp_avg_sq'].numpy().copy() if state else zeros
+
+    def tensors(module):
+      return {
+        k: v.detach().numpy().copy() for k, v in module.state_dict().items()
+      }
+
+    return {
+      'scalars': {
+        'loss': loss,
+        'teacher_entropy': self.teacher_entropy(epoch),
+        'lr': float(group0['lr']),
+        'wd': float(group0['weight_decay']),
+        'momentum': float(self.momentum[step]),
+      },
+      'center': self.dino_loss.center.detach().numpy().copy(),
+      'grad': grads,
+      'adam_mu': mu,
+      'adam_nu': nu,
+      'student': tensors(self.student),
+      'teacher': tensors(self.teacher),
+    }
+
+
+def group_norm(grads: dict, names) -> float:
+  return math.sqrt(
+    sum(float(np.sum(np.square(grads[n], dtype=np.float64))) for n in names)
+  )
+
+
+def split_key_bias(named: dict) -> tuple[dict, dict]:
+  """(tensors with the key part cut out of each ``attn.qkv.bias``, the key
+  parts). qkv rows are q, k, v (SPEC §2.2)."""
+  rest, keys = dict(named), {}
+  for name, value in named.items():
+    if name.endswith('attn.qkv.bias'):
+      d = value.shape[0] // 3
+      rest[name] = np.concatenate([value[:d], value[2 * d :]])
+      keys[name] = value[d : 2 * d]
+  return rest, keys
+
+
+def compare(official: dict, jax_side: dict, groups: dict) -> tuple:
+  """(rel per quantity, worst tensor per tensor quantity)."""
+  rel, worst = {}, {}
+  for name in SCALARS:
+    rel[name] = relative(jax_side['scalars'][name], official['scalars'][name])
+  rel['center'] = relative(jax_side['center'], official['center'])
+  # Only the tensors the official code kept a gradient for.
+  for group, names in groups.items():
+    names = [n for n in names if n in official['grad']]
+    rel[f'grad_norm_{group}'] = relative(
+      group_norm(jax_side['grad'], names), group_norm(official['grad'], names)
+    )
+  for quantity in UNTRACKED:
+    part = quantity.removesuffix('_key_bias')
+    b = split_key_bias(official[part])[1]
+    a = split_key_bias(jax_side[part])[1]
+    rel[quantity] = max(relative(a[n], b[n]) for n in b) if b else 0.0
+  for quantity in TENSORS:
+    b = official[quantity]
+    a = jax_side[quantity]
+    if quantity in ('student', 'teacher'):
+      a, b = split_key_bias(a)[0], split_key_bias(b)[0]
+    missing = sorted(set(b) - set(a))
+    if missing:
+      raise LockstepError(f'{quantity}: no dino_jax tensor for {missing[:5]}')
+    per_tensor = {n: relative(a[n], b[n]) for n in b}
+    name = max(per_tensor, key=per_tensor.get)
+    rel[quantity], worst[quantity] = per_tensor[name], name
+  return rel, worst
+
+
+# ---------------------------------------------------------------------------
+
+
+def check_recipe(config, steps: int) -> None:
+  """Raises LockstepError naming what the lockstep cannot compare."""
+  from dino_jax import config as config_lib
+
+  if steps <= 0:
+    raise LockstepError(f'--steps={steps}: use a positive number of steps')
+  if config.steps_per_epoch <= 0:
+    raise LockstepError(
+      f'steps_per_epoch={config.steps_per_epoch}: the lockstep needs a fixed '
+      'number; set --config.steps_per_epoch=N'
+    )
+  total = config.epochs * config.steps_per_epoch
+  if steps > total:
+    raise LockstepError(
+      f'--steps={steps} exceeds epochs x steps_per_epoch = {total}; raise '
+      '--config.epochs'
+    )
+  if config.model.drop_path_rate:
+    raise LockstepError(
+      f'model.drop_path_rate={config.model.drop_path_rate}: the two sides '
+      'would draw different stochastic-depth masks; use '
+      '--config.model.drop_path_rate=0'
+    )
+  if config.optim.name != 'adamw':
+    raise LockstepError(
+      f'optim.name={config.optim.name!r}: the lockstep compares AdamW '
+      'moments; use --config.optim.name=adamw'
+    )
+  config_lib.validate(config)
+
+
+def run_lockstep(
+  official,
+  config,
+  steps: int,
+  *,
+  tol: float = 1e-3,
+  jax_config=None,
+  devices=None,
+  emit=None,
+) -> dict:
+  """Trains both sides ``steps`` steps in lockstep.
+
+  Args:
+    official: ``convergence.load_official(repo)``.
+    config: the recipe.
+    steps: steps to run (within ``epochs * steps_per_epoch``).
+    tol: the relative difference ``first_over`` reports beyond.
+    jax_config: the dino_jax side's config if not ``config`` (a deliberately
+      different side, to check that the tool sees a difference).
+    devices: the dino_jax side's devices (default: all of JAX's).
+    emit: called with each step's record (a dict).
+
+  Returns:
+    {'steps', 'max_rel', 'first_over', 'tol', 'max_at' (step and tensor of
+    each maximum), 'untracked_max_rel' (UNTRACKED), 'sec_per_step'}.
+  """
+  check_recipe(config, steps)
+  # main_dino wraps the student in DDP and all-reduces the center: a
+  # process group of one process, as init_distributed_mode makes.
+  with convergence.single_process_group():
+    return _run(
+      official,
+      config,
+      steps,
+      tol=tol,
+      jax_config=config if jax_config is None else jax_config,
+      devices=devices,
+      emit=emit,
+    )
+
+
+def _run(official, config, steps, *, tol, jax_config, devices, emit) -> dict:
+  import jax
+
+  spe = config.steps_per_epoch
+  utils, main_dino = official.utils, official.main_dino
+  utils.fix_random_seeds(config.seed)
+  random.seed(config.seed)  # blur and solarization (fix_random_seeds skips it)
+  student, teacher, dino_loss, optimizer, schedules = (
+    convergence.build_official(official, config, config.epochs, spe)
+  )
+  probe = OfficialProbe(
+    dict(
+      student=student,
+      teacher=teacher,
+      dino_loss=dino_loss,
+      optimizer=optimizer,
+    ),
+    schedules,
+  )
+  jax_side = JaxSide(jax_config, spe, student, devices or jax.devices())
+
+  from dino_jax.data import sources
+
+  source = sources.make_source(config.data, config.data.split)
+  dataset = convergence.CropDataset(
+    source, convergence.MultiCropTransform(utils, config.crops)
+  )
+  sampler = convergence.StreamSampler(
+    len(source), spe * config.batch_size, config.seed
+  )
+  loader = torch.utils.data.DataLoader(
+    dataset, sampler=sampler, batch_size=config.batch_size, drop_last=True
+  )
+  logger_class = convergence._logger_class(utils)
+  logger_class.losses = []
+  max_rel = dict.fromkeys(QUANTITIES, 0.0)
+  untracked = dict.fromkeys(UNTRACKED, 0.0)
+  max_at = {}
+  first_over = None
+  sec = {'official': 0.0, 'jax': 0.0}
+
+  def after_step(step: int, images) -> None:
+    nonlocal first_over
+    sec['official'] += time.perf_counter() - after_step.start
+    start = time.perf_counter()
+    jax_side.step(images)
+    theirs = jax_side.snapshot()
+    sec['jax'] += time.perf_counter() - start
+    ours = probe.snapshot(step, step // spe, logger_class.losses[-1])
+    rel, worst = compare(ours, theirs, probe.groups)
+    for q in UNTRACKED:
+      untracked[q] = max(untracked[q], rel[q])
+    for q in QUANTITIES:
+      if rel[q] > max_rel[q]:
+        max_rel[q] = rel[q]
+        max_at[q] = {
+          'step': step,
+          **({'tensor': worst[q]} if q in worst else {}),
+        }
+      if first_over is None and not rel[q] <= tol:
+        first_over = {'step': step, 'quantity': q, 'rel': rel[q]}
+        if q in worst:
+          first_over['tensor'] = worst[q]
+    if emit is not None:
+      emit(
+        {
+          'step': step,
+          'official': ours['scalars'],
+          'jax': theirs['scalars'],
+          'rel': rel,
+          'worst': worst,
+        }
+      )
+    after_step.start = time.perf_counter()
+
+  class Loader:
+    """One epoch's batches for ``train_one_epoch``, the comparison after
+    each step (when the loop asks for the next batch)."""
+
+    def __init__(self, epoch):
+      self.epoch = epoch
+
+    def __len__(self):
+      return spe  # train_one_epoch indexes the schedules by len * epoch + it
+
+    def __iter__(self):
+      first = self.epoch * spe
+      batches = iter(loader)
+      for step in range(first, min(first + spe, steps)):
+        images, labels = next(batches)
+        after_step.start = time.perf_counter()
+        yield images, labels
+        after_step(step, images)
+
+  args = argparse.Namespace(
+    epochs=config.epochs,
+    clip_grad=config.optim.clip_grad,
+    freeze_last_layer=config.optim.freeze_last_layer,
+  )
+  saved_logger, utils.MetricLogger = utils.MetricLogger, logger_class
+  try:
+    with (
+      convergence.cuda_calls_on_cpu(),
+      contextlib.redirect_stdout(sys.stderr),
+    ):
+      for epoch in range(math.ceil(steps / spe)):
+        sampler.set_epoch(epoch)
+        main_dino.train_one_epoch(
+          student,
+          teacher,
+          teacher,  # teacher_without_ddp: the teacher is not wrapped
+          dino_loss,
+          Loader(epoch),
+          optimizer,
+          schedules['lr_schedule'],
+          schedules['wd_schedule'],
+          schedules['momentum_schedule'],
+          epoch,
+          None,  # fp16_scaler: float32
+          args,
+        )
+  finally:
+    utils.MetricLogger = saved_logger
+  return {
+    'steps': steps,
+    'max_rel': max_rel,
+    'first_over': first_over,
+    'tol': tol,
+    'max_at': max_at,
+    'untracked_max_rel': untracked,
+    'sec_per_step': {k: v / steps for k, v in sec.items()},
+  }
+
+
+def parse_args(argv=None):
+  from dino_jax import workdir as workdir_lib
+
+  argv = sys.argv if argv is None else [sys.argv[0], *argv]
+  rest, overrides = workdir_lib.split_overrides(argv)
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--official_repo', required=True)
+  p.add_argument('--steps', type=int, default=50)
+  p.add_argument('--config', default=DEFAULT_CONFIG, help='FILE[:ARG]')
+  p.add_argument('--tol', type=float, default=1e-3)
+  p.add_argument('--threads', type=int, default=0, help='CPU cores (0: all)')
+  p.add_argument(
+    '--devices', type=int, default=0, help="dino_jax's devices (0: all)"
+  )
+  p.add_argument('--out', default=None, help='one JSON line per step here')
+  args = p.parse_args(rest[1:])
+  args.overrides = overrides
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if not os.environ.get('JAX_PLATFORMS'):
+    import jax
+
+    # Both sides on the CPU (torch is CPU here); and no accelerator probe.
+    jax.config.update('jax_platforms', 'cpu')
+  if args.threads:
+    cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+    os.sched_setaffinity(0, cpus)  # before XLA sizes its thread pools
+    torch.set_num_threads(args.threads)
+  from dino_jax import cli_errors
+  from dino_jax import workdir as workdir_lib
+  from dino_jax.config import ConfigError
+
+  try:
+    config = workdir_lib.load_config_file(args.config, args.overrides)
+    official = convergence.load_official(args.official_repo)
+    import jax
+
+    devices = jax.devices()[: args.devices or None]
+    out = open(args.out, 'w') if args.out else None  # noqa: SIM115
+
+    def emit(row):
+      if out:
+        out.write(json.dumps(row) + '\n')
+        out.flush()
+      rel = {q: row['rel'][q] for q in QUANTITIES}
+      print(
+        f'step {row["step"]}: loss {row["official"]["loss"]:.6f} '
+        f'max rel {max(rel.values()):.2e} ({max(rel, key=rel.get)})',
+        file=sys.stderr,
+        flush=True,
+      )
+
+    result = run_lockstep(
+      official, config, args.steps, tol=args.tol, devices=devices, emit=emit
+    )
+    if out:
+      out.close()
+  except (
+    LockstepError,
+    ConfigError,
+    cli_errors.ConfigOverrideError,
+    FileNotFoundError,
+    ImportError,
+  ) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(json.dumps(result), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,118 @@
+"""benchmarks/lockstep.py: dino_jax's step against the official training.
+
+A tiny model runs a few steps on both sides (the last layer frozen for the
+first epoch, then trained) and every tracked quantity must agree to float
+noise; a dino_jax side with another teacher momentum must be caught. The
+official code is loaded from ``$DINO_OFFICIAL_REPO`` or
+``../shared/official-dino`` beside the repository (as CI lays it out).
+"""
+
+import io
+import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+import jax
+from absl.testing import absltest, parameterized
+from tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import convergence  # noqa: E402
+import lockstep  # noqa: E402
+
+OFFICIAL_REPO = os.environ.get(
+  'DINO_OFFICIAL_REPO',
+  os.path.join(os.path.dirname(ROOT), 'shared', 'official-dino'),
+)
+HAVE_OFFICIAL = os.path.isfile(os.path.join(OFFICIAL_REPO, 'main_dino.py'))
+STEPS = 4  # 2 epochs of 2: the last layer frozen in epoch 0, then trained
+TOL = 1e-4  # 4 steps of the tiny model: at most 1.6e-5 (2026-12-07)
+
+
+def setUpModule():
+  global OFFICIAL
+  OFFICIAL = convergence.load_official(OFFICIAL_REPO) if HAVE_OFFICIAL else None
+
+
+def recipe(**model):
+  config = tiny_config(batch_size=8)
+  config.model.drop_path_rate = 0.0
+  config.model.update(model)
+  config.steps_per_epoch = 2
+  config.optim.freeze_last_layer = 1
+  config.data.source = 'synthetic'
+  config.data.synthetic_size = 32
+  config.data.canvas_size = 32
+  return config
+
+
+def run(config, steps=STEPS, **kwargs):
+  rows = []
+  with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+    result = lockstep.run_lockstep(
+      OFFICIAL,
+      config,
+      steps,
+      tol=TOL,
+      devices=jax.devices()[:1],
+      emit=rows.append,
+      **kwargs,
+    )
+  return result, rows
+
+
+@absltest.skipUnless(HAVE_OFFICIAL, f'no official code at {OFFICIAL_REPO}')
+class LockstepTest(parameterized.TestCase):
+  @parameterized.parameters('einsum', 'fused')
+  def test_equal_to_the_official_step(self, attention):
+    result, rows = run(recipe(attention=attention))
+    self.assertEqual(result['steps'], STEPS)
+    self.assertEqual([r['step'] for r in rows], list(range(STEPS)))
+    self.assertEqual(set(result['max_rel']), set(lockstep.QUANTITIES))
+    self.assertIsNone(result['first_over'], result)
+    for quantity, rel in result['max_rel'].items():
+      self.assertLess(rel, TOL, quantity)
+    # The key part of qkv.bias is rounding noise, reported apart: it must
+    # be there and must differ (else it would belong to the checked ones).
+    self.assertGreater(result['untracked_max_rel']['student_key_bias'], TOL)
+    # The comparison saw the training move: lr 0 at step 0 (warmup), the
+    # last layer's Adam state untouched while frozen, then updated.
+    self.assertEqual(rows[0]['official']['lr'], 0.0)
+    self.assertGreater(rows[-1]['official']['lr'], 0.0)
+    self.assertNotEqual(
+      rows[0]['official']['loss'], rows[-1]['official']['loss']
+    )
+
+  def test_a_different_teacher_momentum_is_reported(self):
+    config = recipe()
+    other = recipe()
+    other.optim.momentum_teacher = 0.99  # official side: 0.996
+    result, rows = run(config, steps=2, jax_config=other)
+    self.assertEqual(
+      result['first_over'],
+      {'step': 0, 'quantity': 'momentum', 'rel': rows[0]['rel']['momentum']},
+    )
+    self.assertAlmostEqual(rows[0]['rel']['momentum'], 0.006 / 0.996, 6)
+    # From step 1 on (the first step with lr > 0) the teacher moves apart.
+    self.assertGreater(rows[1]['rel']['teacher'], TOL)
+
+  def test_stochastic_depth_is_one_error_line(self):
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+      rc = lockstep.main(
+        [
+          '--official_repo',
+          OFFICIAL_REPO,
+          '--steps=2',
+          '--config.model.drop_path_rate=0.1',
+        ]
+      )
+    self.assertEqual(rc, 1)
+    lines = err.getvalue().strip().splitlines()
+    self.assertLen(lines, 1)
+    self.assertStartsWith(lines[0], 'error: model.drop_path_rate=0.1')
+
+
+if __name__ == '__main__':
+  absltest.main()
