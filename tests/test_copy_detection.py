@@ -473,7 +473,8 @@ class CliTest(_Fixture, absltest.TestCase):
 
 @needs_official
 class ParityTest(_Fixture, absltest.TestCase):
-  """The same random-init tiny ViT in the official code and in dino_jax."""
+  """The same random-init tiny ViT in the official code (exported from the
+  workdir) and in dino_jax."""
 
   def official_model(self):
     m = self.config.model
@@ -487,10 +488,10 @@ class ParityTest(_Fixture, absltest.TestCase):
       qkv_bias=True,
       norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
     )
-    exported = interop.to_pytorch({'params': self.params}, self.model)
-    model.load_state_dict(
-      {k: torch.from_numpy(v) for k, v in exported.items()}, strict=True
-    )
+    # The workdir's teacher as `python -m dino_jax.interop export` writes it.
+    pth = os.path.join(self.tmp, 'teacher.pth')
+    interop.export_checkpoint(self.workdir, pth)
+    model.load_state_dict(torch.load(pth), strict=True)
     return model.eval()
 
   def official_features(self, model, paths, imsize):

@@ -385,7 +385,7 @@ class ParityTest(absltest.TestCase):
     variables = cls.model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
     cls.params = variables['params']
     utils, vits = official()
-    cls.utils = utils
+    cls.utils, cls.official_vits = utils, vits
     torch_vit = vits.VisionTransformer(
       img_size=[32],
       patch_size=8,
@@ -449,6 +449,54 @@ class ParityTest(absltest.TestCase):
       for k, p in zip((1, 5, 10), want[2], strict=True):
         self.assertAlmostEqual(results[protocol][f'mp@{k}'], 100 * p, 10)
     return results
+
+  def test_cli_equals_official_script_on_exported_teacher(self):
+    """``python -m dino_jax.eval.retrieval --official`` on a tiny workdir
+    scores what the official script's path scores with the teacher
+    exported by ``dino_jax.interop export``, loaded into the official ViT."""
+    workdir = os.path.join(self.tmp, 'w')
+    config = tiny_workdir(workdir)
+    with contextlib.redirect_stdout(io.StringIO()):
+      status, err = run_in_process(
+        retrieval,
+        [
+          f'--workdir={workdir}',
+          f'--data_root={self.tmp}',
+          f'--imsize={IMSIZE}',
+          '--official',
+        ],
+      )
+    self.assertEqual(status, 0, err)
+    with open(os.path.join(workdir, 'eval', 'retrieval_roxford5k.json')) as f:
+      record = json.load(f)
+    pth = os.path.join(self.tmp, 'teacher.pth')
+    interop.export_checkpoint(workdir, pth)
+    m = config.model
+    torch_vit = self.official_vits.VisionTransformer(
+      img_size=[m.img_size],
+      patch_size=m.patch_size,
+      embed_dim=m.embed_dim,
+      depth=m.depth,
+      num_heads=m.num_heads,
+      qkv_bias=True,
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+    )
+    torch_vit.load_state_dict(torch.load(pth), strict=True)
+    saved, self.torch_vit = self.torch_vit, torch_vit.eval()
+    try:
+      db = self.official_features(self.cfg['imlist'], False)
+      q = self.official_features(self.cfg['qimlist'], False)
+    finally:
+      self.torch_vit = saved
+    ranks = torch.argsort(-torch.mm(db, q.T), dim=0).numpy()
+    for protocol in ('medium', 'hard'):
+      with in1d_shim():
+        want = self.utils.compute_map(
+          ranks, official_protocol(self.cfg['gnd'], protocol), [1, 5, 10]
+        )
+      self.assertAlmostEqual(record[protocol]['map'], 100 * want[0], 9)
+      for k, p in zip((1, 5, 10), want[2], strict=True):
+        self.assertAlmostEqual(record[protocol][f'mp@{k}'], 100 * p, 9)
 
   def test_single_scale(self):
     self.check(multiscale=False)
