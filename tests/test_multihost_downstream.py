@@ -1,7 +1,8 @@
 """Retrieval, copy detection and video on 2 processes equal 1 process.
 
 Two processes (2 fake CPU devices each, the mesh's devices rotated so
-that a process's rows of a batch are not one block) evaluate a tiny
+that a process's rows of a batch are not one block, the larger parameters
+fsdp-split across the two processes) evaluate a tiny
 workdir with the three protocols named in the config, as a run does at
 its end; one process with 4 devices evaluates a copy of it. Each of the
 two reads only its share of the images (retrieval: every other image;
@@ -85,6 +86,9 @@ def test_two_processes_evaluate_as_one(tmp_path):
   fields = downstream_fixtures(str(tmp_path / 'data'))
   second_sequence(fields['davis_root'])
   overrides = [
+    # Parameters split over both processes: each gathers a local copy.
+    '--config.mesh.fsdp=2',
+    '--config.mesh.fsdp_min_size=1024',
     '--config.eval.knn=false',
     '--config.eval.attention_images=0',
     *(f'--config.eval.{k}={v}' for k, v in fields.items()),
