@@ -131,15 +131,22 @@ class _PrefixedLines(io.TextIOBase):
     return self.stream.fileno()
 
 
+_quieted = False  # once per process
+
+
 def quiet_other_processes(index: int, count: int) -> None:
   """On process ``index`` > 0 of ``count`` > 1: warnings and errors only.
 
   INFO log lines and stdout (the tables) are dropped; what is left on
   stderr (log warnings, ``error:`` and ``interrupted`` lines) carries the
   prefix ``[process i]``. Process 0 and single-process runs are unchanged.
+  Called with ``--process_id`` before JAX's distributed start (its own
+  INFO lines), and with JAX's numbers after it (auto-detected runs).
   """
-  if count <= 1 or index == 0:
+  global _quieted
+  if count <= 1 or index == 0 or _quieted:
     return
+  _quieted = True
   prefix = f'[process {index}] '
   stderr = sys.stderr
   sys.stderr = _PrefixedLines(stderr, prefix)

@@ -87,6 +87,9 @@ def main(argv):
   # Libraries (orbax, grain) log every step of a save through absl at INFO;
   # keep those to warnings so the progress lines stay readable.
   logging.getLogger('absl').setLevel(logging.WARNING)
+  console.quiet_other_processes(
+    flags.FLAGS.process_id or 0, flags.FLAGS.num_processes or 1
+  )
   parallel.initialize_distributed(
     flags.FLAGS.coordinator_address,
     flags.FLAGS.num_processes,

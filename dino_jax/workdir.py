@@ -765,6 +765,9 @@ def run_cli(
 
     # Every process of a pod or a SLURM job runs the tool; they evaluate
     # together, as in training (auto-detected, or these flags).
+    console.quiet_other_processes(
+      values.process_id or 0, values.num_processes or 1
+    )
     parallel.initialize_distributed(
       values.coordinator_address, values.num_processes, values.process_id
     )

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import numpy as np
+import portpicker
 import pytest
 import tiny_config
 import torch
@@ -160,23 +161,45 @@ def test_two_processes_print_each_error_once_prefixed(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_print_info_and_tables_once(tmp_path):
-  result = _two_processes(
-    str(tmp_path / 'w'), '--config.total_steps=2', timeout=600
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.count('k-NN trained (step 2):') == 1
-  assert 'attention maps: 0 files' not in result.stderr
-  assert 'attention maps: 1 files' in result.stderr  # process 0's
-  assert 'process 1/2' not in result.stderr
-  for line in result.stderr.splitlines():  # others: warnings, prefixed
-    if '[process 1]' in line:
-      assert not re.match(r'I\d{4} ', line), line
+  # python -m dino_jax.eval.knn on 2 processes (as on a pod): process 0
+  # prints the table and the INFO lines, process 1 nothing of it.
+  workdir = str(tmp_path / 'run')
+  tiny_workdir(workdir)
+  port = portpicker.pick_unused_port()
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'dino_jax.eval.knn',
+        f'--workdir={workdir}',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      env=env(),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  (out0, err0), (out1, err1) = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], err0[-2000:] + err1[-2000:]
+  assert out0.count('k-NN trained (step 0):') == 1
+  assert 'k-NN (trained): 64 memory' in err0
+  assert 'Connecting to JAX distributed service' in err0
+  assert 'k-NN' not in out1 + err1
+  # Before: every INFO line twice (JAX's distributed start included).
+  assert not re.search(r'^I\d{4} ', err1, re.M), err1[-2000:]
 
 
 def test_quiet_other_processes_drops_info_and_prefixes(monkeypatch):
   stderr = io.StringIO()
   monkeypatch.setattr(sys, 'stderr', stderr)
   monkeypatch.setattr(sys, 'stdout', sys.stdout)
+  monkeypatch.setattr(console, '_quieted', False)
   handler = logging.StreamHandler(stderr)
   root = logging.getLogger()
   root.addHandler(handler)

@@ -446,18 +446,30 @@ def linear_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
     step_lib.teacher_backbone(state),
     seed=config.seed,
   )
-  write_results(workdir, step, result)
+  write_results(workdir, step, result, config)
   return result
 
 
-def write_results(workdir: str, step: int, result: dict) -> tuple[str, str]:
+def write_results(
+  workdir: str, step: int, result: dict, config=None
+) -> tuple[str, str]:
   """Writes eval/linear.json and eval/linear_weights.npz (local or gs://).
 
   Pops ``result['linear']`` (the weights); prints the summary and where
-  both files went; returns their paths.
+  both files went; returns their paths. A record of the run (with the
+  ``linear.*`` and ``data`` settings of ``config``) goes to eval/records/.
   """
   linear = result.pop('linear')
-  path = common.write_record(workdir, 'linear', {'step': step, **result})
+  settings = None
+  if config is not None:
+    d = config.data
+    settings = {
+      'data': {'source': d.source, 'name': d.name, 'path': d.path},
+      'linear': config.linear.to_dict(),
+    }
+  path = common.write_record(
+    workdir, 'linear', {'step': step, **result}, settings=settings
+  )
   weights = common.write_bytes(
     workdir, 'linear_weights.npz', weights_bytes(linear)
   )
