@@ -206,6 +206,16 @@ class ProtocolsAtTheEndOfTrainingTest(absltest.TestCase):
     self.assertEqual(out, {})
     self.assertIn('retrieval skipped', logs.output[0])
     self.assertIn('/nonexistent/retrieval', logs.output[0])
+    # A ResNet has no patch tokens: each protocol says so, and is skipped.
+    config.model.arch = 'resnet18'
+    config.eval.copydays_root = config.eval.davis_root = '/nonexistent'
+    with self.assertLogs(run_lib.logger, 'WARNING') as logs:
+      out = run_lib.downstream(config, '/unused', None, None, None, step=3)
+    self.assertEqual(out, {})
+    self.assertLen(logs.output, 3)
+    for line in logs.output:
+      self.assertIn('needs a ViT backbone', line)
+      self.assertIn('model.arch=resnet18', line)
 
   def test_off_by_default(self):
     e = tiny_config.get_config().eval

@@ -107,6 +107,17 @@ def load(values: flags.FlagValues, overrides: list[str]):
   return config, mesh, teacher.backbone, step_lib.teacher_backbone(state), step
 
 
+def require_vit(config, protocol: str) -> None:
+  """Raises WorkdirError unless the backbone is a ViT (patch tokens)."""
+  from dino_jax.config import ARCHS  # no cycle: config is a leaf
+
+  if config.model.arch not in ARCHS:
+    raise workdir_lib.WorkdirError(
+      f'{protocol} needs a ViT backbone (its CLS and patch tokens); '
+      f'model.arch={config.model.arch} is not one of {", ".join(ARCHS)}'
+    )
+
+
 def write_record(
   workdir: str,
   name: str,

@@ -407,7 +407,8 @@ def copy_detection_evaluation(
   any number of processes (each reads its devices' rows of a batch).
 
   Args:
-    config: the run's config (unused: the options come as arguments).
+    config: the run's config (a ViT: ``model.arch``; the options come as
+      arguments).
     mesh: the device mesh ``params`` live on.
     backbone: the ViT backbone module.
     params: its parameters (any sharding over ``mesh``).
@@ -426,7 +427,7 @@ def copy_detection_evaluation(
   Raises:
     CopydaysError: bad data or options (one line naming them).
   """
-  del config
+  common.require_vit(config, 'copy detection')
   images = plan(
     data_root, distractors or None, whitening or None, imsize, batch_size
   )

@@ -374,7 +374,8 @@ def retrieval_evaluation(
   any number of processes (each extracts its share of the images).
 
   Args:
-    config: the run's config (unused: the options come as arguments).
+    config: the run's config (a ViT: ``model.arch``; the options come as
+      arguments).
     mesh: the device mesh ``params`` live on.
     backbone: the ViT backbone module.
     params: its parameters (any sharding over ``mesh``).
@@ -392,7 +393,7 @@ def retrieval_evaluation(
   Raises:
     WorkdirError: bad data or options (one line naming them).
   """
-  del config
+  common.require_vit(config, 'retrieval')
   if dataset not in DATASETS:
     raise workdir_lib.WorkdirError(
       f'dataset {dataset!r} is not one of {", ".join(DATASETS)}'

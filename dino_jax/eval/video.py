@@ -412,6 +412,7 @@ def video_evaluation(
     size_mask_neighborhood=size_mask_neighborhood,
     topk=topk,
   )
+  common.require_vit(config, 'video segmentation')
   check_options(davis_root, **options)
   videos = list_videos(davis_root, split)
   patch = config.model.patch_size
