@@ -32,7 +32,8 @@ from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import optim, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
-from dino_jax.models import DINOHead, VisionTransformer
+from dino_jax.models import DINOHead, ResNet, VisionTransformer
+from dino_jax.models import resnet as resnet_lib
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,11 @@ _HEAD_RULES = [
 ]
 
 
+# A ResNet's names come from models/resnet.py (torchvision's layout).
+_RESNET_RULES = 'resnet'
+_OIHW = lambda x: np.transpose(x, (3, 2, 0, 1))  # noqa: E731 - HWIO -> OIHW
+
+
 def _inverse(transform, array):
   if transform is None:
     return array
@@ -161,6 +167,9 @@ def _flat(tree) -> dict[str, Any]:
 
 
 def _torch_key(path: str, rules, collection: str = 'params'):
+  if rules is _RESNET_RULES:
+    key, kernel = resnet_lib.torch_name(tuple(path.split('/')))
+    return key, _OIHW if kernel else None
   if collection == 'batch_stats':  # path like mlp_1/mean
     layer, stat = path.split('/')
     index = layer.split('_')[1]
@@ -185,8 +194,11 @@ def _abstract_variables(module, state_dict=None):
     dim = dim or 384
     x = jnp.zeros((2, dim))
     return jax.eval_shape(module.init, jax.random.key(0), x), _HEAD_RULES
+  if isinstance(module, ResNet):
+    x = jnp.zeros((1, 32, 32, 3))
+    return jax.eval_shape(module.init, jax.random.key(0), x), _RESNET_RULES
   raise TypeError(
-    f'interop supports VisionTransformer and DINOHead, not '
+    f'interop supports VisionTransformer, ResNet and DINOHead, not '
     f'{type(module).__name__}'
   )
 
@@ -242,6 +254,12 @@ def from_pytorch(state_dict_or_path, module) -> dict:
   else:
     state_dict = {
       k: v for k, v in state_dict.items() if not k.startswith('head.')
+    }
+  if isinstance(module, ResNet):  # torchvision's counters and classifier
+    state_dict = {
+      k: v
+      for k, v in state_dict.items()
+      if not (k.endswith('num_batches_tracked') or k.startswith('fc.'))
     }
   abstract, rules = _abstract_variables(module, state_dict)
   used, missing, bad_shape, out = set(), [], [], {}
@@ -317,6 +335,11 @@ def to_pytorch(variables: dict, module) -> dict[str, np.ndarray]:
   if isinstance(module, DINOHead) and 'last_layer.weight_g' not in out:
     k = out['last_layer.weight_v'].shape[0]
     out['last_layer.weight_g'] = np.ones((k, 1), np.float32)
+  for key in [k for k in out if k.endswith('.running_mean')]:
+    # torch BatchNorm's counter (unused with a momentum): strict loads need it.
+    out[key[: -len('running_mean')] + 'num_batches_tracked'] = np.zeros(
+      (), np.int64
+    )
   return out
 
 
@@ -355,20 +378,22 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
   full = isinstance(raw, dict) and 'teacher' in raw and 'student' in raw
   backbone_m, head_m = student_m.backbone, student_m.head
 
-  def params_of(state_dict):
+  def variables_of(state_dict):  # {'backbone', 'head'} -> variables
     state_dict = strip_prefixes(_to_numpy(state_dict))
-    out = {'backbone': from_pytorch(state_dict, backbone_m)['params']}
+    out = {'backbone': from_pytorch(state_dict, backbone_m)}
     if any(k.startswith('head.') for k in state_dict):
-      out['head'] = from_pytorch(state_dict, head_m)['params']
+      out['head'] = from_pytorch(state_dict, head_m)
     return out
 
   try:
     if full:
-      student_params = params_of(raw['student'])
-      teacher_params = params_of(raw['teacher'])
+      student_vars = variables_of(raw['student'])
+      teacher_vars = variables_of(raw['teacher'])
     else:
-      student_params = params_of(_select(raw, 'teacher'))
-      teacher_params = student_params
+      student_vars = variables_of(_select(raw, 'teacher'))
+      teacher_vars = student_vars
+    student_params = {k: v['params'] for k, v in student_vars.items()}
+    teacher_params = {k: v['params'] for k, v in teacher_vars.items()}
   except (InteropError, AttributeError, TypeError) as e:
     m = config.model
     raise InteropError(
@@ -393,6 +418,16 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     student = {**state.student, 'backbone': backbone}
     teacher = {**state.teacher, 'backbone': backbone}
     center, step = state.center, 0
+  if state.batch_stats is not None:  # BatchNorm running statistics
+    state = state.replace(
+      batch_stats={
+        name: {
+          **state.batch_stats[name],
+          **{k: v['batch_stats'] for k, v in got.items() if 'batch_stats' in v},
+        }
+        for name, got in (('student', student_vars), ('teacher', teacher_vars))
+      }
+    )
   state = state.replace(
     step=jnp.asarray(step, jnp.int32),
     student=student,
@@ -478,26 +513,31 @@ def export_checkpoint(workdir: str, path: str, what: str = 'backbone') -> dict:
   config, _, state, step = workdir_lib.load_workdir(workdir)
   student_m, _ = step_lib.build_models(config)
 
-  def state_dict(params, prefix):
+  def state_dict(model, prefix):  # model: 'student' or 'teacher'
+    params = getattr(state, model)
+    stats = (state.batch_stats or {}).get(model, {})
     out = {}
     for name, module in (
       ('backbone', student_m.backbone),
       ('head', student_m.head),
     ):
-      for key, value in to_pytorch({'params': params[name]}, module).items():
+      variables = {'params': params[name]}
+      if name in stats:  # BatchNorm running statistics
+        variables['batch_stats'] = stats[name]
+      for key, value in to_pytorch(variables, module).items():
         out[f'{prefix}{name}.{key}'] = torch.from_numpy(np.array(value))
     return out
 
   if what == 'backbone':
     payload = {
       k[len('backbone.') :]: v
-      for k, v in state_dict(state.teacher, '').items()
+      for k, v in state_dict('teacher', '').items()
       if k.startswith('backbone.')
     }
   elif what == 'full':
     payload = {
-      'student': state_dict(state.student, 'module.'),
-      'teacher': state_dict(state.teacher, ''),
+      'student': state_dict('student', 'module.'),
+      'teacher': state_dict('teacher', ''),
       'dino_loss': {'center': torch.from_numpy(np.array(state.center))},
       'epoch': _epoch_of(config, int(step)),
       STEP_KEY: int(step),  # mid-epoch too; ignored by the official code

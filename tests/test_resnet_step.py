@@ -19,6 +19,7 @@ from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import parallel
 from dino_jax import step as step_lib
 from dino_jax.eval import features
+from dino_jax.eval import run as eval_run
 
 BATCH = 8
 
@@ -166,6 +167,18 @@ class ResNetStepTest(absltest.TestCase):
     # A linear probe takes the pooled features (official eval_linear.py).
     probe = features.jit_feature_fn(self.teacher.backbone, None, 'probe')
     np.testing.assert_array_equal(probe(variables, images), got)
+
+  def test_random_init_baseline_carries_init_statistics(self):
+    config = resnet_config()
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    init = eval_run._random_init(config, mesh, self.teacher.backbone)
+    bn1 = init['batch_stats']['bn1']
+    np.testing.assert_array_equal(bn1['mean'], np.zeros(8))
+    np.testing.assert_array_equal(bn1['var'], np.ones(8))
+    images = self.batches[1]['global_crops'][0]
+    got = features.jit_feature_fn(self.teacher.backbone)(init, images)
+    self.assertEqual(got.shape, (BATCH, 64))
+    self.assertTrue(np.isfinite(np.asarray(got)).all())
 
 
 class ViTStateTest(absltest.TestCase):

@@ -33,11 +33,16 @@ def _random_init(config, mesh, backbone):
     jax.random.PRNGKey(config.seed + 1),
     jnp.zeros((1, size, size, 3), jnp.float32),
   )
-  shape = jax.eval_shape(init)['params']
+
+  def variables():  # a ResNet's also its running statistics (0 and 1)
+    out = init()
+    return out if 'batch_stats' in out else out['params']
+
+  shape = jax.eval_shape(variables)
   # The teacher's rules on the same shapes: the same shardings, so both
   # run through one compiled feature function.
   shardings = parallel.state_sharding(mesh, shape, config.mesh.fsdp_min_size)
-  return jax.jit(lambda: init()['params'], out_shardings=shardings)()
+  return jax.jit(variables, out_shardings=shardings)()
 
 
 def after_training(

@@ -262,6 +262,18 @@ def _module_from_torch(prefix: str) -> tuple[str, ...]:
   return tuple(out)
 
 
+def torch_name(path: Sequence[str]) -> tuple[str, bool]:
+  """A Flax variable path -> (torchvision key, whether it is a conv kernel).
+
+  ('layer1_0', 'downsample_bn', 'var') -> ('layer1.0.downsample.1.running_var',
+  False); ('conv1', 'kernel') -> ('conv1.weight', True).
+  """
+  prefix = _module_to_torch(path[:-1])
+  if path[-1] == 'kernel':
+    return f'{prefix}.weight', True
+  return f'{prefix}.{_BN_TO_TORCH[path[-1]]}', False
+
+
 def to_torchvision(variables: Any) -> dict[str, np.ndarray]:
   """Flax {'params', 'batch_stats'} -> torchvision state_dict (numpy, no fc).
 
