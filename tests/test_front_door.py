@@ -82,6 +82,7 @@ def test_knn_cli_adds_a_record_and_keeps_the_baselines(tmp_path):
   # The same title from training and from the CLI.
   assert 'k-NN trained (step 0):' in stdout.getvalue()
   assert 'k-NN trained (step 0):' in cli_out
+  assert 'settings: --config.eval.ks=(3,)\n' in cli_out  # not quietly
   with open(os.path.join(workdir, 'eval', 'knn.json')) as f:
     latest = json.load(f)
   assert set(latest['trained']) == {'3'}
@@ -155,6 +156,11 @@ def test_two_processes_print_each_error_once_prefixed(tmp_path):
   ]
   assert sorted(e.split('error:')[0] for e in errors) == ['', '[process 1] ']
   assert not re.search(r'^(\[process \d\] )?E\d{4} ', result.stderr, re.M)
+  # Process 0 says what it starts at once (before: 52 s of silence).
+  assert result.stderr.splitlines()[0].startswith(
+    'dino_jax.main: vit_small on imagefolder in '
+  )
+  assert result.stderr.count('dino_jax.main: ') == 1
   assert 'process 0/2' in result.stderr  # process 0's INFO lines
   assert 'process 1/2' not in result.stderr
 

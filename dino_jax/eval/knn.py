@@ -286,6 +286,8 @@ def knn_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
     {'step': step, 'trained': {str(k): v for k, v in results.items()}},
     config,
   )
+  if overrides:  # scores of other settings than the training run's
+    print(f'settings: {" ".join(overrides)}', flush=True)
   print(f'wrote {path} and a record in eval/records/', flush=True)
   return results
 
