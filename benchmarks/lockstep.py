@@ -528,17 +528,20 @@ def _run(official, config, steps, *, tol, jax_config, devices, emit) -> dict:
   untracked = dict.fromkeys(UNTRACKED, 0.0)
   max_at = {}
   first_over = None
-  sec = {'official': 0.0, 'jax': 0.0}
+  sec = {'official': 0.0, 'jax': 0.0, 'compare': 0.0}
 
   def after_step(step: int, images) -> None:
     nonlocal first_over
     sec['official'] += time.perf_counter() - after_step.start
     start = time.perf_counter()
     jax_side.step(images)
-    theirs = jax_side.snapshot()
+    jax.block_until_ready(jax_side.state)
     sec['jax'] += time.perf_counter() - start
+    start = time.perf_counter()
+    theirs = jax_side.snapshot()
     ours = probe.snapshot(step, step // spe, logger_class.losses[-1])
     rel, worst = compare(ours, theirs, probe.groups)
+    sec['compare'] += time.perf_counter() - start
     for q in UNTRACKED:
       untracked[q] = max(untracked[q], rel[q])
     for q in QUANTITIES:
@@ -560,6 +563,7 @@ def _run(official, config, steps, *, tol, jax_config, devices, emit) -> dict:
           'jax': theirs['scalars'],
           'rel': rel,
           'worst': worst,
+          'sec': dict(sec),  # cumulative
         }
       )
     after_step.start = time.perf_counter()
@@ -623,13 +627,29 @@ def _run(official, config, steps, *, tol, jax_config, devices, emit) -> dict:
   }
 
 
+def summarize(path: str, at) -> str:
+  """A markdown table of a ``--out`` file: per quantity, the largest
+  relative difference over the first N steps, for each N in ``at``."""
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  if not rows:
+    raise ValueError('no steps recorded yet')
+  at = [n for n in at if n <= len(rows)] or [len(rows)]
+  head = ' | '.join(f'{n} steps' for n in at)
+  lines = [f'| quantity | {head} |', '|---' * (len(at) + 1) + '|']
+  for q in QUANTITIES + UNTRACKED:
+    cells = ' | '.join(f'{max(r["rel"][q] for r in rows[:n]):.1e}' for n in at)
+    lines.append(f'| {q} | {cells} |')
+  return '\n'.join(lines)
+
+
 def parse_args(argv=None):
   from dino_jax import workdir as workdir_lib
 
   argv = sys.argv if argv is None else [sys.argv[0], *argv]
   rest, overrides = workdir_lib.split_overrides(argv)
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--official_repo', required=True)
+  p.add_argument('--official_repo', help='a facebookresearch/dino checkout')
   p.add_argument('--steps', type=int, default=50)
   p.add_argument('--config', default=DEFAULT_CONFIG, help='FILE[:ARG]')
   p.add_argument('--tol', type=float, default=1e-3)
@@ -638,13 +658,32 @@ def parse_args(argv=None):
     '--devices', type=int, default=0, help="dino_jax's devices (0: all)"
   )
   p.add_argument('--out', default=None, help='one JSON line per step here')
+  p.add_argument(
+    '--summarize',
+    metavar='JSONL',
+    help='run nothing: the table of max_rel of an --out file at --at steps',
+  )
+  p.add_argument('--at', default='1,10,50,100,200,360')
   args = p.parse_args(rest[1:])
+  if not args.summarize and not args.official_repo:
+    p.error('--official_repo=PATH is required (or --summarize JSONL)')
+  try:
+    args.at = [int(n) for n in args.at.split(',') if n]
+  except ValueError:
+    p.error(f'--at={args.at!r}: use a comma list of step counts')
   args.overrides = overrides
   return args
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.summarize:
+    try:
+      print(summarize(args.summarize, args.at))
+    except (OSError, ValueError, KeyError) as e:
+      print(f'error: --summarize {args.summarize}: {e}', file=sys.stderr)
+      return 1
+    return 0
   if not os.environ.get('JAX_PLATFORMS'):
     import jax
 
@@ -697,4 +736,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  from dino_jax import hostmem
+
+  hostmem.reexec_if_needed()  # XLA:CPU's malloc settings, as the trainer
   sys.exit(main())
