@@ -453,7 +453,8 @@ class ParityTest(absltest.TestCase):
   def test_cli_equals_official_script_on_exported_teacher(self):
     """``python -m dino_jax.eval.retrieval --official`` on a tiny workdir
     scores what the official script's path scores with the teacher
-    exported by ``dino_jax.interop export``, loaded into the official ViT."""
+    exported by ``dino_jax.interop export``, loaded into the official ViT;
+    and the same with that file as ``--pretrained``."""
     workdir = os.path.join(self.tmp, 'w')
     config = tiny_workdir(workdir)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -497,6 +498,27 @@ class ParityTest(absltest.TestCase):
       self.assertAlmostEqual(record[protocol]['map'], 100 * want[0], 9)
       for k, p in zip((1, 5, 10), want[2], strict=True):
         self.assertAlmostEqual(record[protocol][f'mp@{k}'], 100 * p, 9)
+    # The exported file evaluated as released weights (--pretrained, with
+    # the architecture's config): imported into a new workdir, the same.
+    imported = os.path.join(self.tmp, 'imported')
+    with contextlib.redirect_stdout(io.StringIO()):
+      status, err = run_in_process(
+        retrieval,
+        [
+          f'--workdir={imported}',
+          f'--pretrained={pth}',
+          f'--config={os.path.join(ROOT, "tests", "tiny_config.py")}',
+          f'--data_root={self.tmp}',
+          f'--imsize={IMSIZE}',
+          '--official',
+        ],
+      )
+    self.assertEqual(status, 0, err)
+    path = os.path.join(imported, 'eval', 'retrieval_roxford5k.json')
+    with open(path) as f:
+      again = json.load(f)
+    for protocol in ('medium', 'hard'):
+      self.assertEqual(again[protocol], record[protocol])
 
   def test_single_scale(self):
     self.check(multiscale=False)
