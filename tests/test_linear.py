@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -380,10 +381,13 @@ def test_write_results_gcs(gcs, tmp_path, monkeypatch):
   }
   path, weights = linear.write_results(f'{url}/run', 3, result)
   assert path == f'{url}/run/eval/linear.json'
-  assert sorted(gcs.list(name)) == [
-    'run/eval/linear.json',
-    'run/eval/linear_weights.npz',
-  ]
+  listed = sorted(gcs.list(name))
+  assert listed[:2] == ['run/eval/linear.json', 'run/eval/linear_weights.npz']
+  # and the run's record (issue 42), never replaced by a later run
+  assert len(listed) == 3
+  assert re.fullmatch(
+    r'run/eval/records/linear-step3-\d{8}T\d+Z\.json', listed[2]
+  )
   assert json.loads(gcs.read(name, 'run/eval/linear.json'))['top1'] == 90.0
   npz = np.load(io.BytesIO(gcs.read(name, 'run/eval/linear_weights.npz')))
   np.testing.assert_array_equal(npz['kernel'], np.ones((2, 3)))
