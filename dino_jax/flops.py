@@ -170,10 +170,103 @@ def train_step_flops(
   }
 
 
+def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
+  return (size + 2 * pad - kernel) // stride + 1
+
+
+def resnet_forward_flops(
+  image_size: int, arch: str = 'resnet50', width: int = 64, channels: int = 3
+) -> dict[str, int]:
+  """Forward FLOPs of one square image through a ResNet without fc.
+
+  Every conv as a matmul, 2 * (output pixels) * (k * k * C_in) * C_out, with
+  torch's symmetric padding (models/resnet.py); BatchNorm, ReLU and the
+  pools are not counted.
+
+  Returns:
+    ``{'stem': conv1, 'blocks': every other conv, downsamples included}``.
+  """
+  from dino_jax.models.resnet import ARCHS  # light import, no cycle
+
+  net = ARCHS[arch](width=width)
+  bottleneck = net.block == 'bottleneck'
+  size = _conv_out(image_size, 7, 2, 3)
+  stem = _matmul(size * size, 7 * 7 * channels, width)
+  size = _conv_out(size, 3, 2, 1)  # max-pool
+  inplanes, blocks = width, 0
+  for i, n in enumerate(net.layers):
+    planes = width * 2**i
+    for j in range(n):
+      stride = 2 if (i > 0 and j == 0) else 1
+      out = _conv_out(size, 3, stride, 1)  # = a strided 1x1's output
+      if bottleneck:
+        outplanes = 4 * planes
+        blocks += (
+          _matmul(size * size, inplanes, planes)
+          + _matmul(out * out, 9 * planes, planes)
+          + _matmul(out * out, planes, outplanes)
+        )
+      else:
+        outplanes = planes
+        blocks += _matmul(out * out, 9 * inplanes, planes) + _matmul(
+          out * out, 9 * planes, planes
+        )
+      if stride != 1 or inplanes != outplanes:
+        blocks += _matmul(out * out, inplanes, outplanes)  # downsample
+      inplanes, size = outplanes, out
+  return {'stem': stem, 'blocks': blocks}
+
+
+def resnet_train_step_flops(
+  config: ml_collections.ConfigDict, batch: int | None = None
+) -> dict[str, float]:
+  """``train_step_flops`` for a ResNet config: the same terms, the stem in
+  place of the patch embedding (its input, the images, needs no gradient:
+  forward and weight gradient, twice the forward)."""
+  m, c = config.model, config.crops
+  batch = config.batch_size if batch is None else batch
+  width = m.resnet_width
+  features = 8 * width * (4 if m.arch == 'resnet50' else 1)
+  head = head_forward_flops(
+    features,
+    m.out_dim,
+    m.head_hidden_dim,
+    m.head_bottleneck_dim,
+    m.head_nlayers,
+  )
+  net = {
+    size: resnet_forward_flops(size, m.arch, width)
+    for size in (c.global_size, c.local_size)
+  }
+  weight_norm = _matmul(1, m.head_bottleneck_dim, m.out_dim)
+  student = 2 * weight_norm
+  crops = ((c.global_size, 2 * batch), (c.local_size, c.local_number * batch))
+  for size, n in crops:
+    # The stem: forward and weight gradient; the rest: forward and both.
+    f = net[size]
+    student += n * (2 * f['stem'] + 3 * f['blocks'] + 3 * head)
+  teacher = weight_norm + 2 * batch * (
+    net[c.global_size]['stem'] + net[c.global_size]['blocks'] + head
+  )
+  views = 2 + c.local_number
+  loss = 2 * _matmul(2, batch * m.out_dim, views)
+  total = student + teacher + loss
+  return {
+    'global_crop_forward': float(sum(net[c.global_size].values()) + head),
+    'local_crop_forward': float(sum(net[c.local_size].values()) + head),
+    'student': float(student),
+    'teacher': float(teacher),
+    'step': float(total),
+    'per_image': total / batch,
+  }
+
+
 def from_config(
   config: ml_collections.ConfigDict, batch: int | None = None
 ) -> dict[str, float]:
   """``train_step_flops`` for a config (batch: ``config.batch_size``)."""
+  if config.model.arch in config_lib.RESNET_ARCHS:
+    return resnet_train_step_flops(config, batch)
   m, c = config.model, config.crops
   dims = config_lib.model_dims(config)
   return train_step_flops(
