@@ -45,6 +45,7 @@ _TRAIN_ONLY_FLAGS = (
   'coordinator_address',
   'num_processes',
   'process_id',
+  'compilation_cache',
 )
 
 

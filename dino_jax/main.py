@@ -23,6 +23,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 flags.DEFINE_integer('process_id', None, 'This process.')
+flags.DEFINE_string(
+  'compilation_cache',
+  '',
+  "JAX's persistent compilation cache: a local or gs:// directory; default "
+  'WORKDIR/compilation_cache (a restart loads the step instead of compiling '
+  "it again); 'none' turns it off.",
+)
 config_flags.DEFINE_config_file(
   'config', None, 'Training config file.', lock_config=True
 )
@@ -72,7 +79,11 @@ def main(argv):
       file=sys.stderr,
       flush=True,
     )
-  from dino_jax import parallel, train  # after flags: keeps --help fast
+  from dino_jax import (  # after flags: keeps --help fast
+    compilation_cache,
+    parallel,
+    train,
+  )
   from dino_jax.checkpoint import (
     DamagedCheckpointError,
     IncompatibleCheckpointError,
@@ -102,6 +113,11 @@ def main(argv):
     jax.process_count(),
     jax.local_device_count(),
     jax.local_devices(),
+  )
+  compilation_cache.enable(
+    compilation_cache.cache_path(
+      flags.FLAGS.compilation_cache, flags.FLAGS.workdir
+    )
   )
   result = None
   try:
