@@ -328,7 +328,9 @@ def main(argv):
       f'{config.batch_size} ({config.batch_size // len(devices)} per device)',
       flush=True,
     )
-    result = breakdown(config, mesh, target.chip.platform)
+    result = breakdown(
+      config, mesh, target.chip.platform, whole=flags.FLAGS.whole_step
+    )
   except (aot.AotError, config_lib.ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -345,6 +347,12 @@ def main(argv):
       json.dump(result, f, indent=1)
   print(json.dumps(result), flush=True)
 
+
+flags.DEFINE_bool(
+  'whole_step',
+  True,
+  'Also compile the whole step (as dino_jax.aot does) for the comparison.',
+)
 
 if __name__ == '__main__':
   jax.config.update('jax_platforms', 'cpu')
