@@ -429,6 +429,28 @@ def _array_bytes(shape_text: str) -> list[int]:
   return sizes
 
 
+# libtpu's reduce-scatter: a fusion (kind=kCustom) of an all-reduce and the
+# dynamic-slice of each device's share, "calls=%all-reduce-scatter.N"; it
+# runs as one reduce-scatter (its collective_algorithm_config, e.g.
+# SingleInputAllReduceScatterFusion), so the all-reduce inside is not one.
+_SCATTER_FUSION = re.compile(
+  r'^\s*(?:ROOT\s+)?%\S+ = (\(.*?\)|\S+) fusion\(.*?calls=%'
+  r'(all-reduce-scatter[^\s,]*)',
+  re.MULTILINE,
+)
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%(\S+) \(', re.MULTILINE)
+
+
+def _computation_bodies(hlo_text: str) -> dict[str, str]:
+  """Each computation's text, by name (``%name (...) -> ... {`` to ``}``)."""
+  bodies = {}
+  starts = [(m.start(), m.group(1)) for m in _COMPUTATION.finditer(hlo_text)]
+  for i, (start, name) in enumerate(starts):
+    end = starts[i + 1][0] if i + 1 < len(starts) else len(hlo_text)
+    bodies[name] = hlo_text[start:end]
+  return bodies
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """Collectives of a compiled (per-device) HLO module, with their bytes.
 
@@ -436,13 +458,24 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   an all-reduce, the gathered one of an all-gather, one device's share of a
   reduce-scatter. An async ``-start`` is counted once, by its result (the
   second half of its tuple where it also carries the operands); the matching
-  ``-done`` is not counted again. Loops are counted once per appearance (the
-  step has none around collectives).
+  ``-done`` is not counted again. libtpu's all-reduce-scatter fusions
+  count as reduce-scatters, by their results (the shares), and the
+  all-reduce inside them not at all. Loops are counted once per appearance
+  (the step has none around collectives).
 
   Returns:
     ``{op: {'count': n, 'bytes': b}}`` for the ops present.
   """
   out: dict[str, dict[str, int]] = {}
+  scatters = _SCATTER_FUSION.findall(hlo_text)
+  if scatters:
+    bodies = _computation_bodies(hlo_text)
+    for _, name in scatters:  # leave out the fused computations
+      hlo_text = hlo_text.replace(bodies.get(name, '\0'), '')
+  for shape, _ in scatters:
+    entry = out.setdefault('reduce-scatter', {'count': 0, 'bytes': 0})
+    entry['count'] += 1
+    entry['bytes'] += sum(_array_bytes(shape))
   for shape, op, start in _COLLECTIVE_OP.findall(hlo_text):
     sizes = _array_bytes(shape)
     if start and op in ('all-gather', 'collective-permute', 'all-to-all'):

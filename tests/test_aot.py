@@ -197,6 +197,37 @@ def test_report_prints_the_memory_roofline():
   ) in lines
 
 
+def test_collectives_count_the_tpu_reduce_scatter_fusion_once():
+  # libtpu's reduce-scatter, as in the tiny step's program for v5e:2x4 at
+  # data 4 x fsdp 2: a fusion calling %all-reduce-scatter.N, whose body is
+  # an all-reduce of the whole gradients and each device's slice of them.
+  hlo = '\n'.join(
+    [
+      '%all-reduce-scatter.3 (input_0: f32[32,32], input_2: f32[64,64]) -> '
+      '(f32[16,32], f32[32,64]) {',
+      '  %all-reduce.171 = (f32[32,32]{1,0:T(8,128)}, f32[64,64]{1,0}) '
+      'all-reduce(%input_0, %input_2), channel_id=1, '
+      'replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add',
+      '  %ds = f32[16,32]{1,0} dynamic-slice(%gte, %i, %j)',
+      '  ROOT %t = (f32[16,32]{1,0}, f32[32,64]{1,0}) tuple(%ds, %ds2)',
+      '}',
+      '',
+      'ENTRY %main.0_spmd (param: f32[8,512]) -> f32[16,32] {',
+      '  %fusion.1045 = (f32[16,32]{1,0:T(8,128)S(1)}, f32[32,64]{1,0}) '
+      'fusion(%a, %b), kind=kCustom, calls=%all-reduce-scatter.3, '
+      'backend_config={"collective_algorithm_config":{"emitter":'
+      '"SingleInputAllReduceScatterFusion"}}',
+      '  ROOT %all-reduce.1 = f32[16,32]{1,0} all-reduce(%gte), '
+      'channel_id=4, to_apply=%add.1',
+      '}',
+    ]
+  )
+  assert aot.collectives(hlo) == {
+    'reduce-scatter': {'count': 1, 'bytes': (16 * 32 + 32 * 64) * 4},
+    'all-reduce': {'count': 1, 'bytes': 16 * 32 * 4},
+  }
+
+
 def test_hbm_needed_from_the_tpu_message():
   message = (
     'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory '
