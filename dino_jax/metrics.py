@@ -7,6 +7,7 @@ signatures into warnings and a non-finite loss into an error.
 import json
 import logging
 import math
+import os
 import sys
 import time
 
@@ -22,29 +23,59 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or inf; the state is not saved."""
 
 
+# On object storage (no append) the rows are kept in parts of PART_ROWS
+# rows, ``metrics.jsonl.d/<index of the part's first row>.jsonl``: a write
+# uploads only the last part, so a run uploads O(rows) bytes, not O(rows²).
+PART_ROWS = 100
+
+
+def parts_folder(path: str) -> str:
+  """Where the parts of a remote ``metrics.jsonl`` are."""
+  return f'{path}.d'
+
+
+def _part_name(index: int) -> str:
+  return f'{index * PART_ROWS:09d}.jsonl'
+
+
+def _unlink(path: str) -> None:
+  try:
+    storage.as_path(path).unlink()
+  except FileNotFoundError:
+    pass
+
+
+def _lines(rows: list[dict]) -> str:
+  return ''.join(json.dumps(r) + '\n' for r in rows)
+
+
 class MetricWriter:
   """Writes ``metrics.jsonl`` and TensorBoard events under ``workdir``.
 
-  The rows live in memory and each write replaces the file whole (one
-  atomic write; an upload on object storage, which has no append): a run
-  killed at any moment leaves the previous file intact, and no row is ever
-  lost half-written or written twice. The cost grows with the rows: about
-  0.5 MB at 1,000 rows, rewritten once per log step (docs/gcs.md).
+  The rows live in memory too. Local: each row is appended to the file (a
+  line cut by a kill is dropped at the next start). On object storage,
+  which has no append, the rows are parts of ``PART_ROWS`` rows
+  (``parts_folder``), each replaced whole (one upload) while it fills:
+  a run killed at any moment leaves the previous parts intact, and a log
+  step uploads one part, not all the rows. ``read_rows`` reads either
+  layout back as one file. A resume rewrites what changes: rows past the
+  restored step, lines that do not parse.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.active = jax.process_index() == 0
     self.path = storage.join(workdir, 'metrics.jsonl')
+    self.remote = storage.is_remote(self.path)
     self._tb = None
     self._rows: list[dict] = []
+    self._parts = 0  # parts in the bucket (remote)
     if not self.active:
       return
     storage.makedirs(workdir)
-    if storage.exists(self.path, 'metrics'):
+    if exists(self.path, 'metrics'):
       # Rows past the restored step came from a run that died before its
       # next checkpoint; they are recomputed, so drop them. So are lines
-      # that do not parse (a file written by hand, or by an older version
-      # that appended).
+      # that do not parse (a file written by hand, or cut by a kill).
       rows, bad = read_rows(self.path)
       if bad:
         logger.warning(
@@ -54,7 +85,9 @@ class MetricWriter:
           ', '.join(map(str, bad[:5])) + (', ...' if len(bad) > 5 else ''),
         )
       self._rows = [r for r in rows if r['step'] <= resume_step]
-      if bad or len(self._rows) < len(rows):
+      if self.remote:
+        self._adopt_parts(bad or len(self._rows) < len(rows))
+      elif bad or len(self._rows) < len(rows):
         self._rewrite()
     self._tb = _summary_writer()(storage.join(workdir, 'tensorboard'))
 
@@ -63,10 +96,40 @@ class MetricWriter:
     return any(r['step'] == step and _is_evaluation(r) for r in self._rows)
 
   def _rewrite(self) -> None:
-    """Replaces the file with the rows; whole or not at all."""
-    storage.write_text(
-      self.path, ''.join(json.dumps(r) + '\n' for r in self._rows)
-    )
+    """Replaces the local file with the rows; whole or not at all."""
+    storage.write_text(self.path, _lines(self._rows))
+
+  def _adopt_parts(self, changed: bool) -> None:
+    """Takes over the parts in the bucket: the rows kept, in parts whole.
+
+    A single ``metrics.jsonl`` object (written before the parts) becomes
+    parts, then is deleted.
+    """
+    folder = storage.as_path(parts_folder(self.path))
+    names = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    legacy = storage.as_path(self.path).exists()
+    expected = [_part_name(i) for i in range(len(names))]
+    self._parts = len(names)
+    if changed or legacy or names != expected:
+      for name in names:  # rewritten from the first
+        if name not in expected:
+          _unlink(os.fspath(folder / name))
+      self._parts = min(self._parts, len(expected))
+      self._upload(0)
+    if legacy:
+      _unlink(self.path)
+
+  def _upload(self, first_row: int) -> None:
+    """Uploads the parts holding rows ``first_row`` on; deletes parts past
+    the last row (rows dropped)."""
+    count = -(-len(self._rows) // PART_ROWS)
+    folder = parts_folder(self.path)
+    for i in range(first_row // PART_ROWS, count):
+      rows = self._rows[i * PART_ROWS : (i + 1) * PART_ROWS]
+      storage.write_text(storage.join(folder, _part_name(i)), _lines(rows))
+    for i in range(count, self._parts):
+      _unlink(storage.join(folder, _part_name(i)))
+    self._parts = count
 
   def write(
     self, step: int, scalars: dict[str, float], replace: bool = False
@@ -76,12 +139,24 @@ class MetricWriter:
     if not self.active or not scalars:
       return
     row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    first_changed = len(self._rows)
     if replace:
-      self._rows = [
-        r for r in self._rows if not (r['step'] == step and _is_evaluation(r))
+      removed = [
+        i
+        for i, r in enumerate(self._rows)
+        if r['step'] == step and _is_evaluation(r)
       ]
+      if removed:
+        first_changed = removed[0]
+        self._rows = [r for i, r in enumerate(self._rows) if i not in removed]
     self._rows.append(row)
-    self._rewrite()
+    if self.remote:
+      self._upload(first_changed)
+    elif first_changed < len(self._rows) - 1:
+      self._rewrite()
+    else:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
     for name, value in row.items():
       if name != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(f'train/{name}', value, step)
@@ -116,23 +191,44 @@ def _is_evaluation(row: dict) -> bool:
   return any(k.startswith('knn_') for k in row)
 
 
+def exists(path: str, what: str = 'path') -> bool:
+  """Whether a ``metrics.jsonl`` exists: the file, or its parts (remote)."""
+  if storage.exists(path, what):
+    return True
+  return storage.is_remote(path) and storage.exists(parts_folder(path), what)
+
+
+def _texts(path: str):
+  """The text of ``path``, then of its parts in order (remote)."""
+  file = storage.as_path(path)
+  if not storage.is_remote(path):
+    yield file.read_text()
+    return
+  if file.exists():  # written before the parts
+    yield file.read_text()
+  folder = storage.as_path(parts_folder(path))
+  if folder.exists():
+    for part in sorted(folder.iterdir(), key=lambda p: p.name):
+      yield part.read_text()
+
+
 def read_rows(path: str) -> tuple[list[dict], list[int]]:
-  """The rows of a ``metrics.jsonl``, and the numbers of lines that do not
-  parse as a JSON object with a ``step``."""
+  """The rows of a ``metrics.jsonl`` (local, or remote in parts), and the
+  numbers of lines that do not parse as a JSON object with a ``step``."""
   rows, bad = [], []
-  with storage.as_path(path).open() as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except ValueError:
-        bad.append(number)
-        continue
-      if isinstance(row, dict) and 'step' in row:
-        rows.append(row)
-      else:
-        bad.append(number)
+  lines = (line for text in _texts(path) for line in text.splitlines())
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      bad.append(number)
+      continue
+    if isinstance(row, dict) and 'step' in row:
+      rows.append(row)
+    else:
+      bad.append(number)
   return rows, bad
 
 

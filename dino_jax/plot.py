@@ -38,7 +38,7 @@ def read_curves(workdir: str, k: int) -> dict:
   """
   path = storage.join(workdir, 'metrics.jsonl')
   try:
-    found = storage.exists(path, '--workdir')
+    found = metrics_lib.exists(path, '--workdir')  # remote: its parts
   except storage.StorageError as error:
     raise PlotError(str(error)) from error
   if not found:

@@ -60,7 +60,19 @@ def test_files_roundtrip_and_move(gcs, tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / 'gs:')
 
 
-def test_metrics_rows_rewritten_whole_and_once(gcs, tmp_path, monkeypatch):
+def _parts(gcs, name: str, prefix: str) -> list[str]:
+  """The objects of a remote metrics.jsonl, in order (names sort)."""
+  folder = f'{prefix}/metrics.jsonl.d/'
+  return [n for n in gcs.list(name) if n.startswith(folder)]
+
+
+def _metric_rows(gcs, name: str, prefix: str) -> list[dict]:
+  """The rows of a remote metrics.jsonl, read from the server directly."""
+  text = b''.join(gcs.read(name, n) for n in _parts(gcs, name, prefix))
+  return [json.loads(line) for line in text.decode().splitlines()]
+
+
+def test_metrics_rows_replaced_and_dropped(gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   name, url = new_bucket(gcs)
   run = f'{url}/run'
@@ -70,26 +82,100 @@ def test_metrics_rows_rewritten_whole_and_once(gcs, tmp_path, monkeypatch):
   writer.write(3, {'knn_trained_k2': 50.0})
   writer.write(3, {'knn_trained_k2': 60.0}, replace=True)
   writer.close()
-  rows = [
-    json.loads(r) for r in gcs.read(name, 'run/metrics.jsonl').splitlines()
-  ]
-  assert rows == [
+  expected = [
     {'step': 1, 'loss': 1.0},
     {'step': 2, 'loss': 2.0},
     {'step': 3, 'loss': 3.0},
     {'step': 3, 'knn_trained_k2': 60.0},
   ]
+  assert _metric_rows(gcs, name, 'run') == expected
+  assert metrics_lib.read_rows(f'{run}/metrics.jsonl') == (expected, [])
+  assert 'run/metrics.jsonl' not in gcs.list(name)  # parts only
   # A resume from step 2 drops the later rows, in the bucket too.
   writer = metrics_lib.MetricWriter(run, resume_step=2)
   assert not writer.has_evaluation(3)
   writer.write(3, {'loss': 30.0})
   writer.close()
-  rows = [
-    json.loads(r) for r in gcs.read(name, 'run/metrics.jsonl').splitlines()
-  ]
+  rows = _metric_rows(gcs, name, 'run')
   assert [(r['step'], r['loss']) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30)]
   assert any(n.startswith('run/tensorboard/') for n in gcs.list(name))
   assert not os.path.exists(tmp_path / 'gs:')
+
+
+def test_metrics_uploads_grow_linearly(gcs, tmp_path, monkeypatch):
+  # Each log step uploads one part of at most PART_ROWS rows, not every row
+  # so far: the bytes uploaded over a run grow as its rows, not their
+  # square; plot and the readers see every row, in order.
+  from dino_jax import plot
+
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(metrics_lib, 'PART_ROWS', 10)
+  uploads = []
+  write_bytes = storage.write_bytes
+
+  def counted(path, data):
+    if '/metrics.jsonl' in path:
+      uploads.append((path, len(data)))
+    write_bytes(path, data)
+
+  monkeypatch.setattr(storage, 'write_bytes', counted)
+  name, url = new_bucket(gcs)
+  run = f'{url}/run'
+  writer = metrics_lib.MetricWriter(run)
+  rows, uploaded = [], {}
+  for step in range(1, 81):
+    row = {'step': step, 'loss': 1000.0 + step}
+    if step % 20 == 0:
+      row['knn_trained_k20'] = 50.0 + step / 10
+    writer.write(step, {k: v for k, v in row.items() if k != 'step'})
+    rows.append(row)
+    uploaded[step] = sum(size for _, size in uploads)
+  writer.close()
+  assert len(uploads) == 80  # one upload a step
+  row_bytes = len(json.dumps(rows[0]) + '\n')
+  # Whole-file rewrites would upload n (n + 1) / 2 rows: 820 for 40 steps,
+  # 3240 for 80; parts of 10 rows upload 5.5 rows a step: 220 and 440.
+  assert uploaded[40] < 6 * 40 * row_bytes
+  assert uploaded[80] < 2.2 * uploaded[40]
+  assert uploaded[80] < 80 * 81 / 2 * row_bytes / 5
+  assert _parts(gcs, name, 'run') == [
+    f'run/metrics.jsonl.d/{i:09d}.jsonl' for i in range(0, 80, 10)
+  ]
+  assert _metric_rows(gcs, name, 'run') == rows
+  assert metrics_lib.read_rows(f'{run}/metrics.jsonl') == (rows, [])
+  curves = plot.read_curves(run, k=20)
+  assert curves['knn'] == {
+    'trained': [(s, 50.0 + s / 10) for s in (20, 40, 60, 80)]
+  }
+  assert [s for s, _ in curves['loss']] == list(range(1, 81))
+  # A resume mid-part: that part is cut, the later ones deleted.
+  uploads.clear()
+  writer = metrics_lib.MetricWriter(run, resume_step=25)
+  writer.write(26, {'loss': 26.5})
+  writer.close()
+  assert _parts(gcs, name, 'run') == [
+    f'run/metrics.jsonl.d/{i:09d}.jsonl' for i in (0, 10, 20)
+  ]
+  expected = rows[:25] + [{'step': 26, 'loss': 26.5}]
+  assert _metric_rows(gcs, name, 'run') == expected
+  assert len(uploads) <= 4  # the parts rewritten, then the new row's
+
+
+def test_metrics_single_object_becomes_parts(gcs, tmp_path, monkeypatch):
+  # A gs:// workdir whose metrics.jsonl is one object (an earlier version):
+  # read as before, and turned into parts by the next run.
+  monkeypatch.chdir(tmp_path)
+  name, url = new_bucket(gcs)
+  run = f'{url}/run'
+  rows = [{'step': s, 'loss': float(s)} for s in (1, 2, 3)]
+  text = ''.join(json.dumps(r) + '\n' for r in rows)
+  storage.write_text(f'{run}/metrics.jsonl', text + '{"step": 4, "lo')
+  assert metrics_lib.read_rows(f'{run}/metrics.jsonl') == (rows, [4])
+  writer = metrics_lib.MetricWriter(run, resume_step=3)
+  writer.write(4, {'loss': 4.0})
+  writer.close()
+  assert 'run/metrics.jsonl' not in gcs.list(name)
+  assert _metric_rows(gcs, name, 'run') == [*rows, {'step': 4, 'loss': 4.0}]
 
 
 def test_object_lock_one_holder_heartbeat_release(gcs):
@@ -273,14 +359,6 @@ def _upload_images(name: str, prefix: str, count: int = 32) -> None:
     Image.fromarray(pixels).save(data, format='JPEG')
     path = f'gs://{name}/{prefix}/c{i % 2}/{i:03d}.jpg'
     storage.write_bytes(path, data.getvalue())
-
-
-def _metric_rows(gcs, name: str, prefix: str) -> list[dict]:
-  try:
-    text = gcs.read(name, f'{prefix}/metrics.jsonl').decode()
-  except OSError:  # not written yet (HTTP 404)
-    return []
-  return [json.loads(line) for line in text.splitlines()]
 
 
 def _pod(url, port, *flags, environ, cwd):
