@@ -159,5 +159,5 @@ if __name__ == '__main__':
   )
   from dino_jax import hostmem
 
-  hostmem.reexec_if_needed()  # both sides run with the same malloc settings
+  hostmem.configure()  # both sides run with the same malloc settings
   main()

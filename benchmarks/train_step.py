@@ -343,9 +343,8 @@ def _without(argv, flags):
 
 
 def sweep(args, argv):
-  """One subprocess per point (device counts need a fresh JAX)."""
-  from dino_jax import hostmem
-
+  """One subprocess per point (device counts need a fresh JAX; each point
+  chooses its own malloc settings, ``dino_jax.hostmem``)."""
   flag, values = SWEEPS[args.sweep]
   if args.sweep_values:
     try:
@@ -363,8 +362,6 @@ def sweep(args, argv):
     env = dict(os.environ)
     cmd = [sys.executable, os.path.abspath(__file__), *base]
     if flag is None:
-      if value > 1:  # the malloc settings are for one CPU device only
-        env = hostmem.without_settings(env)
       env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={value}'
       env['JAX_PLATFORMS'] = 'cpu'
     else:
@@ -393,5 +390,5 @@ if __name__ == '__main__':
   )
   from dino_jax import hostmem
 
-  hostmem.reexec_if_needed()  # both sides run with the same malloc settings
+  hostmem.configure()  # both sides run with the same malloc settings
   main()

@@ -8,10 +8,12 @@ backward took 37 000 minor faults and 0.12 s of kernel time per call here,
 about a quarter of its wall time; PyTorch, whose tensors stay under glibc's
 adaptive mmap threshold (up to 32 MB) and so are reused from the heap, took
 none. Three settings keep freed memory in the process for reuse: one arena,
-no mmap, no trimming. glibc reads them only when a process starts, so the
-entry points (``python -m dino_jax.main``, the evaluation and benchmark
-scripts) re-execute themselves once with them set, before any work. The
-process then keeps its peak host memory until it exits.
+no mmap, no trimming. ``configure`` makes them with glibc's ``mallopt``
+(documented, ``man 3 mallopt``), in this process, before JAX computes
+anything: the entry points (``python -m dino_jax.main``, the evaluation and
+benchmark scripts) call it first thing. Set later (after XLA's threads
+have allocated) they do not take. The process then keeps its peak host
+memory until it exits.
 
 Only for what was measured to gain and to stay flat: one CPU device in the
 process, no accelerator. With 8 fake CPU devices
@@ -19,23 +21,36 @@ process, no accelerator. With 8 fake CPU devices
 until the ViT-T step ran out of 24 GB; with a GPU or TPU the step's
 temporaries are in device memory anyway.
 
-Set ``DINO_JAX_SYSTEM_MALLOC=1`` to keep the system's settings; values the
-user already set for these variables are kept.
+Set ``DINO_JAX_SYSTEM_MALLOC=1`` to keep the system's settings; a program
+started with glibc's own variables for them (``MALLOC_ARENA_MAX``,
+``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``) keeps
+those.
 """
 
+import ctypes
 import os
 import platform
 import re
 import sys
 from collections.abc import Mapping
 
+# mallopt parameters (glibc's malloc.h) and their values here.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = {
-  'MALLOC_ARENA_MAX': '1',  # per-thread heaps are unmapped when empty
-  'MALLOC_MMAP_MAX_': '0',  # large blocks would be mmap'd and unmapped
-  'MALLOC_TRIM_THRESHOLD_': str(1 << 40),  # never give the heap top back
+  M_ARENA_MAX: 1,  # per-thread heaps are unmapped when empty
+  M_MMAP_MAX: 0,  # large blocks would be mmap'd and unmapped
+  M_TRIM_THRESHOLD: -1,  # -1: never give the heap top back
 }
+# glibc's environment variables for the same settings: the user's choice.
+VARIABLES = (
+  'MALLOC_ARENA_MAX',
+  'MALLOC_MMAP_MAX_',
+  'MALLOC_TRIM_THRESHOLD_',
+  'GLIBC_TUNABLES',
+)
 OPT_OUT = 'DINO_JAX_SYSTEM_MALLOC'
-_GUARD = 'DINO_JAX_MALLOC_SET'
+
+_status = 'system'  # what configure did in this process
 
 
 def _is_glibc() -> bool:
@@ -63,55 +78,35 @@ def _single_cpu_device(environ: Mapping[str, str], accelerator: bool) -> bool:
   return not counts or int(counts[-1]) == 1
 
 
-def tuned_environ(
+def choice(
   environ: Mapping[str, str],
   system: str,
   glibc: bool,
   accelerator: bool = False,
-) -> dict[str, str] | None:
-  """The environment to restart with, or None to run as is.
+) -> str:
+  """'tuned' (make the settings), 'custom' (the user's) or 'system'.
 
   Args:
-    environ: the current environment.
+    environ: the process's environment.
     system: ``sys.platform``.
     glibc: whether the C library is glibc (the settings are glibc's).
     accelerator: whether a GPU or TPU device file exists.
   """
   if system != 'linux' or not glibc:
-    return None
+    return 'system'
   if not _single_cpu_device(environ, accelerator):
-    return None
-  if environ.get(OPT_OUT, '') not in ('', '0') or environ.get(_GUARD):
-    return None
-  if all(key in environ for key in SETTINGS):
-    return None
-  env = dict(environ)
-  for key, value in SETTINGS.items():
-    env.setdefault(key, value)
-  env[_GUARD] = '1'  # never restart twice
-  return env
-
-
-def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
-  """``environ`` minus the settings this module added (for a child process
-  that should choose for itself, e.g. one with several CPU devices)."""
-  env = dict(environ)
-  if env.pop(_GUARD, None):
-    for key, value in SETTINGS.items():
-      if env.get(key) == value:
-        del env[key]
-  return env
+    return 'system'
+  if environ.get(OPT_OUT, '') not in ('', '0'):
+    return 'system'
+  if any(key in environ for key in VARIABLES):
+    return 'custom'
+  return 'tuned'
 
 
 def status() -> str:
-  """'tuned', 'system', or 'custom' (some settings set by the user)."""
-  if os.environ.get(_GUARD) and all(
-    os.environ.get(k) == v for k, v in SETTINGS.items()
-  ):
-    return 'tuned'
-  if any(k in os.environ for k in SETTINGS):
-    return 'custom'
-  return 'system'
+  """What ``configure`` chose in this process: 'tuned', 'custom' (glibc's
+  variables set by the user) or 'system' (glibc's defaults)."""
+  return _status
 
 
 def choose_platform(environ, accelerator: bool) -> None:
@@ -129,17 +124,23 @@ def choose_platform(environ, accelerator: bool) -> None:
     jax.config.update('jax_platforms', 'cpu')
 
 
-def reexec_if_needed() -> None:
-  """Restart this process with SETTINGS in its environment (once).
+def configure() -> str:
+  """Chooses the platform, then makes SETTINGS here if they apply.
 
-  Call first thing in a program's ``__main__``: everything done before is
-  done again. Does nothing off glibc Linux, with several CPU devices or an
-  accelerator, when opted out, or when already restarted.
+  Call first thing in a program's ``__main__``, before JAX computes
+  anything. Does nothing off glibc Linux, with several CPU devices or an
+  accelerator, when opted out, or when glibc's variables are set. Returns
+  ``status()``.
   """
-  choose_platform(os.environ, _has_accelerator())
-  env = tuned_environ(os.environ, sys.platform, _is_glibc(), _has_accelerator())
-  if env is None:
-    return
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  global _status
+  accelerator = _has_accelerator()
+  choose_platform(os.environ, accelerator)
+  chosen = choice(os.environ, sys.platform, _is_glibc(), accelerator)
+  if chosen == 'tuned' and _status != 'tuned':
+    libc = ctypes.CDLL(None)
+    for param, value in SETTINGS.items():
+      if libc.mallopt(param, value) != 1:  # 1: success
+        chosen = 'system'
+        break
+  _status = chosen
+  return _status

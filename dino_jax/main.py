@@ -157,6 +157,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
+  hostmem.configure()  # glibc malloc settings for XLA:CPU
   jax.config.update('jax_threefry_partitionable', True)
   app.run(main, flags_parser=parse_flags)

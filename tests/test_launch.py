@@ -12,7 +12,6 @@ resumes are exercised.
 
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -21,8 +20,6 @@ import time
 import portpicker
 import pytest
 from test_cli import env as cli_env
-
-from dino_jax import hostmem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,18 +83,13 @@ exit "$status"
 
 
 def quick_env(devices: int = 1) -> dict[str, str]:
-  """test_cli's environment for CLI subprocesses, cheaper to start.
+  """test_cli's environment for CLI subprocesses.
 
-  With one CPU device, ``dino_jax.hostmem`` restarts the process once with
-  its malloc settings: the environment it would restart with is given here
-  already, so a process starts (imports jax, parses flags) once instead of
-  twice, with the same settings. (Not JAX's jax_share_binary_between_hosts,
-  one compile per multi-process run: on CPU, process 1 waited for ever for
-  the program of orbax's first sync.)
+  (Not JAX's jax_share_binary_between_hosts, one compile per multi-process
+  run: on CPU, process 1 waited for ever for the program of orbax's first
+  sync.)
   """
-  environ = cli_env(devices=devices)
-  glibc = platform.libc_ver()[0] == 'glibc'
-  return hostmem.tuned_environ(environ, sys.platform, glibc) or environ
+  return cli_env(devices=devices)
 
 
 def _stubs(tmp_path, **scripts) -> str:

@@ -488,7 +488,7 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
 
 
 if __name__ == '__main__':
-  hostmem.reexec_if_needed()  # glibc malloc settings for XLA:CPU
+  hostmem.configure()  # glibc malloc settings for XLA:CPU
   sys.exit(
     workdir_lib.run_cli(define_flags, main, errors=(interop.InteropError,))
   )
