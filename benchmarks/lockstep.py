@@ -738,5 +738,5 @@ def main(argv=None) -> int:
 if __name__ == '__main__':
   from dino_jax import hostmem
 
-  hostmem.reexec_if_needed()  # XLA:CPU's malloc settings, as the trainer
+  hostmem.configure()  # XLA:CPU's malloc settings, as the trainer
   sys.exit(main())
