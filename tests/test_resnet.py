@@ -60,19 +60,19 @@ class _TorchBottleneck(tnn.Module):
 
 
 class _TorchResNet(tnn.Module):
-  def __init__(self, block, layers, num_classes=1000):
+  def __init__(self, block, layers, num_classes=1000, width=64):
     super().__init__()
-    self.inplanes = 64
-    self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
-    self.bn1 = tnn.BatchNorm2d(64)
+    self.inplanes = width
+    self.conv1 = tnn.Conv2d(3, width, 7, 2, 3, bias=False)
+    self.bn1 = tnn.BatchNorm2d(width)
     self.relu = tnn.ReLU(inplace=True)
     self.maxpool = tnn.MaxPool2d(3, 2, 1)
-    self.layer1 = self._make(block, 64, layers[0], 1)
-    self.layer2 = self._make(block, 128, layers[1], 2)
-    self.layer3 = self._make(block, 256, layers[2], 2)
-    self.layer4 = self._make(block, 512, layers[3], 2)
+    self.layer1 = self._make(block, width, layers[0], 1)
+    self.layer2 = self._make(block, 2 * width, layers[1], 2)
+    self.layer3 = self._make(block, 4 * width, layers[2], 2)
+    self.layer4 = self._make(block, 8 * width, layers[3], 2)
     self.avgpool = tnn.AdaptiveAvgPool2d((1, 1))
-    self.fc = tnn.Linear(512 * block.expansion, num_classes)
+    self.fc = tnn.Linear(8 * width * block.expansion, num_classes)
     for m in self.modules():
       if isinstance(m, tnn.Conv2d):
         tnn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
@@ -107,10 +107,10 @@ _TORCH = {
 }
 
 
-def _torch_model(arch, seed=0):
+def _torch_model(arch, seed=0, width=64):
   torch.manual_seed(seed)
   block, layers = _TORCH[arch]
-  m = _TorchResNet(block, layers)
+  m = _TorchResNet(block, layers, width=width)
   # Non-trivial affine and running statistics, so eval mode tests them.
   g = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():

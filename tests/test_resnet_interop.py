@@ -23,6 +23,7 @@ from dino_jax import workdir as workdir_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL = os.path.join(os.path.dirname(ROOT), 'shared', 'official-dino')
 HIDDEN, BOTTLENECK, K = 32, 16, 64
+WIDTH = 8  # resnet18 narrowed 8x: 8 to 64 channels
 
 
 def official_head_class():
@@ -40,11 +41,15 @@ def official_head_class():
 
 def torch_network(seed, head_cls):
   """(backbone with fc = Identity, head with random BN statistics)."""
-  backbone = _torch_model('resnet18', seed)
+  backbone = _torch_model('resnet18', seed, WIDTH)
   backbone.fc = torch.nn.Identity()
   torch.manual_seed(seed + 10)
   head = head_cls(
-    512, K, use_bn=True, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK
+    8 * WIDTH,
+    K,
+    use_bn=True,
+    hidden_dim=HIDDEN,
+    bottleneck_dim=BOTTLENECK,
   )
   g = torch.Generator().manual_seed(seed + 20)
   with torch.no_grad():
@@ -67,6 +72,7 @@ def prefixed(prefix, backbone, head):
 def resnet_config():
   config = tiny_config()
   config.model.arch = 'resnet18'
+  config.model.resnet_width = WIDTH
   config.model.use_bn_in_head = True
   config.model.out_dim = K
   config.model.head_hidden_dim = HIDDEN
@@ -117,10 +123,10 @@ class ResNetInteropTest(absltest.TestCase):
       ('teacher', '', teacher_t),
       ('student', 'module.', student_t),
     ):
-      fresh_b = _torch_model('resnet18', 7)
+      fresh_b = _torch_model('resnet18', 7, WIDTH)
       fresh_b.fc = torch.nn.Identity()
       fresh_h = head_cls(
-        512, K, use_bn=True, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK
+        8 * WIDTH, K, use_bn=True, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK
       )
       sd = payload[name]
       fresh_b.load_state_dict(

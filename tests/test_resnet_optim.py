@@ -158,7 +158,7 @@ class BatchNormHeadTest(absltest.TestCase):
     sched = step_lib.Schedules.from_config(config, 5)
     student, teacher = step_lib.build_models(config)
     tx = step_lib.build_optimizer(config, sched)
-    state = step_lib.init_fn_for(config, student, tx)()
+    state = jax.jit(step_lib.init_fn_for(config, student, tx))()
     self.assertEqual(set(state.batch_stats['student']), {'head'})
     batch = crop_batch(0, 8)
     new, _ = jax.jit(step_lib.make_train_step(student, teacher, tx, sched))(

@@ -11,6 +11,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 import torch
 from absl.testing import absltest
 from tiny import crop_batch, tiny_config
@@ -40,7 +41,7 @@ def build(config):
   sched = step_lib.Schedules.from_config(config, steps_per_epoch=5)
   student, teacher = step_lib.build_models(config)
   tx = step_lib.build_optimizer(config, sched)
-  state = step_lib.init_fn_for(config, student, tx)()
+  state = jax.jit(step_lib.init_fn_for(config, student, tx))()
   fn = step_lib.make_train_step(student, teacher, tx, sched)
   return student, teacher, state, fn, sched
 
@@ -199,6 +200,7 @@ class ViTStateTest(absltest.TestCase):
 
 
 class MeshTest(absltest.TestCase):
+  @pytest.mark.slow  # two step compiles, about 40 s
   def test_eight_devices_equal_one_and_split_the_work(self):
     # 4 images per device: the work on the replicated parameters (SGD,
     # EMA: ~3 MFLOP a device) is then small against the crops' share.
