@@ -434,6 +434,12 @@ def check_recipe(config, steps: int) -> None:
       f'--steps={steps} exceeds epochs x steps_per_epoch = {total}; raise '
       '--config.epochs'
     )
+  if not config.model.arch.startswith('vit_'):
+    raise LockstepError(
+      f'model.arch={config.model.arch!r}: the official side builds the '
+      "official VisionTransformer only; use a vit_* arch (a ResNet's "
+      'official counterpart is not wired in yet)'
+    )
   if config.model.drop_path_rate:
     raise LockstepError(
       f'model.drop_path_rate={config.model.drop_path_rate}: the two sides '
