@@ -356,5 +356,4 @@ flags.DEFINE_bool(
 
 if __name__ == '__main__':
   jax.config.update('jax_platforms', 'cpu')
-  jax.config.update('jax_threefry_partitionable', True)
   app.run(main, flags_parser=aot.parse_flags)

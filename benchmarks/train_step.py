@@ -128,7 +128,6 @@ def jax_steps(args):
   from dino_jax import step as step_lib
   from dino_jax.data import multicrop
 
-  jax.config.update('jax_threefry_partitionable', True)
   c = make_config(args)
   config_lib.validate(c, jax.device_count())
   mesh = parallel.make_mesh()

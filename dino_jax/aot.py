@@ -1259,5 +1259,4 @@ if __name__ == '__main__':
   # Compile-only: every target is described, none is run. Set before any
   # backend starts, so a GPU or TPU on this machine is left alone.
   jax.config.update('jax_platforms', 'cpu')
-  jax.config.update('jax_threefry_partitionable', True)
   app.run(main, flags_parser=parse_flags)

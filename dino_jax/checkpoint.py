@@ -80,9 +80,6 @@ class Checkpointer:
       },
     )
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def restore_newest(
     self,
     abstract_for: Callable[[dict], Any],

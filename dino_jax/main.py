@@ -158,5 +158,4 @@ def main(argv):
 
 if __name__ == '__main__':
   hostmem.configure()  # glibc malloc settings for XLA:CPU
-  jax.config.update('jax_threefry_partitionable', True)
   app.run(main, flags_parser=parse_flags)

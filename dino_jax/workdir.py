@@ -402,36 +402,16 @@ ConfigOverrideError = cli_errors.ConfigOverrideError
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   """Separates ``--config.a.b=c`` overrides from the other arguments.
 
-  The deprecated ``--set a.b=c`` (or ``--set=a.b=c``) becomes
-  ``--config.a.b=c``, with one deprecation line on stderr.
-
   Args:
     argv: the command line, program name first.
 
   Returns:
     (the other arguments, the overrides as ``--config.a.b=c`` strings).
   """
-  rest, overrides, deprecated = [], [], []
-  items = iter(argv)
-  for arg in items:
-    if arg.startswith(_OVERRIDE_PREFIXES):
-      overrides.append(arg)
-    elif arg == '--set' or arg.startswith('--set='):
-      value = arg[len('--set=') :] if '=' in arg else next(items, '')
-      if '=' not in value:
-        raise ConfigOverrideError(
-          f'--set {value!r} is not key=value; use --config.a.b=c'
-        )
-      key, value = value.split('=', 1)
-      deprecated.append(f'--config.{key.strip()}={value.strip()}')
-    else:
-      rest.append(arg)
-  if deprecated:
-    print(
-      f'warning: --set is deprecated; use {" ".join(deprecated)}',
-      file=sys.stderr,
-    )
-  return rest, overrides + deprecated
+  rest, overrides = [], []
+  for arg in argv:
+    (overrides if arg.startswith(_OVERRIDE_PREFIXES) else rest).append(arg)
+  return rest, overrides
 
 
 def apply_overrides(

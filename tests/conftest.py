@@ -38,11 +38,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
-
-jax.config.update('jax_threefry_partitionable', True)
-
 from absl import flags  # noqa: E402
 
 # absltest helpers and grain workers read absl flags; pytest never parses them.

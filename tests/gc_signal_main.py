@@ -18,7 +18,6 @@ import os
 import signal
 import time
 
-import jax
 from absl import app
 
 from dino_jax import checkpoint, interrupt, main
@@ -97,5 +96,4 @@ if __name__ == '__main__':
   else:
     pipeline.train_dataset = _stalling_train_dataset
     interrupt.Reader.next = _reader_next_signalled
-  jax.config.update('jax_threefry_partitionable', True)
   app.run(main.main, flags_parser=main.parse_flags)

@@ -46,7 +46,6 @@ def main():
   workdir = sys.argv[1]
   num_processes, process_id, port = map(int, sys.argv[3:6])
   overrides = sys.argv[6:]
-  jax.config.update('jax_threefry_partitionable', True)
   if num_processes > 1:
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
 

@@ -40,7 +40,6 @@ def main():
   mode, workdir = sys.argv[1:3]
   num_processes, process_id, port = map(int, sys.argv[4:7])
   overrides = sys.argv[7:]
-  jax.config.update('jax_threefry_partitionable', True)
   if num_processes > 1:
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   import tiny_config

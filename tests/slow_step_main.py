@@ -39,5 +39,4 @@ def _make_slow_train_step(*args, **kwargs):
 
 if __name__ == '__main__':
   step_lib.make_train_step = _make_slow_train_step
-  jax.config.update('jax_threefry_partitionable', True)
   app.run(main.main, flags_parser=main.parse_flags)

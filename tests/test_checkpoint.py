@@ -48,7 +48,7 @@ class CheckpointTest(absltest.TestCase):
     ckpt = checkpoint_lib.Checkpointer(directory)
     ckpt.save(7, state, config)
     ckpt.wait()
-    self.assertEqual(ckpt.latest_step(), 7)
+    self.assertEqual(ckpt.manager.all_steps(), [7])
     self.assertEqual(ckpt.saved_config(7)['model']['embed_dim'], 32)
 
     fsdp = parallel.make_mesh(data=2, fsdp=4)

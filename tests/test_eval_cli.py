@@ -72,7 +72,7 @@ def tiny_workdir(path):
 
 
 class OverrideTest(absltest.TestCase):
-  def test_every_cli_takes_config_overrides_and_deprecated_set(self):
+  def test_every_cli_takes_config_overrides_and_no_set(self):
     seen = []
     record = lambda values, args, overrides: seen.append((args, overrides))  # noqa: E731
     cases = [
@@ -96,21 +96,17 @@ class OverrideTest(absltest.TestCase):
         (['export', 'w', 'o.pth'], ['--noconfig.eval.knn']),
       ],
     )
+    # --set (the older form) is gone: one error line, nothing run.
     seen.clear()
     status, stderr = run_in_process(
-      knn,
-      ['--workdir=w', '--set', 'eval.ks=(1, 2)', '--set=eval.knn=false'],
-      record,
+      knn, ['--workdir=w', '--set', 'eval.ks=(1, 2)'], record
     )
-    self.assertEqual(status, 0)
+    self.assertEqual(status, 1)
     self.assertEqual(
       stderr,
-      'warning: --set is deprecated; use --config.eval.ks=(1, 2) '
-      '--config.eval.knn=false\n',
+      "error: Unknown command line flag 'set'; pass --helpfull for the flags\n",
     )
-    self.assertEqual(
-      seen, [([], ['--config.eval.ks=(1, 2)', '--config.eval.knn=false'])]
-    )
+    self.assertEqual(seen, [])
 
   def test_overrides_apply_to_the_saved_config_with_its_types(self):
     saved = json.loads(tiny_config.get_config().to_json())
@@ -231,16 +227,11 @@ class SubprocessTest(parameterized.TestCase):
       'dino_jax.eval.knn',
       f'--workdir={workdir}',
       '--config.eval.ks=(3,)',
-      '--set',
-      'eval.max_test_images=8',
+      '--config.eval.max_test_images=8',
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('k-NN trained (step 0)', result.stdout)
     self.assertRegex(result.stdout, r'\n\s+3\s+\d+\.\d\d\s+\d+\.\d\d')
-    self.assertEqual(
-      [x for x in result.stderr.splitlines() if x.startswith('warning:')],
-      ['warning: --set is deprecated; use --config.eval.max_test_images=8'],
-    )
     self.assertIn('64 memory, 8 queries', result.stderr)
     with open(os.path.join(workdir, 'eval', 'knn.json')) as f:
       saved = json.load(f)

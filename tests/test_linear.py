@@ -18,7 +18,7 @@ from test_eval_cli import error_lines, run_in_process, tiny_workdir
 from dino_jax import config as config_lib
 from dino_jax import models, parallel, storage
 from dino_jax.data import multicrop
-from dino_jax.eval import linear
+from dino_jax.eval import features, linear
 
 
 class ColorSource:
@@ -106,12 +106,12 @@ class LinearProbeTest(parameterized.TestCase):
   def test_avgpool_interleaves(self):
     model, params = tiny()
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    feats = linear.probe_features(model, params, images, 1, True)
+    feats = features.probe_features(model, params, images, 1, True)
     tokens = model.apply({'params': params}, images, method='features')
     np.testing.assert_allclose(feats[:, 0::2], tokens[:, 0], atol=1e-6)
     np.testing.assert_allclose(feats[:, 1::2], tokens[:, 1:].mean(1), atol=1e-6)
     with self.assertRaisesRegex(ValueError, 'avgpool'):
-      linear.probe_features(model, params, images, 2, True)
+      features.probe_features(model, params, images, 2, True)
 
   def test_epoch_schedule(self):
     np.testing.assert_allclose(

@@ -42,9 +42,6 @@ from dino_jax.eval import common, features
 logger = logging.getLogger(__name__)
 
 
-probe_features = features.probe_features  # [B, H, W, 3] -> [B, F]
-
-
 def epoch_lrs(base_lr: float, epochs: int) -> np.ndarray:
   """CosineAnnealingLR(T_max=epochs, eta_min=0), one value per epoch."""
   e = np.arange(epochs)
