@@ -150,9 +150,10 @@ def build_models(
 
   def make(drop_path_rate):
     if m.arch in RESNET_ARCHS:
-      # torchvision ResNet without fc (SPEC-downstream §5); float32, no drop
-      # path: the official code passes drop_path_rate to ViTs only.
-      backbone = RESNET_ARCHS[m.arch](width=m.resnet_width)
+      # torchvision ResNet without fc (SPEC-downstream §5); no drop path:
+      # the official code passes drop_path_rate to ViTs only. BatchNorm
+      # statistics in float32 whatever the compute dtype.
+      backbone = RESNET_ARCHS[m.arch](width=m.resnet_width, dtype=dtype)
     else:
       backbone = VisionTransformer(
         patch_size=m.patch_size,

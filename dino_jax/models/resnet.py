@@ -77,11 +77,15 @@ class BatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     inv = jax.lax.rsqrt(var + self.epsilon) * scale
-    y = (x - mean.astype(x.dtype)) * inv.astype(x.dtype)
-    return y + bias.astype(x.dtype)
+    # Normalised in float32 and cast back (as Flax's BatchNorm): x - mean
+    # in bfloat16 cancels where the mean is large against the spread.
+    y = (x.astype(jnp.float32) - mean) * inv + bias
+    return y.astype(x.dtype)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+def _conv(
+  features: int, kernel: int, stride: int, name: str, dtype: Any = jnp.float32
+) -> nn.Conv:
   pad = kernel // 2
   return nn.Conv(
     features,
@@ -90,6 +94,7 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
     padding=((pad, pad), (pad, pad)),
     use_bias=False,
     kernel_init=_KAIMING_FAN_OUT,
+    dtype=dtype,
     name=name,
   )
 
@@ -102,6 +107,7 @@ class BasicBlock(nn.Module):
   downsample: bool = False
   zero_init_residual: bool = False
   axis_name: str | None = None
+  dtype: Any = jnp.float32
   expansion = 1
 
   @nn.compact
@@ -112,12 +118,12 @@ class BasicBlock(nn.Module):
     last_init = (
       nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     )
-    y = _conv(self.planes, 3, self.stride, 'conv1')(x)
+    y = _conv(self.planes, 3, self.stride, 'conv1', self.dtype)(x)
     y = nn.relu(bn('bn1')(y, train))
-    y = _conv(self.planes, 3, 1, 'conv2')(y)
+    y = _conv(self.planes, 3, 1, 'conv2', self.dtype)(y)
     y = bn('bn2', scale_init=last_init)(y, train)
     if self.downsample:
-      x = _conv(self.planes, 1, self.stride, 'downsample_conv')(x)
+      x = _conv(self.planes, 1, self.stride, 'downsample_conv', self.dtype)(x)
       x = bn('downsample_bn')(x, train)
     return nn.relu(y + x)
 
@@ -130,6 +136,7 @@ class Bottleneck(nn.Module):
   downsample: bool = False
   zero_init_residual: bool = False
   axis_name: str | None = None
+  dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
@@ -141,14 +148,14 @@ class Bottleneck(nn.Module):
       nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     )
     out = self.planes * self.expansion
-    y = _conv(self.planes, 1, 1, 'conv1')(x)
+    y = _conv(self.planes, 1, 1, 'conv1', self.dtype)(x)
     y = nn.relu(bn('bn1')(y, train))
-    y = _conv(self.planes, 3, self.stride, 'conv2')(y)
+    y = _conv(self.planes, 3, self.stride, 'conv2', self.dtype)(y)
     y = nn.relu(bn('bn2')(y, train))
-    y = _conv(out, 1, 1, 'conv3')(y)
+    y = _conv(out, 1, 1, 'conv3', self.dtype)(y)
     y = bn('bn3', scale_init=last_init)(y, train)
     if self.downsample:
-      x = _conv(out, 1, self.stride, 'downsample_conv')(x)
+      x = _conv(out, 1, self.stride, 'downsample_conv', self.dtype)(x)
       x = bn('downsample_bn')(x, train)
     return nn.relu(y + x)
 
@@ -173,6 +180,9 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   axis_name: str | None = None
   width: int = 64  # stem and first stage width (torchvision: 64)
+  # Compute dtype of the convs and activations; parameters, BatchNorm
+  # statistics and the pooled features stay float32.
+  dtype: Any = jnp.float32
 
   @property
   def num_features(self) -> int:
@@ -182,7 +192,7 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     block_cls = Bottleneck if self.block == 'bottleneck' else BasicBlock
     expansion = block_cls.expansion
-    x = _conv(self.width, 7, 2, 'conv1')(x)
+    x = _conv(self.width, 7, 2, 'conv1', self.dtype)(x.astype(self.dtype))
     x = BatchNorm(axis_name=self.axis_name, name='bn1')(x, train)
     x = _max_pool_torch(nn.relu(x))
     inplanes = self.width
@@ -197,10 +207,11 @@ class ResNet(nn.Module):
           down,
           self.zero_init_residual,
           self.axis_name,
+          self.dtype,
           name=f'layer{i + 1}_{j}',
         )(x, train)
         inplanes = planes * expansion
-    return jnp.mean(x, axis=(1, 2))
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def resnet18(**kw) -> ResNet:
