@@ -382,9 +382,12 @@ def test_tiny_config_fits_v5e_2x2(tmp_path):
   assert roof['images_per_second'] == min(roof['compute'], roof['memory'])
   roofline_line = next(x for x in lines if x.startswith('roofline: '))
   assert roofline_line.endswith(f'{roof["bound"]}-bound'), roofline_line
-  # fsdp gathers parameters and the gradients are all-reduced.
+  # fsdp gathers parameters and the gradients are all-reduced; some split
+  # gradients are reduce-scattered (libtpu's all-reduce-scatter fusion,
+  # which the reader counted as a full-size all-reduce before: issue 40).
   assert report['collectives']['all-gather']['count'] > 0
   assert report['collectives']['all-reduce']['bytes'] > 0
+  assert report['collectives']['reduce-scatter']['count'] >= 1
   assert report['features']['memory']['peak'] > 0
 
 
