@@ -34,11 +34,14 @@ noise that no output depends on). One JSON line per step goes to
   {"steps": N, "max_rel": {quantity: largest over steps},
    "first_over": null or {"step": s, "quantity": q, "rel": r}, ...}
 
-with ``first_over`` the first step (and in it, the first quantity in the
-order above) whose difference exceeds ``--tol``. Steps count from 0.
+with ``first_over`` the first step (and in it, the first quantity in
+``QUANTITIES``' order) whose difference exceeds ``--tol``. Steps count from
+0. ``--summarize`` prints the table of an ``--out`` file (docs/parity.md):
 
   python benchmarks/lockstep.py --official_repo ../shared/official-dino \\
-      --steps 50 --threads 1
+      --steps 360 --threads 1 --out /tmp/lockstep.jsonl
+  python benchmarks/lockstep.py --summarize /tmp/lockstep.jsonl \\
+      --at 1,10,50,100,200,360
   python benchmarks/lockstep.py --official_repo ../shared/official-dino \\
       --steps 50 --config.model.attention=fused
 
