@@ -9,9 +9,10 @@ the other fields keep the official defaults (K = 65536, no BatchNorm in the
 head, warmup 10 epochs, cosine to min_lr 1e-6, clip 3.0, last layer frozen
 for 1 epoch, teacher momentum 0.996, 8 local crops). SGD momentum 0.9,
 biases and 1-D parameters not decayed. BatchNorm statistics over the global
-batch (official: SyncBatchNorm). Paper: linear 75.3, k-NN 67.5. The model
-computes in float32 (no bfloat16 path for the ResNet yet). `:smoke` runs a
-few steps of a narrow resnet18 on synthetic data.
+batch (official: SyncBatchNorm). Paper: linear 75.3, k-NN 67.5. On a GPU or
+TPU the convs compute in bfloat16 (parameters, BatchNorm statistics and
+normalisation in float32; official: fp16 autocast), on a CPU in float32.
+`:smoke` runs a few steps of a narrow resnet18 on synthetic data.
 """
 
 from dino_jax.config import default_config
@@ -20,6 +21,7 @@ from dino_jax.config import default_config
 def get_config(arg: str | None = None):
   config = default_config()
   config.model.arch = 'resnet50'
+  config.model.dtype = 'auto'  # bfloat16 on gpu/tpu, float32 on cpu
   config.batch_size = 512  # official: 8 GPUs x 64
   config.optim.name = 'sgd'
   config.optim.lr = 0.03  # per 256 images
