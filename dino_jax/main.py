@@ -89,7 +89,6 @@ def main(argv):
     IncompatibleCheckpointError,
   )
   from dino_jax.config import ConfigError
-  from dino_jax.data import shm
   from dino_jax.data.sources import DataError
   from dino_jax.metrics import NonFiniteLossError
   from dino_jax.storage import StorageError
@@ -135,11 +134,6 @@ def main(argv):
     sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C, or one before training
     pass  # below, once the traceback's frames are gone
-  # The data workers' batches still in reference cycles (a traceback's
-  # frames, the pipeline's threads) or on grain's deletion thread: freed
-  # now, not left to the resource tracker at exit (which frees them too,
-  # with a warning about leaked objects).
-  shm.release_shared_memory()
   if result is None:
     print('interrupted', file=sys.stderr)
     # Exit without the interpreter's teardown, after the exit handlers

@@ -320,44 +320,6 @@ class WorkerInitTest(absltest.TestCase):
       proc.kill()
       proc.wait()
 
-  def test_worker_killed_while_creating_shared_memory_leaves_none(self):
-    # A worker (its init as the pipeline installs it, the tracker started
-    # as the main process starts it) killed between sizing a new segment
-    # and registering it, as SIGKILL lands on a busy machine.
-    worker = (
-      'import os, signal; from multiprocessing import shared_memory; '
-      'from dino_jax.data import pipeline, shm; '
-      'shm.start_resource_tracker(); '
-      'pipeline._init_worker(os.getppid(), 0, 1); '
-      'ftruncate = os.ftruncate\n'
-      'def sized_then_killed(fd, size):\n'
-      '  ftruncate(fd, size)\n'
-      '  print(os.readlink(f"/proc/self/fd/{fd}"), flush=True)\n'
-      '  os.kill(os.getpid(), signal.SIGKILL)\n'
-      'os.ftruncate = sized_then_killed\n'
-      'shared_memory.SharedMemory(create=True, size=1 << 20)'
-    )
-    proc = subprocess.Popen(
-      [sys.executable, '-c', worker],
-      stdout=subprocess.PIPE,
-      stderr=subprocess.DEVNULL,  # the tracker's 'leaked' warning
-      text=True,
-      start_new_session=True,
-    )
-    path = proc.stdout.readline().strip()
-    try:
-      self.assertEqual(proc.wait(timeout=60), -signal.SIGKILL)
-      self.assertStartsWith(path, '/dev/shm/psm_')
-      deadline = time.time() + 20  # the tracker sees its last writer gone
-      while os.path.exists(path) and time.time() < deadline:
-        time.sleep(0.1)
-      self.assertFalse(os.path.exists(path), f'{path} left in /dev/shm')
-    finally:
-      if path.startswith('/dev/shm/psm_') and os.path.exists(path):
-        os.unlink(path)
-      proc.kill()
-      proc.wait()
-
 
 if __name__ == '__main__':
   absltest.main()

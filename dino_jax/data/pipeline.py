@@ -26,7 +26,6 @@ from absl import flags
 from PIL import Image
 
 from dino_jax import parallel
-from dino_jax.data import shm
 from dino_jax.data.sources import DataError
 
 logger = logging.getLogger(__name__)
@@ -166,7 +165,6 @@ def _init_worker(parent: int, worker_index: int, worker_count: int) -> None:
   output pipe: a thread ends it once its parent is gone.
   """
   del worker_index, worker_count
-  shm.track_shared_memory_from_creation()
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.pthread_sigmask(signal.SIG_UNBLOCK, _SCHEDULER_SIGNALS)
@@ -212,12 +210,6 @@ class _StartHeld(grain.IterDataset):
     self._num_workers = num_workers
 
   def __iter__(self):
-    # The private names first (an upgrade that removed one fails here, not
-    # at the exit), the tracker from this thread (the workers register
-    # their batches' shared memory with it), then the workers, signals held.
-    shm.check_private_apis()
-    shm.start_resource_tracker()
-    shm.track_shared_memory_from_creation()
     with _signals_held():
       return _StartHeldIterator(iter(self._parent), self._num_workers)
 
@@ -234,6 +226,9 @@ class _StartHeldIterator(grain.DatasetIterator):
     with _signals_held():
       return next(self._parent)
 
+  def close(self):
+    self._parent.close()
+
   def get_state(self):
     return self._parent.get_state()
 
@@ -241,17 +236,31 @@ class _StartHeldIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
+# grain's ``min_shm_size`` above any batch: the workers' batches come back
+# pickled through their pipes, none in /dev/shm (see ``prefetch``).
+_NO_SHARED_MEMORY = 1 << 62
+
+
 def prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   """``ds`` computed by ``num_workers`` processes (0: in this process).
 
-  The workers ignore SIGTERM and SIGINT from their start on (schedulers
-  signal the whole process group; the main process saves and stops them).
+  grain's worker processes (``mp_prefetch``), as grain ships them, with one
+  of its options: batches come back through the workers' pipes rather than
+  in shared memory (``DatasetOptions.min_shm_size``), so a run killed
+  outright (SIGKILL to the group) leaves no batch in /dev/shm; what it
+  leaves is the named semaphores (``sem.mp-*``, 32 bytes each) of the
+  queues of multiprocessing's spawn context. The workers ignore SIGTERM and
+  SIGINT from their start on (schedulers signal the whole process group;
+  the main process saves and stops them) and exit with the main process.
   """
   if num_workers <= 0:
     return ds
   # grain workers read absl flags; outside an absl app they are unparsed.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  ds = grain.experimental.WithOptionsIterDataset(
+    ds, grain.experimental.DatasetOptions(min_shm_size=_NO_SHARED_MEMORY)
+  )
   return _StartHeld(
     ds.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=num_workers),
@@ -278,6 +287,31 @@ class _Rows:
   def __getitem__(self, index: int):
     batch, t = divmod(index, len(self.rows))
     return self.parent[batch * self.batch_size + int(self.rows[t])]
+
+
+def train_batches(
+  source,
+  *,
+  batch_size: int,
+  canvas_size: int,
+  seed: int,
+  start_batch: int = 0,
+  rows: np.ndarray | None = None,
+) -> grain.MapDataset:
+  """``train_dataset``'s batches as a random-access ``MapDataset``: element
+  j is batch ``start_batch + j``, decoded when it is read."""
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+  if len(source) < batch_size:
+    raise ValueError(
+      f'the data has {len(source)} images, fewer than one global batch '
+      f'({batch_size})'
+    )
+  ds = grain.MapDataset.source(DecodedSource(source, canvas_size))
+  # First shuffle, then repeat: a new permutation every epoch.
+  ds = ds.shuffle(seed=seed).repeat()
+  if len(rows) < batch_size:
+    ds = grain.MapDataset.source(_Rows(ds, batch_size, rows))
+  return ds.batch(len(rows), drop_remainder=True)[start_batch:]
 
 
 def train_dataset(
@@ -314,18 +348,14 @@ def train_dataset(
     [b, 2], label int32 [b], skipped int32 [b, MAX_SKIPPED_PER_IMAGE], with
     b = ``len(rows)``.
   """
-  rows = np.arange(batch_size) if rows is None else np.asarray(rows)
-  if len(source) < batch_size:
-    raise ValueError(
-      f'the data has {len(source)} images, fewer than one global batch '
-      f'({batch_size})'
-    )
-  ds = grain.MapDataset.source(DecodedSource(source, canvas_size))
-  # First shuffle, then repeat: a new permutation every epoch.
-  ds = ds.shuffle(seed=seed).repeat()
-  if len(rows) < batch_size:
-    ds = grain.MapDataset.source(_Rows(ds, batch_size, rows))
-  ds = ds.batch(len(rows), drop_remainder=True)[start_batch:]
+  ds = train_batches(
+    source,
+    batch_size=batch_size,
+    canvas_size=canvas_size,
+    seed=seed,
+    start_batch=start_batch,
+    rows=rows,
+  )
   # A few batches decoded ahead on threads (PIL releases the GIL); grain's
   # default read-ahead of 500 elements would be 500 batches here.
   ds = ds.to_iter_dataset(

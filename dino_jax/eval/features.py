@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from dino_jax import interrupt, parallel
-from dino_jax.data import multicrop, pipeline, shm
+from dino_jax.data import multicrop, pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +406,6 @@ def extract(
   finally:
     reader.close()  # stops grain worker processes
     reader = local = None  # with their buffers
-    shm.release_shared_memory()
   rows = jax.tree.map(lambda *xs: np.concatenate(xs), *rows)
   index_all, valid_all = rows['index'], rows['valid'].astype(bool)
   real = index_all >= 0  # padding rows carry index -1
