@@ -204,7 +204,7 @@ def table(rows: list[dict]) -> str:
   )
   lines = [
     '| config | target | mesh | fits | peak GiB / device (of) | largest '
-    'batch | img/s / device at 35 % MFU | compile s, host GiB |',
+    'batch | img/s / device at 35 % MFU; roofline | compile s, host GiB |',
     '|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
@@ -238,10 +238,21 @@ def table(rows: list[dict]) -> str:
     lines.append(
       f'| {config} | {r["target"]} | {mesh} | '
       f'{"yes" if r["fits"] else "no"} | {peak} | {largest} | '
-      f'{r["images_per_second_per_device"]:.0f} | '
+      f'{r["images_per_second_per_device"]:.0f}{_roofline(r)} | '
       f'{r["wall_seconds"]:.0f}, {r["host_peak_bytes"] / 2**30:.1f} |'
     )
   return '\n'.join(lines)
+
+
+def _roofline(r: dict) -> str:
+  """'; N memory-bound (X GB / image)' where the row counted its bytes."""
+  roof = r.get('roofline') or {}
+  if not roof.get('memory'):
+    return ''
+  return (
+    f'; {roof["images_per_second"]:.0f} {roof["bound"]}-bound '
+    f'({r["xla_bytes_per_image"] / 1e9:.2f} GB / image)'
+  )
 
 
 def read(path: str) -> list[dict]:
