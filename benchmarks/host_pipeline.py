@@ -1,7 +1,8 @@
 """Images/s of the host input pipeline alone: decode + canvas + batch.
 
   python benchmarks/host_pipeline.py                   # both kinds
-  python benchmarks/host_pipeline.py --kinds jpeg --num_workers 0,4
+  python benchmarks/host_pipeline.py --kinds jpeg --num_workers 2,4 \
+    --modes library,threads
 
 What the host does per training image (dino_jax/data/pipeline.py): read the
 record, decode it with PIL, convert to RGB, place it on the uint8 canvas,
@@ -17,9 +18,17 @@ Rows (one JSON object each):
 
   stage decode    ``DecodedSource[i]`` in a loop in this process: decode and
                   canvas only;
-  stage pipeline  ``pipeline.train_dataset`` (shuffle, decode on 2 threads,
-                  batch, with --num_workers processes) iterated for
-                  --seconds after a warm-up batch.
+  stage pipeline  the shuffled, decoded batches of ``pipeline.train_batches``
+                  read one of --modes ways, n = each of --num_workers:
+    library         ``pipeline.train_dataset(num_workers=n)``: what training
+                    reads;
+    threads         n of grain's threads in this process;
+    processes       n of grain's worker processes as grain ships them
+                    (batches in shared memory);
+    processes_pipe  the same, batches through the workers' pipes (grain's
+                    ``min_shm_size``).
+                  Each mode is timed alone, in turns (``pipeline_rows``);
+                  ``ratio_over_library`` compares images/s in one run.
 
 ``images_per_cpu_sec`` divides the images by the CPU time of this process and
 its worker processes (user + system): the rate of one host core, whatever
@@ -51,9 +60,20 @@ def parse_args(argv=None):
   p.add_argument('--fashion_mnist', default='/usr/share/datasets/fashion-mnist')
   p.add_argument('--batch', type=int, default=64, help='per-process batch')
   p.add_argument(
-    '--num_workers', default='0', help='comma list of grain worker counts'
+    '--num_workers', default='2', help='comma list of thread or worker counts'
   )
-  p.add_argument('--seconds', type=float, default=5.0, help='per pipeline row')
+  p.add_argument(
+    '--seconds', type=float, default=16.0, help='per mode and worker count'
+  )
+  p.add_argument('--rounds', type=int, default=2, help='turns per mode')
+  p.add_argument(
+    '--drain', type=int, default=4, help='batches read before timing'
+  )
+  p.add_argument(
+    '--modes',
+    default='library,threads,processes',
+    help=f'comma list of {", ".join(MODES)}',
+  )
   p.add_argument(
     '--targets',
     default=None,
@@ -133,40 +153,131 @@ def decode_row(source, canvas: int, targets) -> dict:
   }
 
 
-def pipeline_row(source, canvas: int, args, workers: int, targets) -> dict:
-  """``train_dataset`` batches for --seconds after one warm-up batch."""
+def _library(source, canvas: int, batch: int, n: int):
+  """What training reads: ``pipeline.train_dataset`` with ``n`` workers."""
   from dino_jax.data import pipeline
 
-  ds = pipeline.train_dataset(
-    source,
-    batch_size=args.batch,
-    canvas_size=canvas,
-    seed=0,
-    num_workers=workers,
+  return pipeline.train_dataset(
+    source, batch_size=batch, canvas_size=canvas, seed=0, num_workers=n
   )
-  it = iter(ds)
-  next(it)  # starts the workers and fills their buffers
-  batches = 0
-  wall, cpu = time.perf_counter(), cpu_seconds()
-  while time.perf_counter() - wall < args.seconds:
-    batch = next(it)
-    batches += 1
-  wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-  assert batch['image'].shape == (args.batch, canvas, canvas, 3)
-  del it, ds
-  return {
-    'stage': 'pipeline',
-    'num_workers': workers,
-    'batch': args.batch,
-    **rates(batches * args.batch, wall, cpu, targets),
-  }
 
 
-def measure(args) -> list[dict]:
+def _threads(source, canvas: int, batch: int, n: int):
+  """The same batches decoded on ``n`` of grain's threads, in-process."""
+  import grain
+
+  from dino_jax.data import pipeline
+
+  ds = pipeline.train_batches(
+    source, batch_size=batch, canvas_size=canvas, seed=0
+  )
+  return ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=n, prefetch_buffer_size=max(2, n))
+  )
+
+
+def _processes(source, canvas: int, batch: int, n: int, options=None):
+  """The same batches from ``n`` of grain's worker processes, as grain
+  ships them (``mp_prefetch``, no worker init, grain's shared memory)."""
+  import grain
+
+  from dino_jax.data import pipeline
+
+  ds = pipeline.train_batches(
+    source, batch_size=batch, canvas_size=canvas, seed=0
+  )
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+  )
+  if options is not None:
+    ds = grain.experimental.WithOptionsIterDataset(ds, options)
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=n))
+
+
+def _processes_pipe(source, canvas: int, batch: int, n: int):
+  """``_processes`` with grain's ``min_shm_size`` above any batch: batches
+  are pickled through the workers' pipes, none in /dev/shm."""
+  import grain
+
+  options = grain.experimental.DatasetOptions(min_shm_size=1 << 62)
+  return _processes(source, canvas, batch, n, options)
+
+
+MODES = {
+  'library': _library,
+  'threads': _threads,
+  'processes': _processes,
+  'processes_pipe': _processes_pipe,
+}
+
+
+def _close(it) -> None:
+  """Stops an iterator's threads and worker processes now, not at GC."""
+  close = getattr(it, 'close', None)
+  if close:
+    close()
+
+
+def pipeline_rows(source, canvas: int, args, n: int, targets) -> list[dict]:
+  """Each mode with ``n`` threads or processes, timed alone, in turns.
+
+  ``--rounds`` times, each mode in turn: a new iterator (workers started),
+  ``--drain`` batches read (start-up, and the buffers it filled), then
+  read for ``--seconds / --rounds``, then closed. One mode runs at a time,
+  and the load of a shared machine hits all alike. CPU time counts this
+  process and its children. ``ratio_over_library``: images/s over the
+  library mode's, in the same run.
+  """
+  modes = args.modes.split(',')
+  images = dict.fromkeys(modes, 0)
+  wall = dict.fromkeys(modes, 0.0)
+  cpu = dict.fromkeys(modes, 0.0)
+  for _ in range(args.rounds):
+    for mode in modes:
+      it = iter(MODES[mode](source, canvas, args.batch, n))
+      for _ in range(1 + args.drain):
+        next(it)
+      start, cpu_start = time.perf_counter(), cpu_seconds()
+      while time.perf_counter() - start < args.seconds / args.rounds:
+        batch = next(it)
+        images[mode] += len(batch['image'])
+      wall[mode] += time.perf_counter() - start
+      cpu[mode] += cpu_seconds() - cpu_start
+      assert batch['image'].shape == (args.batch, canvas, canvas, 3)
+      del batch
+      _close(it)
+      del it
+  rows = []
+  for mode in modes:
+    row = {
+      'stage': 'pipeline',
+      'mode': mode,
+      'num_workers': n,
+      'batch': args.batch,
+      **rates(images[mode], wall[mode], cpu[mode], targets),
+    }
+    rows.append(row)
+  if 'library' in modes:
+    base = images['library'] / wall['library']
+    for row in rows:
+      row['ratio_over_library'] = round(row['images_per_sec'] / base, 3)
+  return rows
+
+
+def measure(args, emit=lambda rows: None) -> list[dict]:
   from dino_jax.data import sources
 
   rows = []
   workers = [int(w) for w in args.num_workers.split(',')]
+  for mode in args.modes.split(','):
+    if mode not in MODES:
+      raise SystemExit(
+        f'error: --modes: {mode!r} unknown; use {", ".join(MODES)}'
+      )
   for kind in args.kinds.split(','):
     if kind not in CANVAS:
       raise SystemExit(f'--kinds: {kind!r} unknown; use {sorted(CANVAS)}')
@@ -193,9 +304,11 @@ def measure(args) -> list[dict]:
       else:
         source = sources.FashionMNISTSource('train', args.fashion_mnist)
       rows.append({**base, **decode_row(source, CANVAS[kind], targets)})
+      emit(rows[-1:])
       for w in workers:
-        row = pipeline_row(source, CANVAS[kind], args, w, targets)
-        rows.append({**base, **row})
+        new = pipeline_rows(source, CANVAS[kind], args, w, targets)
+        rows += [{**base, **row} for row in new]
+        emit(rows[-len(new) :])
     finally:
       if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -204,7 +317,7 @@ def measure(args) -> list[dict]:
 
 def main(argv=None):
   args = parse_args(argv)
-  timing.emit(measure(args), args.out)
+  measure(args, lambda rows: timing.emit(rows, args.out))  # as they come
 
 
 if __name__ == '__main__':

@@ -103,7 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.path = ''  # ImageFolder root, IDX dir, or TFDS data_dir
   c.data.split = 'train'
   c.data.canvas_size = 512  # host images are placed on this square canvas
-  c.data.num_workers = 2  # grain decode worker processes
+  c.data.num_workers = 2  # grain decode threads (data/pipeline.py read)
   c.data.synthetic_size = 1024  # images in the synthetic source
   c.data.synthetic_delay = 0.0  # seconds per synthetic read (slow storage)
 

@@ -13,9 +13,9 @@ Signals (``dino_jax/interrupt.py``: the handlers only record them):
 - A second Ctrl-C: KeyboardInterrupt where the loop next polls; no save;
   ``_Training.run`` stops the data workers, main.py exits 130.
 - SIGKILL: nothing runs here. The steps since the last checkpoint are lost
-  (the workers exit with the main process, their batches in no shared
-  memory: ``pipeline.prefetch``), and the next run resumes from the newest
-  intact checkpoint (``checkpoint.py``).
+  (the data is decoded on threads: no process or shared memory is left,
+  ``pipeline.read``), and the next run resumes from the newest intact
+  checkpoint (``checkpoint.py``).
 - Several processes: SIGTERM goes to JAX's preemption notifier, and all
   processes stop at the same step (``reached_preemption_sync_point``).
 """

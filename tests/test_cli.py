@@ -261,8 +261,8 @@ class EndToEndTest(absltest.TestCase):
 
   def test_sigkill_resume_is_exact(self):
     """SIGKILL to the whole group (a scheduler's last word), data workers
-    too: the run resumes bit-identically and leaves no batch in shared
-    memory (the workers hand theirs over through pipes)."""
+    too: the run resumes bit-identically and leaves nothing in shared
+    memory (the data is decoded on threads: none is made)."""
     self.assertEqual(self.result.returncode, 0, self.result.stderr[-3000:])
     expected = {r['step']: r['loss'] for r in read_metrics(self.reference)}
     self.assertLen(expected, 8)

@@ -2,11 +2,7 @@
 
 import gzip
 import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -274,51 +270,6 @@ class PipelineTest(parameterized.TestCase):
         canvas_size=8,
         seed=0,
       )
-
-
-def _exited(pid: int) -> bool:
-  """Gone, or a zombie (exited; its new parent has not reaped it yet)."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
-  except FileNotFoundError:
-    return True
-
-
-class WorkerInitTest(absltest.TestCase):
-  def test_worker_ignores_scheduler_signals_and_exits_with_its_parent(self):
-    # parent -> worker, the worker running grain's worker_init_fn as the
-    # pipeline installs it; the parent then dies as under SIGKILL.
-    worker = (
-      'import os, time; from dino_jax.data import pipeline; '
-      'pipeline._init_worker(os.getppid(), 0, 1); print("ready", flush=True); '
-      'time.sleep(120)'
-    )
-    parent = (
-      'import subprocess, sys, time; '
-      f'p = subprocess.Popen([sys.executable, "-c", {worker!r}], '
-      'stdout=subprocess.PIPE, text=True); '
-      'assert p.stdout.readline() == "ready\\n"; '
-      'print(p.pid, flush=True); time.sleep(120)'
-    )
-    proc = subprocess.Popen(
-      [sys.executable, '-c', parent], stdout=subprocess.PIPE, text=True
-    )
-    try:
-      pid = int(proc.stdout.readline())
-      os.kill(pid, signal.SIGTERM)
-      os.kill(pid, signal.SIGINT)
-      time.sleep(1.0)
-      self.assertFalse(_exited(pid), 'the worker died of SIGTERM/SIGINT')
-      proc.kill()
-      proc.wait()
-      deadline = time.time() + 10
-      while not _exited(pid) and time.time() < deadline:
-        time.sleep(0.1)
-      self.assertTrue(_exited(pid), 'the worker outlived its parent')
-    finally:
-      proc.kill()
-      proc.wait()
 
 
 if __name__ == '__main__':

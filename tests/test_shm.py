@@ -1,18 +1,19 @@
-"""The data workers' batches: through their pipes, none in /dev/shm.
+"""The data pipeline's threads: no process, nothing in /dev/shm.
 
-grain's worker processes hand batches over in POSIX shared memory unless
-told otherwise (``DatasetOptions.min_shm_size``); a segment nobody unlinks
-stays in /dev/shm (RAM) until the machine reboots, and a SIGKILL to the
-process group kills the resource tracker that would unlink it.
-``pipeline.prefetch`` tells the workers to pickle batches through their
-pipes instead, so a run killed outright leaves no batch behind (README,
-Resuming), with no private name of CPython or grain.
+grain's worker processes hand batches over in POSIX shared memory; a
+segment nobody unlinks stays in /dev/shm (RAM) until the machine reboots,
+and a SIGKILL to the process group also kills the resource tracker that
+would unlink it. ``pipeline.read`` decodes on grain's threads instead
+(docs/cpu-performance.md): no process to start or stop, no shared memory,
+so a run killed outright leaves nothing behind (README, Resuming).
 """
 
-import grain
+from multiprocessing import shared_memory
+from unittest import mock
+
 import numpy as np
-from absl.testing import absltest
-from grain._src.python.ipc import shared_memory_array
+import psutil
+from absl.testing import absltest, parameterized
 
 from dino_jax.data import pipeline
 
@@ -27,41 +28,47 @@ class _Source:
     return {'image': np.full((28, 28, 3), i, np.uint8), 'label': i}
 
 
-def _batches(it, count: int) -> list[dict]:
-  return [next(it) for _ in range(count)]
+def _batches(num_workers: int, count: int = 12) -> list[dict]:
+  ds = pipeline.train_dataset(
+    _Source(), batch_size=8, canvas_size=28, seed=3, num_workers=num_workers
+  )
+  it = iter(ds)
+  try:
+    return [next(it) for _ in range(count)]  # past one epoch (8 batches)
+  finally:
+    it.close()
 
 
-class NoSharedMemoryTest(absltest.TestCase):
-  def test_worker_batches_are_plain_arrays_equal_to_in_process(self):
-    kw = dict(batch_size=8, canvas_size=28, seed=3)
-    it = iter(pipeline.train_dataset(_Source(), num_workers=2, **kw))
-    try:
-      got = _batches(it, 5)
-    finally:
-      it.close()
-    want = _batches(iter(pipeline.train_dataset(_Source(), **kw)), 5)
-    for a, b in zip(got, want, strict=True):
+class ThreadsTest(parameterized.TestCase):
+  @parameterized.parameters(0, 1, 3)
+  def test_same_batches_no_process_no_shared_memory(self, num_workers):
+    created = []
+    init = shared_memory.SharedMemory.__init__
+
+    def spy(self, *args, **kwargs):
+      created.append((args, kwargs))
+      init(self, *args, **kwargs)
+
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    with mock.patch.object(shared_memory.SharedMemory, '__init__', spy):
+      got = _batches(num_workers)
+    self.assertEmpty(created)  # in-process threads: any would be seen here
+    now = {p.pid for p in psutil.Process().children(recursive=True)}
+    self.assertEmpty(now - children)
+    # Batch k is fixed by the seed, whatever the thread count: the
+    # permutation of each epoch, from the source directly.
+    for k, batch in enumerate(got):
+      self.assertIs(type(batch['image']), np.ndarray)
+      labels = batch['label']
+      self.assertLen(set(labels.tolist()), 8)
+      np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], labels)
+      if k == 7:  # one epoch: every image once
+        epoch = np.concatenate([b['label'] for b in got[:8]])
+        self.assertEqual(sorted(epoch.tolist()), list(range(64)))
+    reference = _batches(2)
+    for a, b in zip(got, reference, strict=True):
       for key in ('image', 'size', 'label', 'skipped'):
-        # Not grain's SharedMemoryArray (an ndarray subclass): unpickled.
-        self.assertIs(type(a[key]), np.ndarray, key)
         np.testing.assert_array_equal(a[key], b[key])
-
-  def test_grain_as_shipped_would_use_shared_memory(self):
-    # The test above can fail: without the option, the same workers'
-    # batches come back in shared memory segments.
-    ds = pipeline.train_batches(_Source(), batch_size=8, canvas_size=28, seed=3)
-    ds = ds.to_iter_dataset().mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=1)
-    )
-    it = iter(ds)
-    try:
-      batch = next(it)
-      self.assertIsInstance(
-        batch['image'], shared_memory_array.SharedMemoryArray
-      )
-      del batch
-    finally:
-      it.close()
 
 
 if __name__ == '__main__':

@@ -3,26 +3,19 @@
 source -> decode to a fixed canvas (an undecodable record is replaced by the
 next decodable one) -> shuffle (per epoch, seeded) -> repeat -> this
 process's rows of each global batch -> batch -> start at batch
-``start_batch`` -> worker processes ->
+``start_batch`` -> decoded ahead on threads ->
 ``jax.make_array_from_process_local_data``. Every stage is a
 random-access ``MapDataset``, so batch k is the same whatever the number of
-workers, and a run resumes at batch ``state.step`` with no iterator state.
+threads, and a run resumes at batch ``state.step`` with no iterator state.
 The augmentation runs on device (``multicrop``), so the host only decodes.
 """
 
-import contextlib
-import functools
 import io
 import logging
-import os
-import signal
-import threading
-import time
 
 import grain
 import jax
 import numpy as np
-from absl import flags
 from PIL import Image
 
 from dino_jax import parallel
@@ -150,123 +143,22 @@ class DecodedSource:
     )
 
 
-_SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+def read(ds: grain.MapDataset, num_threads: int) -> grain.IterDataset:
+  """``ds`` read in order, its elements computed ahead on ``num_threads``
+  of grain's threads in this process (at least 1).
 
-
-def _init_worker(parent: int, worker_index: int, worker_count: int) -> None:
-  """grain worker init: signals are the main process's; exit with it.
-
-  Schedulers signal the whole process group; a worker that died on the
-  signal would fail the main process's next batch before it could save.
-  The worker started with both signals held (``_StartHeld``): one that came
-  while it was starting is pending, and is dropped here, as ignored. A
-  worker that ignores SIGTERM would outlive a main process killed hard
-  (SIGKILL, the scheduler's last word), holding memory and the job's
-  output pipe: a thread ends it once its parent is gone.
+  Threads rather than worker processes (docs/cpu-performance.md, host
+  input pipeline): decoding (PIL) and copying release the GIL, batches
+  are not copied between processes, and nothing is put in shared memory,
+  so a run killed outright leaves nothing in /dev/shm. Signals stay the
+  main thread's. A few batches are read ahead per thread; grain's default
+  read-ahead of 500 elements would be 500 batches here.
   """
-  del worker_index, worker_count
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.pthread_sigmask(signal.SIG_UNBLOCK, _SCHEDULER_SIGNALS)
-  threading.Thread(
-    target=_exit_with, args=(parent,), name='exit-with-parent', daemon=True
-  ).start()
-
-
-def _exit_with(parent: int, poll_seconds: float = 0.5) -> None:
-  while os.getppid() == parent:
-    time.sleep(poll_seconds)
-  os._exit(1)
-
-
-@contextlib.contextmanager
-def _signals_held():
-  """Holds SIGTERM/SIGINT in this thread, and in what it starts meanwhile.
-
-  The mask is inherited by threads created meanwhile and by the processes
-  they spawn (fork and exec keep it), so a grain worker cannot die of a
-  signal that arrives before its ``_init_worker`` runs (a worker spends
-  seconds importing). The main process loses nothing: the signal goes to a
-  thread that does not hold it, or stays pending until the mask is
-  restored, and Python runs the handler in the main thread either way.
-  """
-  previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SCHEDULER_SIGNALS)
-  try:
-    yield
-  finally:
-    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-class _StartHeld(grain.IterDataset):
-  """``parent``, its worker processes started with scheduler signals held.
-
-  grain starts worker i from one of its threads when batch i is first asked
-  for (its interleave takes batch i from worker i), so ``iter`` and the
-  first ``num_workers`` calls of ``next`` run under ``_signals_held``.
-  """
-
-  def __init__(self, parent: grain.IterDataset, num_workers: int):
-    super().__init__(parent)
-    self._num_workers = num_workers
-
-  def __iter__(self):
-    with _signals_held():
-      return _StartHeldIterator(iter(self._parent), self._num_workers)
-
-
-class _StartHeldIterator(grain.DatasetIterator):
-  def __init__(self, parent, num_workers: int):
-    super().__init__(parent)
-    self._held_calls = num_workers
-
-  def __next__(self):
-    if self._held_calls <= 0:
-      return next(self._parent)
-    self._held_calls -= 1
-    with _signals_held():
-      return next(self._parent)
-
-  def close(self):
-    self._parent.close()
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-
-
-# grain's ``min_shm_size`` above any batch: the workers' batches come back
-# pickled through their pipes, none in /dev/shm (see ``prefetch``).
-_NO_SHARED_MEMORY = 1 << 62
-
-
-def prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
-  """``ds`` computed by ``num_workers`` processes (0: in this process).
-
-  grain's worker processes (``mp_prefetch``), as grain ships them, with one
-  of its options: batches come back through the workers' pipes rather than
-  in shared memory (``DatasetOptions.min_shm_size``), so a run killed
-  outright (SIGKILL to the group) leaves no batch in /dev/shm; what it
-  leaves is the named semaphores (``sem.mp-*``, 32 bytes each) of the
-  queues of multiprocessing's spawn context. The workers ignore SIGTERM and
-  SIGINT from their start on (schedulers signal the whole process group;
-  the main process saves and stops them) and exit with the main process.
-  """
-  if num_workers <= 0:
-    return ds
-  # grain workers read absl flags; outside an absl app they are unparsed.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  ds = grain.experimental.WithOptionsIterDataset(
-    ds, grain.experimental.DatasetOptions(min_shm_size=_NO_SHARED_MEMORY)
-  )
-  return _StartHeld(
-    ds.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=num_workers),
-      worker_init_fn=functools.partial(_init_worker, os.getpid()),
-    ),
-    num_workers,
+  num_threads = max(1, num_threads)
+  return ds.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(2, num_threads)
+    )
   )
 
 
@@ -337,7 +229,7 @@ def train_dataset(
     batch_size: the global batch size.
     canvas_size: C.
     seed: shuffle seed; epoch e uses a permutation derived from (seed, e).
-    num_workers: decode processes (0: in the main process).
+    num_workers: decode threads (``read``; 0: one).
     start_batch: index of the first batch (a resumed run passes its step).
     rows: the global-batch rows this process supplies, ascending (the
       order ``jax.make_array_from_process_local_data`` expects); default
@@ -356,12 +248,7 @@ def train_dataset(
     start_batch=start_batch,
     rows=rows,
   )
-  # A few batches decoded ahead on threads (PIL releases the GIL); grain's
-  # default read-ahead of 500 elements would be 500 batches here.
-  ds = ds.to_iter_dataset(
-    grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
-  )
-  return prefetch(ds, num_workers)
+  return read(ds, num_workers)
 
 
 class SkippedFiles:

@@ -108,12 +108,7 @@ def eval_dataset(
   ds = ds.map(EvalTransform(resize_size, crop_size))
   ds = ds.batch(local_batch, drop_remainder=False)
   n_batches = len(ds)
-  # A few batches decoded ahead on threads; grain's default read-ahead of 500
-  # elements would be 500 batches here.
-  ds = ds.to_iter_dataset(
-    grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
-  )
-  return pipeline.prefetch(ds, num_workers), n_batches
+  return pipeline.read(ds, num_workers), n_batches
 
 
 def _private(batch: dict) -> dict:
