@@ -147,7 +147,7 @@ class Reader:
   pipeline holds back neither a save nor a second Ctrl-C. The thread reads
   only when asked (no read ahead); a read that a signal left waiting is
   taken by the next ``next()``, or dropped by ``close()``, which then
-  closes the iterator (grain: stops its worker processes).
+  closes the iterator (grain: stops its threads).
   """
 
   _END = object()

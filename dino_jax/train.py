@@ -387,7 +387,7 @@ class _Training:
       self._closed = True
       self.ckpt.wait(poll=_raise_if_aborted)  # a second Ctrl-C: no wait
       self.ckpt.close()
-    self.reader.close()  # stops grain worker processes
+    self.reader.close()  # stops grain's decode threads
     if writer:
       self.writer.close()
 

@@ -352,7 +352,7 @@ def extract(
     resize_size: shorter-side resize.
     crop_size: centre crop.
     max_images: use the first ``max_images`` images (-1: all).
-    num_workers: grain decode workers.
+    num_workers: grain decode threads (``pipeline.read``).
     log_every: progress line every this many batches.
 
   Returns:
@@ -399,7 +399,7 @@ def extract(
       if log_every and (i + 1) % log_every == 0:
         logger.info('features: batch %d/%d', i + 1, n_batches)
   finally:
-    reader.close()  # stops grain worker processes
+    reader.close()  # stops grain's decode threads
     reader = local = None  # with their buffers
   rows = jax.tree.map(lambda *xs: np.concatenate(xs), *rows)
   index_all, valid_all = rows['index'], rows['valid'].astype(bool)
