@@ -702,9 +702,12 @@ def compile_features(config, mesh, platform: str) -> Compiled:
   backbone = teacher.backbone
   e = config.eval
   probe = np.zeros((1, e.crop_size, e.crop_size, 3), np.float32)
-  params_shape = jax.eval_shape(
-    lambda: backbone.init(jax.random.PRNGKey(0), probe)['params']
-  )
+
+  def variables():  # a ResNet's with its running statistics (inference)
+    out = backbone.init(jax.random.PRNGKey(0), probe)
+    return out if 'batch_stats' in out else out['params']
+
+  params_shape = jax.eval_shape(variables)
   params = _abstract(
     params_shape,
     parallel.state_sharding(mesh, params_shape, config.mesh.fsdp_min_size),
