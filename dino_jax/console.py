@@ -92,15 +92,23 @@ def print_help(text: str) -> None:
   sys.exit(0)
 
 
-class _ProcessPrefix(logging.Filter):
-  """Drops INFO and below; prefixes the rest with ``[process i]``."""
+# Set to 1, every process prints its INFO lines and tables too (prefixed):
+# for debugging a multi-host run, and for the tests that check what each
+# process did.
+ALL_PROCESSES_VARIABLE = 'DINO_JAX_LOG_ALL_PROCESSES'
 
-  def __init__(self, index: int):
+
+class _ProcessPrefix(logging.Filter):
+  """Drops INFO and below (unless ``keep_info``); prefixes the rest with
+  ``[process i]``."""
+
+  def __init__(self, index: int, keep_info: bool = False):
     super().__init__()
     self.prefix = f'[process {index}] '
+    self.keep_info = keep_info
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.WARNING:
+    if record.levelno < logging.WARNING and not self.keep_info:
       return False
     if not getattr(record, 'process_prefixed', False):
       record.msg = f'{self.prefix}{record.msg}'
@@ -140,6 +148,7 @@ def quiet_other_processes(index: int, count: int) -> None:
   INFO log lines and stdout (the tables) are dropped; what is left on
   stderr (log warnings, ``error:`` and ``interrupted`` lines) carries the
   prefix ``[process i]``. Process 0 and single-process runs are unchanged.
+  With DINO_JAX_LOG_ALL_PROCESSES=1 nothing is dropped, only prefixed.
   Called with ``--process_id`` before JAX's distributed start (its own
   INFO lines), and with JAX's numbers after it (auto-detected runs).
   """
@@ -148,9 +157,13 @@ def quiet_other_processes(index: int, count: int) -> None:
     return
   _quieted = True
   prefix = f'[process {index}] '
+  keep_info = os.environ.get(ALL_PROCESSES_VARIABLE) == '1'
   stderr = sys.stderr
   sys.stderr = _PrefixedLines(stderr, prefix)
-  sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 - for the process' life
+  if keep_info:
+    sys.stdout = _PrefixedLines(sys.stdout, prefix)
+  else:
+    sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 - for the process' life
   handlers = list(logging.getLogger().handlers)
   try:
     from absl import logging as absl_logging
@@ -158,7 +171,7 @@ def quiet_other_processes(index: int, count: int) -> None:
     handlers.append(absl_logging.get_absl_handler())
   except ImportError:  # pragma: no cover - absl is a dependency
     pass
-  quiet = _ProcessPrefix(index)  # log lines: prefixed by the filter
+  quiet = _ProcessPrefix(index, keep_info)  # log lines: prefixed by it
   for handler in handlers:
     handler.addFilter(quiet)
 

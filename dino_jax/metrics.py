@@ -140,6 +140,7 @@ class MetricWriter:
       return
     row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
     first_changed = len(self._rows)
+    removed = []
     if replace:
       removed = [
         i
@@ -152,7 +153,7 @@ class MetricWriter:
     self._rows.append(row)
     if self.remote:
       self._upload(first_changed)
-    elif first_changed < len(self._rows) - 1:
+    elif removed:  # (the removed row may have been the last one)
       self._rewrite()
     else:
       with open(self.path, 'a') as f:

@@ -87,9 +87,10 @@ def quick_env(devices: int = 1) -> dict[str, str]:
 
   (Not JAX's jax_share_binary_between_hosts, one compile per multi-process
   run: on CPU, process 1 waited for ever for the program of orbax's first
-  sync.)
+  sync.) Every process prints its INFO lines (prefixed): the tests check
+  what each one did.
   """
-  return cli_env(devices=devices)
+  return {**cli_env(devices=devices), 'DINO_JAX_LOG_ALL_PROCESSES': '1'}
 
 
 def _stubs(tmp_path, **scripts) -> str:

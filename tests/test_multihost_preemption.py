@@ -17,6 +17,7 @@ ROOT = os.path.dirname(HERE)
 
 def _main_processes(workdir, port, *overrides):
   env = cli_env(devices=1)  # one CPU device per process
+  env['DINO_JAX_LOG_ALL_PROCESSES'] = '1'  # process 1's lines checked too
   return [
     subprocess.Popen(
       [
