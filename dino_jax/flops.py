@@ -148,7 +148,7 @@ def train_step_flops(
   student = 2 * weight_norm  # forward, and the gradient to v only
   for size, n in crops.items():
     student += n * (
-      vit[size]['patch_embed']  # weight gradient only
+      2 * vit[size]['patch_embed']  # forward, weight gradient (no input's)
       + 3 * vit[size]['blocks']
       + 3 * head
     )

@@ -171,7 +171,7 @@ class TrainStepRowTest(absltest.TestCase):
     )
     # ViT-S/16, 2 x 224 + 8 x 96, K 65536: ~113 GFLOPs per image.
     per_image = flops.from_config(config)['per_image']
-    self.assertAlmostEqual(per_image / 1e9, 113.06, delta=0.01)
+    self.assertAlmostEqual(per_image / 1e9, 113.46, delta=0.01)
 
 
 class HostPipelineTest(absltest.TestCase):

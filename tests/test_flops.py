@@ -62,14 +62,15 @@ class ClosedFormTest(absltest.TestCase):
     g, local = count['global_crop_forward'], count['local_crop_forward']
     embed_g = flops.vit_forward_flops(224, 16, 384, 12)['patch_embed']
     embed_l = flops.vit_forward_flops(96, 16, 384, 12)['patch_embed']
-    # Only the tiny weight-norm and loss terms are left over.
+    # The student's patch embedding has no input gradient: 2x its forward,
+    # not 3x. Only the tiny weight-norm and loss terms are left over.
     rest = count['per_image'] - (
-      3 * (2 * g + 8 * local) - 2 * (2 * embed_g + 8 * embed_l) + 2 * g
+      3 * (2 * g + 8 * local) - (2 * embed_g + 8 * embed_l) + 2 * g
     )
     self.assertGreater(rest, 0)
     self.assertLess(rest / count['per_image'], 1e-3)
     self.assertAlmostEqual(
-      count['per_image'] / 1e9, 113.04, delta=0.005
+      count['per_image'] / 1e9, 113.445, delta=0.005
     )  # batch 8
     self.assertEqual(count['step'], 8 * count['per_image'])
 
