@@ -966,9 +966,14 @@ def format_report(report: dict) -> str:
     f'target: {report["topology"]}'
     + (f' x {report["slices"]} slices' if report['slices'] > 1 else '')
     + f', {report["devices"]} x {report["chip"]}; mesh {mesh}',
-    f'model: {report["arch"]}/{report["patch_size"]}, {report["dtype"]}, '
-    f'{report["attention"]} attention, remat {report["remat"]}; global '
-    f'batch {report["batch_size"]}',
+    'model: '
+    + (
+      f'{report["arch"]}, {report["dtype"]}'  # a ResNet: no patches
+      if report['arch'].startswith('resnet')
+      else f'{report["arch"]}/{report["patch_size"]}, {report["dtype"]}, '
+      f'{report["attention"]} attention'
+    )
+    + f', remat {report["remat"]}; global batch {report["batch_size"]}',
     f'train step compiled in {report["compile_seconds"]:.0f} s',
   ]
   if 'memory' in report:

@@ -195,6 +195,10 @@ def test_report_prints_the_memory_roofline():
   assert (
     'roofline: 234 images/s per device (3744 in all), memory-bound'
   ) in lines
+  assert lines[1].startswith('model: vit_small/16, bfloat16, fused attention,')
+  # A ResNet has no patches and no attention.
+  lines = aot.format_report({**report, 'arch': 'resnet50'}).splitlines()
+  assert lines[1] == 'model: resnet50, bfloat16, remat False; global batch 1024'
 
 
 def test_collectives_count_the_tpu_reduce_scatter_fusion_once():
