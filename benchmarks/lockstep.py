@@ -35,8 +35,9 @@ noise that no output depends on). One JSON line per step goes to
    "first_over": null or {"step": s, "quantity": q, "rel": r}, ...}
 
 with ``first_over`` the first step (and in it, the first quantity in
-``QUANTITIES``' order) whose difference exceeds ``--tol``. Steps count from
-0. ``--summarize`` prints the table of an ``--out`` file (docs/parity.md):
+``quantities(config)``' order) whose difference exceeds ``--tol``. Steps
+count from 0. ``--summarize`` prints the table of an ``--out`` file
+(docs/parity.md):
 
   python benchmarks/lockstep.py --official_repo ../shared/official-dino \\
       --steps 360 --threads 1 --out /tmp/lockstep.jsonl
@@ -48,6 +49,24 @@ with ``first_over`` the first step (and in it, the first quantity in
 The recipe (default ``configs/fashion_mnist.py:parity``) takes
 ``--config.a.b=c`` overrides as the trainer does. Stochastic depth must be
 off (``model.drop_path_rate=0``): the two sides would draw different masks.
+
+A ResNet (``--config.model.arch=resnet18``, narrowed by
+``model.resnet_width``) has as its official counterpart the torch ResNet of
+tests/test_resnet.py (torchvision's public definition, which
+``main_dino`` builds; torchvision is not loadable here) inside the official
+``MultiCropWrapper`` + ``DINOHead``, BatchNorm in train mode on both sides.
+``main_dino`` converts it to ``SyncBatchNorm`` and wraps the teacher in DDP;
+with one process both equal plain BatchNorm (and torch's SyncBatchNorm
+refuses CPU tensors), so neither is applied. The running statistics of
+student and teacher are compared too (``*_batch_stats``). ``optim.name``
+picks the official optimizer: AdamW, ``torch.optim.SGD(momentum=0.9)`` or
+``utils.LARS``, each on ``get_params_groups``; for the last two the
+momentum buffers are compared in place of the Adam moments:
+
+  python benchmarks/lockstep.py --official_repo ../shared/official-dino \\
+      --steps 20 --config=tests/tiny_config.py \\
+      --config.model.arch=resnet18 --config.model.resnet_width=8 \\
+      --config.optim.name=sgd
 """
 
 import argparse
@@ -64,7 +83,11 @@ import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (REPO, os.path.join(REPO, 'benchmarks')):
+for _path in (
+  REPO,
+  os.path.join(REPO, 'benchmarks'),
+  os.path.join(REPO, 'tests'),
+):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
@@ -84,11 +107,43 @@ QUANTITIES = (
 # by noise that differs between them, in a direction that changes no output.
 # 'student' and 'teacher' hold the rest of qkv.bias (its q and v parts).
 UNTRACKED = ('student_key_bias', 'teacher_key_bias')
+# The optimizer state compared per optim.name: (quantity, official state
+# key, optax state class name, its field).
+OPT_STATE = {
+  'adamw': (
+    ('adam_mu', 'exp_avg', 'ScaleByAdamState', 'mu'),
+    ('adam_nu', 'exp_avg_sq', 'ScaleByAdamState', 'nu'),
+  ),
+  'sgd': (('momentum_buffer', 'momentum_buffer', 'TraceState', 'trace'),),
+  'lars': (('momentum_buffer', 'mu', 'TraceState', 'trace'),),
+}
+# BatchNorm running statistics (mean and variance), where the model has any.
+BATCH_STATS = ('student_batch_stats', 'teacher_batch_stats')
+RESNETS = ('resnet18', 'resnet34', 'resnet50')  # tests/test_resnet.py's
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist.py') + ':parity'
 
 
 class LockstepError(ValueError):
   """A recipe the lockstep cannot run; the message names the value."""
+
+
+def has_batchnorm(config) -> bool:
+  return config.model.arch.startswith('resnet') or config.model.use_bn_in_head
+
+
+def quantities(config) -> tuple[str, ...]:
+  """The checked quantities of a recipe, in ``first_over``'s order
+  (``QUANTITIES`` for a ViT trained with AdamW)."""
+  opt = tuple(q for q, *_ in OPT_STATE[config.optim.name])
+  return (
+    SCALARS
+    + ('center',)
+    + tuple(f'grad_norm_{g}' for g in GROUPS)
+    + ('grad',)
+    + opt
+    + ('student', 'teacher')
+    + (BATCH_STATS if has_batchnorm(config) else ())
+  )
 
 
 def relative(a, b) -> float:
@@ -168,15 +223,24 @@ class JaxSide:
       center_momentum=config.loss.center_momentum,
       augment=None,
     )
+    # Copies: jnp.asarray may alias a numpy view of a torch tensor, which
+    # the official step then changes in place (BatchNorm's running
+    # statistics, and the weights where the first lr is not 0) before this
+    # side's first step reads it.
     weights = {
-      k: v.detach().numpy()
+      k: v.detach().numpy().copy()
       for k, v in official_student.module.state_dict().items()
     }
-    params = {
-      'backbone': interop.from_pytorch(weights, self.student.backbone)[
-        'params'
-      ],
-      'head': interop.from_pytorch(weights, self.student.head)['params'],
+    variables = {
+      part: interop.from_pytorch(weights, getattr(self.student, part))
+      for part in ('backbone', 'head')
+    }
+    params = {part: v['params'] for part, v in variables.items()}
+    # BatchNorm running statistics; the teacher loads the student's buffers.
+    stats = {
+      part: v['batch_stats']
+      for part, v in variables.items()
+      if v.get('batch_stats')
     }
     state = step_lib.TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -186,6 +250,11 @@ class JaxSide:
       teacher=jax.tree.map(jnp.copy, params),
       center=jnp.zeros((1, config.model.out_dim), jnp.float32),
       opt_state=tx.init(params),
+      batch_stats=(
+        {'student': stats, 'teacher': jax.tree.map(jnp.copy, stats)}
+        if stats
+        else None
+      ),
     )
     mesh = parallel.make_mesh(
       config.mesh.data, config.mesh.fsdp, devices=devices
@@ -218,9 +287,10 @@ class JaxSide:
       batch['local_crops'] = np.stack(nhwc[2:])
     self.state, self.metrics = self.jitted(self.state, batch)
 
-  def named(self, tree) -> dict[str, np.ndarray]:
+  def named(self, tree, collection='params') -> dict[str, np.ndarray]:
     """A student-shaped tree as official names (``backbone.*``, ``head.*``)
-    in the official layout, as ``interop.to_pytorch`` names them.
+    in the official layout, as ``interop.to_pytorch`` names them
+    (``collection='batch_stats'``: the ``running_*`` buffers).
 
     ``to_pytorch`` traces the module for its names at each call (about a
     second for this per step and tree); its rules are looked up once here.
@@ -236,43 +306,52 @@ class JaxSide:
       }
     out = {}
     for part, rules in self._rules.items():
+      if part not in tree:  # batch_stats: a head without BatchNorm
+        continue
       flat = flax.traverse_util.flatten_dict(tree[part], sep='/')
       for path, value in flat.items():
-        key, transform = interop._torch_key(path, rules)
+        key, transform = interop._torch_key(path, rules, collection)
         value = np.asarray(value, np.float32)
         out[f'{part}.{key}'] = transform(value) if transform else value
+    if collection == 'batch_stats':
+      return out
     if 'head.last_layer.weight_g' not in out:  # norm_last_layer: fixed at 1
       k = out['head.last_layer.weight_v'].shape[0]
       out['head.last_layer.weight_g'] = np.ones((k, 1), np.float32)
     return out
 
-  def adam_moments(self) -> tuple[dict, dict]:
-    """(mu, nu) over every parameter, merged from the optimizer's
-    partitions (last layer, rest), as official-name arrays."""
+  def optimizer_state(self) -> dict[str, dict]:
+    """The optimizer's per-parameter state (Adam's mu and nu, or the
+    momentum buffer of SGD and LARS) over every parameter, merged from the
+    optimizer's partitions (last layer, rest), as official-name arrays."""
     import flax
     import jax
     import optax
 
-    def is_adam(x):
-      return isinstance(x, optax.ScaleByAdamState)
+    out = {}
+    for quantity, _, class_name, field in OPT_STATE[self.config.optim.name]:
+      cls = getattr(optax, class_name)
 
-    moments = {'mu': {}, 'nu': {}}
-    for leaf in jax.tree.leaves(self.state.opt_state, is_leaf=is_adam):
-      if not is_adam(leaf):
-        continue
-      for name in moments:
+      def is_state(x, cls=cls):
+        return isinstance(x, cls)
+
+      values = {}
+      for leaf in jax.tree.leaves(self.state.opt_state, is_leaf=is_state):
+        if not is_state(leaf):
+          continue
         # A partition's other parameters are MaskedNodes: no leaves.
-        flat, _ = jax.tree_util.tree_flatten_with_path(getattr(leaf, name))
+        flat, _ = jax.tree_util.tree_flatten_with_path(getattr(leaf, field))
         for path, value in flat:
-          moments[name][tuple(str(k.key) for k in path)] = value
-    if not moments['mu']:
-      raise LockstepError(
-        'no Adam state in the optimizer: use optim.name=adamw'
+          values[tuple(str(k.key) for k in path)] = value
+      if not values:
+        raise LockstepError(
+          f'no {class_name} in the optimizer state of '
+          f'optim.name={self.config.optim.name!r}'
+        )
+      out[quantity] = self.named(
+        flax.traverse_util.unflatten_dict(jax.device_get(values))
       )
-    return tuple(
-      self.named(flax.traverse_util.unflatten_dict(jax.device_get(m)))
-      for m in (moments['mu'], moments['nu'])
-    )
+    return out
 
   def snapshot(self) -> dict:
     """What the comparison reads, after a step, as numpy."""
@@ -280,16 +359,20 @@ class JaxSide:
 
     state = jax.device_get(self.state)
     metrics = jax.device_get(self.metrics)
-    mu, nu = self.adam_moments()
-    return {
+    out = {
       'scalars': {name: float(metrics[name]) for name in SCALARS},
       'center': np.asarray(state.center),
       'grad': self.named(state.opt_state[0].grads),
-      'adam_mu': mu,
-      'adam_nu': nu,
+      **self.optimizer_state(),
       'student': self.named(state.student),
       'teacher': self.named(state.teacher),
     }
+    if state.batch_stats is not None:
+      for name in ('student', 'teacher'):
+        out[f'{name}_batch_stats'] = self.named(
+          state.batch_stats[name], 'batch_stats'
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -303,7 +386,8 @@ class OfficialProbe:
   forward hooks; everything else is read from the objects after the step.
   """
 
-  def __init__(self, objects, schedules):
+  def __init__(self, objects, schedules, optim_name='adamw'):
+    self.opt_state = OPT_STATE[optim_name]
     self.student = objects['student'].module
     self.teacher = objects['teacher']
     self.dino_loss = objects['dino_loss']
@@ -335,23 +419,37 @@ class OfficialProbe:
 
   def snapshot(self, step: int, epoch: int, loss: float) -> dict:
     group0 = self.optimizer.param_groups[0]
-    grads, mu, nu = {}, {}, {}
+    grads = {}
+    opt = {quantity: {} for quantity, *_ in self.opt_state}
     for name, p in self.student.named_parameters():
       if not p.requires_grad:
         continue
       if p.grad is not None:  # None: the frozen last layer's, dropped
         grads[name] = p.grad.detach().numpy().copy()
+      # No state yet (the frozen last layer's): zeros, as optax holds it.
       state = self.optimizer.state.get(p, {})
-      zeros = np.zeros(p.shape, np.float32)
-      mu[name] = state['exp_avg'].numpy().copy() if state else zeros
-      nu[name] = state['exp_avg_sq'].numpy().copy() if state else zeros
+      for quantity, key, *_ in self.opt_state:
+        value = state.get(key)
+        opt[quantity][name] = (
+          np.zeros(p.shape, np.float32)
+          if value is None
+          else value.detach().numpy().copy()
+        )
 
-    def tensors(module):
-      return {
-        k: v.detach().numpy().copy() for k, v in module.state_dict().items()
-      }
+    def split(module):
+      """(parameters, BatchNorm running statistics) of the state dict;
+      ``num_batches_tracked`` left out (a momentum BatchNorm ignores it)."""
+      params, stats = {}, {}
+      for k, v in module.state_dict().items():
+        if k.endswith('num_batches_tracked'):
+          continue
+        into = stats if k.endswith(('running_mean', 'running_var')) else params
+        into[k] = v.detach().numpy().copy()
+      return params, stats
 
-    return {
+    student, student_stats = split(self.student)
+    teacher, teacher_stats = split(self.teacher)
+    out = {
       'scalars': {
         'loss': loss,
         'teacher_entropy': self.teacher_entropy(epoch),
@@ -361,11 +459,14 @@ class OfficialProbe:
       },
       'center': self.dino_loss.center.detach().numpy().copy(),
       'grad': grads,
-      'adam_mu': mu,
-      'adam_nu': nu,
-      'student': tensors(self.student),
-      'teacher': tensors(self.teacher),
+      **opt,
+      'student': student,
+      'teacher': teacher,
     }
+    if student_stats:
+      out['student_batch_stats'] = student_stats
+      out['teacher_batch_stats'] = teacher_stats
+    return out
 
 
 def group_norm(grads: dict, names) -> float:
@@ -386,8 +487,11 @@ def split_key_bias(named: dict) -> tuple[dict, dict]:
   return rest, keys
 
 
-def compare(official: dict, jax_side: dict, groups: dict) -> tuple:
-  """(rel per quantity, worst tensor per tensor quantity)."""
+def compare(
+  official: dict, jax_side: dict, groups: dict, checked=QUANTITIES
+) -> tuple:
+  """(rel per quantity, worst tensor per tensor quantity), for the
+  ``checked`` quantities (``quantities(config)``) and ``UNTRACKED``."""
   rel, worst = {}, {}
   for name in SCALARS:
     rel[name] = relative(jax_side['scalars'][name], official['scalars'][name])
@@ -403,7 +507,8 @@ def compare(official: dict, jax_side: dict, groups: dict) -> tuple:
     b = split_key_bias(official[part])[1]
     a = split_key_bias(jax_side[part])[1]
     rel[quantity] = max(relative(a[n], b[n]) for n in b) if b else 0.0
-  for quantity in TENSORS:
+  scalar = set(SCALARS) | {'center'} | {f'grad_norm_{g}' for g in GROUPS}
+  for quantity in (q for q in checked if q not in scalar):
     b = official[quantity]
     a = jax_side[quantity]
     if quantity in ('student', 'teacher'):
@@ -414,7 +519,8 @@ def compare(official: dict, jax_side: dict, groups: dict) -> tuple:
     per_tensor = {n: relative(a[n], b[n]) for n in b}
     name = max(per_tensor, key=per_tensor.get)
     rel[quantity], worst[quantity] = per_tensor[name], name
-  return rel, worst
+  order = [*checked, *UNTRACKED]
+  return {q: rel[q] for q in order}, worst
 
 
 # ---------------------------------------------------------------------------
@@ -437,11 +543,12 @@ def check_recipe(config, steps: int) -> None:
       f'--steps={steps} exceeds epochs x steps_per_epoch = {total}; raise '
       '--config.epochs'
     )
-  if not config.model.arch.startswith('vit_'):
+  arch = config.model.arch
+  if not (arch.startswith('vit_') or arch in RESNETS):
     raise LockstepError(
-      f'model.arch={config.model.arch!r}: the official side builds the '
-      "official VisionTransformer only; use a vit_* arch (a ResNet's "
-      'official counterpart is not wired in yet)'
+      f'model.arch={arch!r}: the official side builds the official '
+      f'VisionTransformer or a torch ResNet; use a vit_* arch or one of '
+      f'{", ".join(RESNETS)}'
     )
   if config.model.drop_path_rate:
     raise LockstepError(
@@ -449,12 +556,83 @@ def check_recipe(config, steps: int) -> None:
       'would draw different stochastic-depth masks; use '
       '--config.model.drop_path_rate=0'
     )
-  if config.optim.name != 'adamw':
+  if config.optim.name not in OPT_STATE:
     raise LockstepError(
-      f'optim.name={config.optim.name!r}: the lockstep compares AdamW '
-      'moments; use --config.optim.name=adamw'
+      f'optim.name={config.optim.name!r}: the lockstep runs the official '
+      f'optimizers {", ".join(OPT_STATE)}; use one of them'
     )
   config_lib.validate(config)
+
+
+def torch_resnet(arch: str, width: int):
+  """The torch ResNet of tests/test_resnet.py (torchvision's public
+  definition, ``width`` its stem width) with torchvision's ``forward``:
+  ``fc`` on the pooled features (``MultiCropWrapper`` makes it Identity)."""
+  import test_resnet
+
+  class ResNet(test_resnet._TorchResNet):
+    def forward(self, x):
+      return self.fc(self.features(x))
+
+  block, layers = test_resnet._TORCH[arch]
+  return ResNet(block, layers, width=width)
+
+
+def official_optimizer(official, student, name: str):
+  """``main_dino``'s optimizer for ``optim.name`` on ``get_params_groups``."""
+  groups = official.utils.get_params_groups(student)
+  if name == 'adamw':
+    return torch.optim.AdamW(groups)
+  if name == 'sgd':
+    return torch.optim.SGD(groups, lr=0, momentum=0.9)
+  return official.utils.LARS(groups)
+
+
+def build_official(official, config, epochs: int, steps_per_epoch: int):
+  """(student, teacher, dino_loss, optimizer, schedules) as ``main_dino``
+  builds them: a ViT by ``convergence.build_official``; a ResNet here, its
+  backbone ``torch_resnet`` (``main_dino``: ``torchvision_models[arch]()``,
+  ``embed_dim = fc.weight.shape[1]``) with the loss and schedules of the
+  ViT's build (built for a tiny ViT, then dropped)."""
+  import copy
+
+  from torch import nn
+
+  m = config.model
+  name = config.optim.name
+  vit = copy.deepcopy(config)
+  vit.optim.name = 'adamw'  # the optimizer is built below
+  if m.arch in RESNETS:
+    vit.model.arch = 'vit_tiny'
+    vit.model.update(embed_dim=8, depth=1, num_heads=1, patch_size=8)
+    vit.model.img_size = 8
+  student, teacher, dino_loss, _, schedules = convergence.build_official(
+    official, vit, epochs, steps_per_epoch
+  )
+  if m.arch in RESNETS:
+
+    def network(**kwargs):
+      backbone = torch_resnet(m.arch, m.resnet_width)
+      head = official.vits.DINOHead(
+        backbone.fc.weight.shape[1],
+        m.out_dim,
+        use_bn=m.use_bn_in_head,
+        nlayers=m.head_nlayers,
+        hidden_dim=m.head_hidden_dim,
+        bottleneck_dim=m.head_bottleneck_dim,
+        **kwargs,
+      )
+      return official.utils.MultiCropWrapper(backbone, head)
+
+    student = nn.parallel.DistributedDataParallel(
+      network(norm_last_layer=m.norm_last_layer)
+    )
+    teacher = network()
+    teacher.load_state_dict(student.module.state_dict())
+    for p in teacher.parameters():
+      p.requires_grad = False
+  optimizer = official_optimizer(official, student, name)
+  return student, teacher, dino_loss, optimizer, schedules
 
 
 def run_lockstep(
@@ -505,8 +683,8 @@ def _run(official, config, steps, *, tol, jax_config, devices, emit) -> dict:
   utils, main_dino = official.utils, official.main_dino
   utils.fix_random_seeds(config.seed)
   random.seed(config.seed)  # blur and solarization (fix_random_seeds skips it)
-  student, teacher, dino_loss, optimizer, schedules = (
-    convergence.build_official(official, config, config.epochs, spe)
+  student, teacher, dino_loss, optimizer, schedules = build_official(
+    official, config, config.epochs, spe
   )
   probe = OfficialProbe(
     dict(
@@ -516,7 +694,9 @@ def _run(official, config, steps, *, tol, jax_config, devices, emit) -> dict:
       optimizer=optimizer,
     ),
     schedules,
+    config.optim.name,
   )
+  checked = quantities(config)
   jax_side = JaxSide(jax_config, spe, student, devices or jax.devices())
 
   from dino_jax.data import sources
@@ -533,7 +713,7 @@ def _run(official, config, steps, *, tol, jax_config, devices, emit) -> dict:
   )
   logger_class = convergence._logger_class(utils)
   logger_class.losses = []
-  max_rel = dict.fromkeys(QUANTITIES, 0.0)
+  max_rel = dict.fromkeys(checked, 0.0)
   untracked = dict.fromkeys(UNTRACKED, 0.0)
   max_at = {}
   first_over = None
@@ -549,11 +729,11 @@ def _run(official, config, steps, *, tol, jax_config, devices, emit) -> dict:
     start = time.perf_counter()
     theirs = jax_side.snapshot()
     ours = probe.snapshot(step, step // spe, logger_class.losses[-1])
-    rel, worst = compare(ours, theirs, probe.groups)
+    rel, worst = compare(ours, theirs, probe.groups, checked)
     sec['compare'] += time.perf_counter() - start
     for q in UNTRACKED:
       untracked[q] = max(untracked[q], rel[q])
-    for q in QUANTITIES:
+    for q in checked:
       if rel[q] > max_rel[q]:
         max_rel[q] = rel[q]
         max_at[q] = {
@@ -646,7 +826,7 @@ def summarize(path: str, at) -> str:
   at = [n for n in at if n <= len(rows)] or [len(rows)]
   head = ' | '.join(f'{n} steps' for n in at)
   lines = [f'| quantity | {head} |', '|---' * (len(at) + 1) + '|']
-  for q in QUANTITIES + UNTRACKED:
+  for q in rows[0]['rel']:  # the run's quantities, then UNTRACKED
     cells = ' | '.join(f'{max(r["rel"][q] for r in rows[:n]):.1e}' for n in at)
     lines.append(f'| {q} | {cells} |')
   return '\n'.join(lines)
@@ -718,7 +898,7 @@ def main(argv=None) -> int:
       if out:
         out.write(json.dumps(row) + '\n')
         out.flush()
-      rel = {q: row['rel'][q] for q in QUANTITIES}
+      rel = {q: v for q, v in row['rel'].items() if q not in UNTRACKED}
       print(
         f'step {row["step"]}: loss {row["official"]["loss"]:.6f} '
         f'max rel {max(rel.values()):.2e} ({max(rel, key=rel.get)})',
