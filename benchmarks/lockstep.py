@@ -28,7 +28,8 @@ official code drops its gradient), and every tensor of the student, the
 teacher, the clipped gradients and the two Adam moments (per quantity, the
 largest over tensors). The key part of each ``attn.qkv.bias`` is
 reported apart and not checked (``UNTRACKED``: its gradient is rounding
-noise that no output depends on). One JSON line per step goes to
+noise that no output depends on), and so is each head bias that a
+BatchNorm follows (``use_bn_in_head``). One JSON line per step goes to
 ``--out``; the last stdout line is
 
   {"steps": N, "max_rel": {quantity: largest over steps},
@@ -75,6 +76,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from typing import Any, NamedTuple
@@ -106,7 +108,15 @@ QUANTITIES = (
 # noise by sqrt(v) + eps and steps on it, so both sides move these entries
 # by noise that differs between them, in a direction that changes no output.
 # 'student' and 'teacher' hold the rest of qkv.bias (its q and v parts).
-UNTRACKED = ('student_key_bias', 'teacher_key_bias')
+UNTRACKED = (
+  'student_key_bias',
+  'teacher_key_bias',
+  # Likewise, with use_bn_in_head, the bias of each head Linear that a
+  # BatchNorm follows: the BatchNorm subtracts the batch mean, bias
+  # included. These are left out of every checked tensor quantity.
+  'student_bn_bias',
+  'teacher_bn_bias',
+)
 # The optimizer state compared per optim.name: (quantity, official state
 # key, optax state class name, its field).
 OPT_STATE = {
@@ -487,6 +497,18 @@ def split_key_bias(named: dict) -> tuple[dict, dict]:
   return rest, keys
 
 
+def bn_cancelled_biases(official: dict) -> set:
+  """Names of the head biases a train-mode BatchNorm cancels (each
+  ``mlp.i.bias`` with a BatchNorm at ``mlp.i+1``; ``use_bn_in_head``)."""
+  stats = official.get('student_batch_stats', {})
+  out = set()
+  for name in official['student']:
+    match = re.fullmatch(r'(.*\.mlp\.)(\d+)\.bias', name)
+    if match and f'{match[1]}{int(match[2]) + 1}.running_mean' in stats:
+      out.add(name)
+  return out
+
+
 def compare(
   official: dict, jax_side: dict, groups: dict, checked=QUANTITIES
 ) -> tuple:
@@ -502,14 +524,20 @@ def compare(
     rel[f'grad_norm_{group}'] = relative(
       group_norm(jax_side['grad'], names), group_norm(official['grad'], names)
     )
-  for quantity in UNTRACKED:
-    part = quantity.removesuffix('_key_bias')
+  cancelled = bn_cancelled_biases(official)
+  for part in ('student', 'teacher'):
     b = split_key_bias(official[part])[1]
     a = split_key_bias(jax_side[part])[1]
-    rel[quantity] = max(relative(a[n], b[n]) for n in b) if b else 0.0
+    rel[f'{part}_key_bias'] = max(
+      (relative(a[n], b[n]) for n in b), default=0.0
+    )
+    rel[f'{part}_bn_bias'] = max(
+      (relative(jax_side[part][n], official[part][n]) for n in cancelled),
+      default=0.0,
+    )
   scalar = set(SCALARS) | {'center'} | {f'grad_norm_{g}' for g in GROUPS}
   for quantity in (q for q in checked if q not in scalar):
-    b = official[quantity]
+    b = {n: v for n, v in official[quantity].items() if n not in cancelled}
     a = jax_side[quantity]
     if quantity in ('student', 'teacher'):
       a, b = split_key_bias(a)[0], split_key_bias(b)[0]
