@@ -33,6 +33,12 @@ common flags:
   --helpfull  every flag, absl's included
   JAX_PLATFORMS=cpu  run on the CPU although a GPU or TPU is present"""
 
+# The common block of the tools that read no config (plot: a workdir's files).
+NO_CONFIG_HELP = """\
+common flags:
+  --helpfull  every flag, absl's included"""
+NO_CONFIG_TOOLS = ('dino_jax.plot',)
+
 
 def wants_help(argv: list[str]) -> bool:
   """Whether the command line asks for help (``-h``, ``--help``)."""
@@ -59,6 +65,7 @@ def help_text(
   values: flags.FlagValues,
   names: list[str],
   example: str,
+  common: str = COMMON_HELP,
 ) -> str:
   """The ``--help`` of an entry point.
 
@@ -68,6 +75,7 @@ def help_text(
     values: the FlagValues holding the command's flags.
     names: the command's own flags (shown with their defaults).
     example: one command that works.
+    common: the common flags' block.
   """
   return '\n'.join(
     [
@@ -78,7 +86,7 @@ def help_text(
       'flags:',
       *flag_lines(values, names),
       '',
-      COMMON_HELP,
+      common,
       '',
       'example:',
       f'  {example}',
@@ -279,4 +287,5 @@ def tool_help(name: str, values: flags.FlagValues) -> str:
   """``help_text`` of the entry point ``name`` (a key of TOOLS)."""
   fallback = (f'python -m {name} [flags]', '', f'python -m {name} --help')
   usage, summary, example = TOOLS.get(name, fallback)
-  return help_text(usage, summary, values, own_flags(values), example)
+  common = NO_CONFIG_HELP if name in NO_CONFIG_TOOLS else COMMON_HELP
+  return help_text(usage, summary, values, own_flags(values), example, common)
