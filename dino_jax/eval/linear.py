@@ -371,12 +371,13 @@ def _train_sweep(config, mesh, model, params, seed, readers) -> dict:
         'val_top1': [v[0] for v in val],
       }
     )
-    logger.info(
-      'linear sweep epoch %d/%d  best val top-1 %.2f',
-      epoch + 1,
-      lc.epochs,
-      max(v[0] for v in val),
-    )
+    if (epoch + 1) % 10 == 0 or epoch + 1 == lc.epochs:  # the demo: 3 x 10
+      logger.info(
+        'linear sweep epoch %d/%d  best val top-1 %.2f',
+        epoch + 1,
+        lc.epochs,
+        max(v[0] for v in val),
+      )
   chosen = int(np.argmax(history[-1]['val_top1']))  # the first of ties
   best = _head(jax.device_get(linear), chosen)
   top1, top5 = accuracy(best, test_x, test_y)
