@@ -170,6 +170,22 @@ class ResNetStepTest(absltest.TestCase):
     probe = features.jit_feature_fn(self.teacher.backbone, None, 'probe')
     np.testing.assert_array_equal(probe(variables, images), got)
 
+  def test_attention_evaluations_skip_a_resnet_with_a_warning(self):
+    # A ResNet has no attention: the end of a run skips the maps (before:
+    # a crash after training), k-NN off here to keep the test short.
+    config = resnet_config()
+    config.eval.knn = False
+    config.eval.attention_images = 2
+    config.data.source, config.data.synthetic_size = 'synthetic', 8
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    workdir = self.create_tempdir().full_path
+    with self.assertLogs(eval_run.logger, 'WARNING') as logs:
+      out = eval_run.after_training(config, workdir, mesh, self.state, 0)
+    self.assertNotIn('attention', out)
+    self.assertIn('attention evaluations skipped', logs.output[0])
+    self.assertIn(f'model.arch={config.model.arch}', logs.output[0])
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'eval')))
+
   def test_random_init_baseline_carries_init_statistics(self):
     config = resnet_config()
     mesh = parallel.make_mesh(devices=jax.devices()[:1])

@@ -376,6 +376,7 @@ def attention_from_workdir(
       f'--image={image_path} is not a file; pass an image file'
     )
   config, mesh, state, _ = workdir_lib.load_workdir(workdir, overrides)
+  common.require_vit(config, 'attention maps')
   _, teacher = step_lib.build_models(config)
   p = config.model.patch_size
   image_size = image_size or config.eval.attention_size or config.eval.crop_size

@@ -45,6 +45,19 @@ def _random_init(config, mesh, backbone):
   return jax.jit(variables, out_shardings=shardings)()
 
 
+def _is_vit(config) -> bool:
+  """Whether the backbone is a ViT; else the attention evaluations
+  configured are skipped with a warning."""
+  e = config.eval
+  try:
+    common.require_vit(config, 'attention maps and masks')
+  except workdir_lib.WorkdirError as error:
+    if e.attention_images > 0 or e.mask_jaccard_images > 0:
+      logger.warning('attention evaluations skipped: %s', error)
+    return False
+  return True
+
+
 def after_training(
   config, workdir, mesh, state, step: int, final: bool = True
 ) -> dict:
@@ -94,7 +107,8 @@ def after_training(
     out['knn'] = results
   if final and e.linear:
     out['linear'] = _linear_sweeps(config, mesh, backbone, params, step)
-  if final and e.mask_jaccard_images > 0:
+  vit = _is_vit(config)  # attention needs patch tokens; a ResNet has none
+  if final and e.mask_jaccard_images > 0 and vit:
     out['mask_jaccard'] = _mask_jaccard(config, mesh, backbone, params, step)
   if final:
     out.update(downstream(config, workdir, mesh, backbone, params, step))
@@ -102,7 +116,7 @@ def after_training(
   if final and record:
     interrupt.check()  # nothing partial
     common.write_record(workdir, 'downstream', {'step': step, **record})
-  if final and e.attention_images > 0:  # every process takes part
+  if final and e.attention_images > 0 and vit:  # every process takes part
     interrupt.check()
     source = sources.make_source(config.data, e.test_split)
     size = e.attention_size  # shorter side resized to it, centre crop
