@@ -361,106 +361,140 @@ def _upload_images(name: str, prefix: str, count: int = 32) -> None:
     storage.write_bytes(path, data.getvalue())
 
 
-def _pod(url, port, *flags, environ, cwd):
-  """The tiny config on two processes (the multi-host path), on the tiny
-  imagenet2012 in the bucket."""
-  return [
-    _main(
-      f'{url}/run',
-      f'--coordinator_address=127.0.0.1:{port}',
-      '--num_processes=2',
-      f'--process_id={i}',
-      '--config.data.source=tfds',
-      '--config.data.name=imagenet2012',
-      f'--config.data.path={url}/tfds',
-      '--config.eval.test_split=validation',
-      *flags,
-      environ=environ,
-      cwd=cwd,
-    )
-    for i in range(2)
-  ]
-
-
 class TestPodRehearsal:
   """Its own class: pytest-xdist's --dist loadscope runs it on one worker
   while the other runs the module's other tests."""
 
   @pytest.mark.slow
-  def test_pod_rehearsal_on_gs(self, gcs, tmp_path):
-    # What README's pod command does, on one machine: two processes, workdir
-    # and TFDS data (imagenet2012 layout, ArrayRecord) in a bucket, a
-    # preemption (SIGTERM to every worker), the same command again to resume,
-    # finish and evaluate.
+  def test_pod_script_on_gs(self, gcs, tmp_path):
+    # README's pod command on one machine: launch/tpu_pod.sh with stub
+    # gcloud/python/pip (tests/test_launch.py: two workers, each in its own
+    # home), the workdir and TFDS data (imagenet2012 layout, ArrayRecord) in
+    # a bucket, a preemption (SIGTERM to every worker), the same script again
+    # (CREATE=0) to resume, finish and evaluate; then the tools on the
+    # bucket. One multi-process training for the script, the gs:// workdir
+    # and the preemption (three tests once).
     import tfds_imagenet
+    from test_launch import _GCLOUD, _PIP, _PYTHON, _stubs
 
     name, url = new_bucket(gcs)
     tfds_imagenet.upload(
       tfds_imagenet.build(str(tmp_path / 'tfds')), f'{url}/tfds'
     )
-    environ = {**quick_env(), **gcs.env()}
-    start = time.time()
-    procs = _pod(
-      url,
-      portpicker.pick_unused_port(),
-      '--config.total_steps=1000',
+    run = f'{url}/pod run'  # a space: the script's quoting is exercised
+    homes = tmp_path / 'homes'
+    homes.mkdir()
+    environ = {
+      **quick_env(),
+      **gcs.env(),
+      'PATH': _stubs(tmp_path, gcloud=_GCLOUD, python=_PYTHON, pip=_PIP)
+      + os.pathsep
+      + os.environ['PATH'],
+      'STUB_LOG': str(tmp_path / 'stub.log'),
+      'STUB_HOMES': str(homes),
+      'STUB_WORKERS': '2',
+      'STUB_PYTHON': sys.executable,
+      'TPU_NAME': 'dino-test',
+      'ZONE': 'us-test1-a',
+      'WORKDIR': run,
+      'REPO': os.path.dirname(HERE),
+    }
+    flags = [
+      f'--config={TINY}',
+      '--config.eval.ks=(2, 4)',  # a space inside one argument
+      '--config.data.source=tfds',
+      '--config.data.name=imagenet2012',
+      f'--config.data.path={url}/tfds',
+      '--config.eval.test_split=validation',
       '--config.checkpoint_every_steps=1000',
-      environ=environ,
-      cwd=tmp_path,
-    )
+    ]
+    script = os.path.join(os.path.dirname(HERE), 'launch', 'tpu_pod.sh')
+
+    def launch(*more):
+      environ['STUB_PORT'] = str(portpicker.pick_unused_port())
+      return subprocess.Popen(
+        ['bash', script, *flags, *more],
+        env=environ,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+
+    start = time.time()
+    proc = launch('--config.total_steps=1000')
+    pid_files = [homes / f'worker{i}.pid' for i in range(2)]
     deadline = time.time() + 400
-    while len(_metric_rows(gcs, name, 'run')) < 3:
+    while len(_metric_rows(gcs, name, 'pod run')) < 3 or not all(
+      p.exists() and p.read_text().strip() for p in pid_files
+    ):
       assert time.time() < deadline, 'no progress'
-      for p in procs:
-        assert p.poll() is None, p.communicate()[1][-3000:]
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
       time.sleep(0.2)
-    held = json.loads(gcs.read(name, 'run/lock'))
-    assert held['state'] == 'held' and held['pid'] == procs[0].pid
-    for p in procs:
-      p.send_signal(signal.SIGTERM)
-    logs = [p.communicate(timeout=300)[1] for p in procs]
+    pids = [int(p.read_text()) for p in pid_files]
+    held = json.loads(gcs.read(name, 'pod run/lock'))
+    assert held['state'] == 'held' and held['pid'] == pids[0]
+    for pid in pids:
+      os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
     first = time.time() - start
-    for p, log in zip(procs, logs, strict=True):
-      assert p.returncode == 0, log[-3000:]
-      assert 'Traceback' not in log
+    assert proc.returncode == 0, err[-3000:]
+    assert 'Traceback' not in err
     saved = sorted(
-      {int(n.split('/')[2]) for n in gcs.list(name, 'run/checkpoints/')}
+      {int(n.split('/')[2]) for n in gcs.list(name, 'pod run/checkpoints/')}
     )
     assert len(saved) == 1, saved
-    for log in logs:
-      assert f'saved step {saved[0]} in {url}/run' in log
+    assert err.count(f'saved step {saved[0]} in {run}') == 2, err[-3000:]
+    for path in pid_files:
+      path.unlink()
+    environ['CREATE'] = '0'  # the same script resumes on the same VMs
     start = time.time()
-    procs = _pod(
-      url,
-      portpicker.pick_unused_port(),
-      f'--config.total_steps={saved[0] + 2}',
-      '--config.checkpoint_every_steps=1000',
-      environ=environ,
-      cwd=tmp_path,
-    )
-    logs = [p.communicate(timeout=400)[1] for p in procs]
+    proc = launch(f'--config.total_steps={saved[0] + 2}')
+    _, err = proc.communicate(timeout=400)
     resumed = time.time() - start
-    for p, log in zip(procs, logs, strict=True):
-      assert p.returncode == 0, log[-3000:]
-      assert f'resuming from step {saved[0]} in {url}/run' in log
-    print(f'pod rehearsal on gs://: {first:.0f} s to SIGTERM, {resumed:.0f} s')
-    rows = _metric_rows(gcs, name, 'run')
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count(f'resuming from step {saved[0]} in {run}') == 2
+    print(f'pod script on gs://: {first:.0f} s to SIGTERM, {resumed:.0f} s')
+    rows = _metric_rows(gcs, name, 'pod run')
     trained = [r['step'] for r in rows if 'loss' in r]
     assert trained == list(range(1, saved[0] + 3))  # every row once
     (knn,) = [r for r in rows if 'knn_trained_k2' in r]
     assert knn['step'] == saved[0] + 2
-    objects = gcs.list(name, 'run/')
-    final = f'run/checkpoints/{saved[0] + 2}/commit_success.txt'
-    assert f'run/checkpoints/{saved[0]}/commit_success.txt' in objects
-    assert final in objects
-    assert 'run/config.json' in objects
-    config = json.loads(gcs.read(name, 'run/config.json'))
+    objects = gcs.list(name, 'pod run/')
+    assert f'pod run/checkpoints/{saved[0]}/commit_success.txt' in objects
+    assert f'pod run/checkpoints/{saved[0] + 2}/commit_success.txt' in objects
+    assert 'pod run/config.json' in objects
+    config = json.loads(gcs.read(name, 'pod run/config.json'))
     assert config['data']['path'] == f'{url}/tfds'
-    assert 'run/eval/knn.json' in objects
-    assert 'run/eval/attention/test0-overview.png' in objects
-    assert any(n.startswith('run/tensorboard/') for n in objects)
-    released = json.loads(gcs.read(name, 'run/lock'))
+    assert config['eval']['ks'] == [2, 4]
+    assert 'pod run/eval/knn.json' in objects
+    assert 'pod run/eval/attention/test0-overview.png' in objects
+    assert any(n.startswith('pod run/tensorboard/') for n in objects)
+    released = json.loads(gcs.read(name, 'pod run/lock'))
     assert released['state'] == 'released'
+    # What the script did on the (stub) VMs.
+    with open(tmp_path / 'stub.log') as f:
+      log = f.read().splitlines()
+    creates = [line for line in log if 'tpu-vm create' in line]
+    assert creates == [
+      'gcloud compute tpus tpu-vm create dino-test --zone=us-test1-a '
+      '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base'
+    ]
+    installs = sorted(line for line in log if line.startswith('pip '))
+    # Two workers, two runs.
+    assert installs == ['pip install -q -e .[gcs,tpu] (in dino_jax)'] * 4
+    assert all(
+      (homes / f'worker{i}' / 'dino_jax' / '.git').is_dir() for i in (0, 1)
+    )
+    commands = [
+      line.split(': ', 1)[1] for line in log if line.startswith('worker')
+    ]
+    assert len(commands) == 4
+    expected = (
+      f'-m dino_jax.main --workdir={run} {" ".join(flags)} '
+      '--config.total_steps='
+    )
+    assert all(c.startswith(expected) for c in commands), commands
     # The tools read the workdir from the bucket and write into it (both
     # at once: they read, and write different objects).
     tools = [
@@ -473,14 +507,14 @@ class TestPodRehearsal:
         text=True,
       )
       for tool in (
-        ['dino_jax.plot', f'--workdir={url}/run', '--k=2'],
-        ['dino_jax.interop', 'export', f'{url}/run', f'{url}/teacher.pth'],
+        ['dino_jax.plot', f'--workdir={run}', '--k=2'],
+        ['dino_jax.interop', 'export', run, f'{url}/teacher.pth'],
       )
     ]
     for tool in tools:
       err = tool.communicate(timeout=300)[1]
       assert tool.returncode == 0, err[-3000:]
-    assert gcs.read(name, 'run/curve.png')[:4] == b'\x89PNG'
+    assert gcs.read(name, 'pod run/curve.png')[:4] == b'\x89PNG'
     import torch
 
     weights = torch.load(io.BytesIO(gcs.read(name, 'teacher.pth')))

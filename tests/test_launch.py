@@ -7,15 +7,13 @@ coordinator by itself; here a stub ``python`` passes it explicitly to
 ``dino_jax.main``. A stub ``srun`` starts the tasks with the SLURM variables
 JAX reads. The scripts' quoting, the repository setup, the same command on
 every worker, a preemption (SIGTERM to every worker) and the rerun that
-resumes are exercised.
+resumes are exercised: the TPU script in tests/test_gcs.py (its pod
+rehearsal on a gs:// workdir), the SLURM one here.
 """
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import portpicker
 import pytest
@@ -108,110 +106,6 @@ def _metrics(path) -> list[int]:
     return []
   with open(path) as f:
     return [json.loads(line)['step'] for line in f if line.strip()]
-
-
-def _preempt(pid_files, metrics, procs):
-  """SIGTERM to every worker once 2 steps are logged."""
-  deadline = time.time() + 400
-  while len(_metrics(metrics)) < 2 or not all(
-    os.path.exists(p) for p in pid_files
-  ):
-    assert time.time() < deadline, 'no progress'
-    assert procs.poll() is None, procs.communicate()[1][-3000:]
-    time.sleep(0.1)
-  for path in pid_files:
-    with open(path) as f:
-      os.kill(int(f.read()), signal.SIGTERM)
-
-
-class TestTPUPod:
-  """Each script its own class: pytest-xdist's --dist loadscope may run
-  them on both workers at once."""
-
-  @pytest.mark.slow
-  def test_tpu_pod_script_with_stub_gcloud(self, tmp_path):
-    workdir = str(tmp_path / 'work dir')  # a space: the quoting is exercised
-    homes = tmp_path / 'homes'
-    homes.mkdir()
-    environ = {
-      **quick_env(),
-      'PATH': _stubs(tmp_path, gcloud=_GCLOUD, python=_PYTHON, pip=_PIP)
-      + os.pathsep
-      + os.environ['PATH'],
-      'STUB_LOG': str(tmp_path / 'stub.log'),
-      'STUB_HOMES': str(homes),
-      'STUB_WORKERS': '2',
-      'STUB_PYTHON': sys.executable,
-      'TPU_NAME': 'dino-test',
-      'ZONE': 'us-test1-a',
-      'WORKDIR': workdir,
-      'REPO': ROOT,
-    }
-    flags = [
-      f'--config={TINY}',
-      '--config.eval.ks=(2, 4)',  # a space inside one argument
-      '--config.eval.knn=False',
-      '--config.eval.attention_images=0',
-      '--config.checkpoint_every_steps=1000',
-    ]
-    script = os.path.join(ROOT, 'launch', 'tpu_pod.sh')
-    environ['STUB_PORT'] = str(portpicker.pick_unused_port())
-    proc = subprocess.Popen(
-      ['bash', script, *flags, '--config.total_steps=1000'],
-      env=environ,
-      cwd=tmp_path,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    pid_files = [str(homes / f'worker{i}.pid') for i in range(2)]
-    _preempt(pid_files, os.path.join(workdir, 'metrics.jsonl'), proc)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    saved = sorted(
-      int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
-    )
-    assert len(saved) == 1 and err.count(f'saved step {saved[0]} in') == 2, err
-    for path in pid_files:
-      os.remove(path)
-    # The same script with CREATE=0 resumes on the same (stub) VMs.
-    environ['CREATE'] = '0'
-    environ['STUB_PORT'] = str(portpicker.pick_unused_port())
-    result = subprocess.run(
-      ['bash', script, *flags, f'--config.total_steps={saved[0] + 1}'],
-      env=environ,
-      cwd=tmp_path,
-      capture_output=True,
-      text=True,
-      timeout=400,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count(f'resuming from step {saved[0]}') == 2
-    assert _metrics(os.path.join(workdir, 'metrics.jsonl')) == list(
-      range(1, saved[0] + 2)
-    )
-    with open(tmp_path / 'stub.log') as f:
-      log = f.read().splitlines()
-    creates = [line for line in log if 'tpu-vm create' in line]
-    assert creates == [
-      'gcloud compute tpus tpu-vm create dino-test --zone=us-test1-a '
-      '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base'
-    ]
-    installs = sorted(line for line in log if line.startswith('pip '))
-    # Two workers, two runs.
-    assert installs == ['pip install -q -e .[gcs,tpu] (in dino_jax)'] * 4
-    assert all(
-      (homes / f'worker{i}' / 'dino_jax' / '.git').is_dir() for i in (0, 1)
-    )
-    commands = [
-      line.split(': ', 1)[1] for line in log if line.startswith('worker')
-    ]
-    assert len(commands) == 4
-    expected = (
-      f'-m dino_jax.main --workdir={workdir} {" ".join(flags)} '
-      '--config.total_steps='
-    )
-    assert all(c.startswith(expected) for c in commands), commands
 
 
 class TestSlurm:
