@@ -13,6 +13,15 @@ batch (official: SyncBatchNorm). Paper: linear 75.3, k-NN 67.5. On a GPU or
 TPU the convs compute in bfloat16 (parameters, BatchNorm statistics and
 normalisation in float32; official: fp16 autocast), on a CPU in float32.
 `:smoke` runs a few steps of a narrow resnet18 on synthetic data.
+`:released` has the head of the released
+dino_resnet50_pretrain_full_checkpoint.pth, which differs from main_dino.py's:
+2 layers of 4096 and a plain last layer (no weight norm), for
+
+  python -m dino_jax.interop import dino_resnet50_pretrain_full_checkpoint.pth \
+      DIR --config=configs/resnet50.py:released
+
+(its K is read from the file's last layer: a different one is named in the
+error line with the override to pass, --config.model.out_dim=K).
 """
 
 from dino_jax.config import default_config
@@ -47,6 +56,10 @@ def get_config(arg: str | None = None):
     config.checkpoint_every_steps = 2
     config.log_every_steps = 1
     config.eval.knn = False
+  elif arg == 'released':
+    config.model.head_nlayers = 2
+    config.model.head_hidden_dim = 4096
+    config.model.head_weight_norm = False
   elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; use smoke')
+    raise ValueError(f'unknown config argument {arg!r}; use smoke or released')
   return config

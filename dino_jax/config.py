@@ -51,6 +51,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.1  # student only
   c.model.out_dim = 65536
   c.model.norm_last_layer = True
+  # False: the head's last layer a plain Linear(bottleneck, K, no bias), as
+  # in the released dino_resnet50_pretrain_full_checkpoint.pth (with 2
+  # layers of 4096: configs/resnet50.py:released); True: weight-normed, as
+  # main_dino.py builds it.
+  c.model.head_weight_norm = True
   c.model.use_bn_in_head = False
   c.model.head_hidden_dim = 2048
   c.model.head_bottleneck_dim = 256

@@ -239,6 +239,8 @@ def resnet_train_step_flops(
     for size in (c.global_size, c.local_size)
   }
   weight_norm = _matmul(1, m.head_bottleneck_dim, m.out_dim)
+  if not m.get('head_weight_norm', True):  # a plain last layer
+    weight_norm = 0
   student = 2 * weight_norm
   crops = ((c.global_size, 2 * batch), (c.local_size, c.local_number * batch))
   for size, n in crops:

@@ -144,6 +144,7 @@ _HEAD_RULES = [
   (r'var', 'mlp.{0}.running_var', None),
   (r'last_layer/weight_v', 'last_layer.weight_v', _T),
   (r'last_layer/weight_g', 'last_layer.weight_g', _T),
+  (r'last_layer/kernel', 'last_layer.weight', _T),  # no weight norm
 ]
 
 
@@ -245,7 +246,8 @@ def from_pytorch(state_dict_or_path, module) -> dict:
   state_dict = strip_prefixes(state_dict)
   if isinstance(module, DINOHead):
     state_dict = _head_keys(state_dict, module)
-    state_dict.pop('last_layer.weight', None)  # computed, never stored
+    if module.weight_norm:  # computed from weight_v and g, never stored
+      state_dict.pop('last_layer.weight', None)
     state_dict = {
       k: v
       for k, v in state_dict.items()
@@ -282,6 +284,7 @@ def from_pytorch(state_dict_or_path, module) -> dict:
     out[collection] = flax.traverse_util.unflatten_dict(flat)
   unexpected = sorted(set(state_dict) - used)
   if isinstance(module, DINOHead) and module.norm_last_layer:
+    # (no weight_g without weight norm: it is then unexpected)
     g = state_dict.get('last_layer.weight_g')
     if g is not None:
       used.add('last_layer.weight_g')
@@ -332,7 +335,11 @@ def to_pytorch(variables: dict, module) -> dict[str, np.ndarray]:
       key, transform = _torch_key(path, rules, collection)
       value = np.asarray(value, np.float32)
       out[key] = transform(value) if transform is not None else value
-  if isinstance(module, DINOHead) and 'last_layer.weight_g' not in out:
+  if (
+    isinstance(module, DINOHead)
+    and module.weight_norm
+    and 'last_layer.weight_g' not in out
+  ):
     k = out['last_layer.weight_v'].shape[0]
     out['last_layer.weight_g'] = np.ones((k, 1), np.float32)
   for key in [k for k in out if k.endswith('.running_mean')]:
@@ -340,6 +347,43 @@ def to_pytorch(variables: dict, module) -> dict[str, np.ndarray]:
     out[key[: -len('running_mean')] + 'num_batches_tracked'] = np.zeros(
       (), np.int64
     )
+  return out
+
+
+def head_overrides(state_dict, config) -> list[str]:
+  """The ``--config.model.*`` overrides that give the file's head.
+
+  Read from the head's keys and shapes (``head.mlp.N``, ``head.last_layer``):
+  depth, hidden width, BatchNorm, weight norm and K; only the fields where
+  the config differs. Empty when the file has no head or the config fits.
+  """
+  try:
+    keys = _head_keys(strip_prefixes(_to_numpy(state_dict)), None)
+  except (AttributeError, TypeError):
+    return []
+  linears = sorted(
+    int(k.split('.')[1])
+    for k, v in keys.items()
+    if k.startswith('mlp.') and k.endswith('.weight') and np.ndim(v) == 2
+  )
+  last = keys.get('last_layer.weight_v', keys.get('last_layer.weight'))
+  if not linears or last is None:
+    return []
+  m = config.model
+  file = {
+    'head_nlayers': len(linears),
+    'use_bn_in_head': any(k.endswith('running_mean') for k in keys),
+    'head_weight_norm': 'last_layer.weight_v' in keys,
+    'out_dim': int(np.shape(last)[0]),
+  }
+  if len(linears) > 1:
+    file['head_hidden_dim'] = int(np.shape(keys[f'mlp.{linears[0]}.weight'])[0])
+  file['head_bottleneck_dim'] = int(np.shape(last)[1])
+  out = []
+  for name, value in file.items():
+    if m.get(name) != value:
+      text = str(value).lower() if isinstance(value, bool) else str(value)
+      out.append(f'--config.model.{name}={text}')
   return out
 
 
@@ -396,10 +440,19 @@ def import_checkpoint(path: str, workdir: str, config) -> int:
     teacher_params = {k: v['params'] for k, v in teacher_vars.items()}
   except (InteropError, AttributeError, TypeError) as e:
     m = config.model
+    if isinstance(backbone_m, ResNet):
+      model = f'arch {m.arch}'
+    else:
+      model = f'embed_dim {m.embed_dim}, depth {m.depth}, patch {m.patch_size}'
+    head = head_overrides(_select(raw, 'teacher'), config)
+    todo = (
+      'pass ' + ' '.join(head) + ' (the head of the file)'
+      if head
+      else "pass the --config of the checkpoint's architecture"
+    )
     raise InteropError(
-      f'{path} does not fit the model of the config (embed_dim '
-      f'{m.embed_dim}, depth {m.depth}, patch {m.patch_size}): {_reason(e)}; '
-      "pass the --config of the checkpoint's architecture"
+      f'{path} does not fit the model of the config ({model}): '
+      f'{_reason(e)}; {todo}'
     ) from e
   state = init_fn()
   if full:

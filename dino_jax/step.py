@@ -168,6 +168,7 @@ def build_models(
       out_dim=m.out_dim,
       use_bn=m.use_bn_in_head,
       norm_last_layer=m.norm_last_layer,
+      weight_norm=m.head_weight_norm,
       nlayers=m.head_nlayers,
       hidden_dim=m.head_hidden_dim,
       bottleneck_dim=m.head_bottleneck_dim,

@@ -154,6 +154,89 @@ class ResNetInteropTest(absltest.TestCase):
             value.numpy(), want[key].numpy(), err_msg=f'{name} {key}'
           )
 
+  def test_released_head_plain_last_layer(self):
+    # The released dino_resnet50_pretrain_full_checkpoint.pth's head: the
+    # official DINOHead with 2 layers and a plain Linear(bottleneck, K, no
+    # bias) as last layer (facebookresearch/dino#189): keys mlp.0, mlp.2,
+    # last_layer.weight. configs/resnet50.py:released builds it.
+    head_cls = official_head_class()
+
+    def network(seed):
+      backbone = _torch_model('resnet18', seed, WIDTH)
+      backbone.fc = torch.nn.Identity()
+      torch.manual_seed(seed + 10)
+      head = head_cls(
+        8 * WIDTH, K, nlayers=2, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK
+      )
+      head.last_layer = torch.nn.Linear(BOTTLENECK, K, bias=False)
+      return backbone.eval(), head.eval()
+
+    teacher_t, student_t = network(4), network(5)
+    self.assertEqual(
+      sorted(k for k in teacher_t[1].state_dict()),
+      ['last_layer.weight', 'mlp.0.bias', 'mlp.0.weight', 'mlp.2.bias']
+      + ['mlp.2.weight'],
+    )
+    config = resnet_config()
+    config.model.use_bn_in_head = False
+    with tempfile.TemporaryDirectory() as tmp:
+      pth = os.path.join(tmp, 'released.pth')
+      torch.save(
+        {
+          'student': prefixed('module.', *student_t),
+          'teacher': prefixed('', *teacher_t),
+          'dino_loss': {'center': torch.zeros(1, K)},
+          'epoch': 0,
+        },
+        pth,
+      )
+      # The config's head (3 layers, weight norm) does not fit: one error
+      # naming the overrides that give the file's head.
+      with self.assertRaisesRegex(
+        interop.InteropError,
+        r'does not fit the model of the config \(arch resnet18\): .*; pass '
+        r'--config.model.head_nlayers=2 --config.model.head_weight_norm=false '
+        r'\(the head of the file\)$',
+      ):
+        interop.import_checkpoint(pth, os.path.join(tmp, 'bad'), config)
+      self.assertFalse(os.path.exists(os.path.join(tmp, 'bad')))
+      config.model.head_nlayers = 2
+      config.model.head_weight_norm = False
+      workdir = os.path.join(tmp, 'wd')
+      interop.import_checkpoint(pth, workdir, config)
+      config, _, state, _ = workdir_lib.load_workdir(workdir)
+      self.assertEqual(
+        state.teacher['head']['last_layer']['kernel'].shape, (BOTTLENECK, K)
+      )
+      _, teacher = step_lib.build_models(config)
+      x = np.random.default_rng(1).normal(size=(2, 40, 48, 3))
+      variables = {
+        'params': state.teacher,
+        'batch_stats': state.batch_stats['teacher'],
+      }
+      got = teacher.apply(variables, x[None].astype(np.float32))[0]
+      with torch.no_grad():
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+        want = teacher_t[1](teacher_t[0].features(xt)).numpy()
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+      payload = interop.export_checkpoint(
+        workdir, os.path.join(tmp, 'out.pth'), what='full'
+      )
+    for name, prefix, (_, head) in (
+      ('teacher', '', teacher_t),
+      ('student', 'module.', student_t),
+    ):
+      sd = payload[name]
+      got = {
+        k[len(prefix + 'head.') :]: v
+        for k, v in sd.items()
+        if k.startswith(prefix + 'head.')
+      }
+      fresh = network(9)[1]
+      fresh.load_state_dict(got, strict=True)
+      for key, value in head.state_dict().items():
+        np.testing.assert_array_equal(got[key].numpy(), value.numpy(), key)
+
   def test_backbone_only_file_seeds_both_statistics(self):
     backbone, _ = torch_network(3, official_head_class())
     config = resnet_config()

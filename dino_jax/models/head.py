@@ -4,7 +4,8 @@ Head parameter layout (Flax names; PyTorch names in brackets): ``mlp_{i}``
 [mlp.{i}] with the torch indices (0, 2, 4 without batch norm; 0, 1 (BN), 3,
 4 (BN), 6 with it), ``last_layer/weight_v`` [last_layer.weight_v, transposed
 to [bottleneck, K]] and, when the norm is trainable, ``last_layer/weight_g``
-[last_layer.weight_g, stored as [1, K]].
+[last_layer.weight_g, stored as [1, K]]; without weight norm (the released
+ResNet-50 head) ``last_layer/kernel`` [last_layer.weight, transposed].
 """
 
 import functools
@@ -75,6 +76,9 @@ class DINOHead(nn.Module):
     out_dim: K, the number of prototypes.
     use_bn: batch norm after each hidden linear layer.
     norm_last_layer: fix the last layer's weight norm g at 1.
+    weight_norm: False: the last layer is a plain linear map without bias
+      (the released ResNet-50 full checkpoint's head); ``norm_last_layer``
+      does not apply to it.
     nlayers: MLP depth (1 = a single linear to the bottleneck).
     hidden_dim: MLP hidden width.
     bottleneck_dim: width before the last layer.
@@ -84,6 +88,7 @@ class DINOHead(nn.Module):
   out_dim: int
   use_bn: bool = False
   norm_last_layer: bool = True
+  weight_norm: bool = True
   nlayers: int = 3
   hidden_dim: int = 2048
   bottleneck_dim: int = 256
@@ -114,6 +119,17 @@ class DINOHead(nn.Module):
         index += 1
       x = dense(self.bottleneck_dim, name=f'mlp_{index}')(x)
     x = parallel.constrain_batch(l2_normalize(x.astype(jnp.float32)))
+    if not self.weight_norm:
+      bound = 1.0 / math.sqrt(x.shape[-1])  # nn.Linear's default
+      return nn.Dense(
+        self.out_dim,
+        use_bias=False,
+        kernel_init=lambda key, shape, dtype: jax.random.uniform(
+          key, shape, dtype, -bound, bound
+        ),
+        dtype=self.dtype,
+        name='last_layer',
+      )(x)
     return WeightNormLinear(
       self.out_dim,
       trainable_norm=not self.norm_last_layer,
