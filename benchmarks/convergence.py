@@ -76,10 +76,15 @@ import torch.distributed as dist
 from PIL import Image, ImageEnhance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+for _path in (REPO, os.path.join(REPO, 'tests')):  # tests: torch_resnet
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
-from dino_jax import workdir as workdir_lib  # noqa: E402
+try:  # the shell package (issue 41); dino_jax.workdir held these before it
+  from dino_jax.cli import flags as config_files  # noqa: E402
+except ImportError:
+  from dino_jax import workdir as config_files  # noqa: E402
+from dino_jax.config import RESNET_ARCHS  # noqa: E402
 from dino_jax.data import multicrop, sources  # noqa: E402
 from dino_jax.eval import features, knn  # noqa: E402
 
@@ -410,33 +415,27 @@ class EpochLoader:
 def build_official(official, config, epochs: int, steps_per_epoch: int):
   """The official student, teacher, loss, optimizer and schedules.
 
-  Follows ``main_dino.train_dino`` with the config's dims in place of the
-  ``vit_*`` tables (``vit_small`` with other dims), on CPU in float32.
+  Follows ``main_dino.train_dino`` on CPU in float32. A ViT: the config's
+  dims in place of the ``vit_*`` tables (``vit_small`` with other dims). A
+  ResNet (``model.arch`` resnet18/34/50): torchvision's model
+  (tests/torch_resnet.py, narrowed by ``model.resnet_width``) built for
+  student and teacher, the head on ``fc.weight.shape[1]`` features, and
+  ``MultiCropWrapper`` replacing ``fc`` by ``Identity``. ``main_dino``
+  converts a model with BatchNorm to ``SyncBatchNorm``: over one process
+  that is plain BatchNorm (and SyncBatchNorm refuses CPU tensors), so it is
+  left as is. The optimizer is ``optim.name`` (adamw, sgd or the official
+  ``utils.LARS``) on ``get_params_groups``.
   """
   from functools import partial
 
   from torch import nn
 
-  from dino_jax.config import model_dims
-
   m, o, loss = config.model, config.optim, config.loss
-  dims = model_dims(config)
   vits, utils, main_dino = official.vits, official.utils, official.main_dino
 
-  def backbone(drop_path_rate):
-    return vits.VisionTransformer(
-      img_size=[m.img_size],
-      patch_size=m.patch_size,
-      mlp_ratio=4,
-      qkv_bias=True,
-      norm_layer=partial(nn.LayerNorm, eps=1e-6),
-      drop_path_rate=drop_path_rate,
-      **dims,
-    )
-
-  def head(**kwargs):
+  def head(embed_dim, **kwargs):
     return vits.DINOHead(
-      dims['embed_dim'],
+      embed_dim,
       m.out_dim,
       use_bn=m.use_bn_in_head,
       nlayers=m.head_nlayers,
@@ -445,10 +444,39 @@ def build_official(official, config, epochs: int, steps_per_epoch: int):
       **kwargs,
     )
 
-  student = utils.MultiCropWrapper(
-    backbone(m.drop_path_rate), head(norm_last_layer=m.norm_last_layer)
-  )
-  teacher = utils.MultiCropWrapper(backbone(0.0), head())
+  if m.arch in RESNET_ARCHS:
+    import torch_resnet
+
+    # main_dino's order: both backbones, then the student's head, then the
+    # teacher's.
+    student = torch_resnet.resnet(m.arch, m.resnet_width)
+    teacher = torch_resnet.resnet(m.arch, m.resnet_width)
+    embed_dim = student.fc.weight.shape[1]
+    student = utils.MultiCropWrapper(
+      student, head(embed_dim, norm_last_layer=m.norm_last_layer)
+    )
+    teacher = utils.MultiCropWrapper(teacher, head(embed_dim))
+  else:
+    from dino_jax.config import model_dims
+
+    dims = model_dims(config)
+
+    def backbone(drop_path_rate):
+      return vits.VisionTransformer(
+        img_size=[m.img_size],
+        patch_size=m.patch_size,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        drop_path_rate=drop_path_rate,
+        **dims,
+      )
+
+    student = utils.MultiCropWrapper(
+      backbone(m.drop_path_rate),
+      head(dims['embed_dim'], norm_last_layer=m.norm_last_layer),
+    )
+    teacher = utils.MultiCropWrapper(backbone(0.0), head(dims['embed_dim']))
   student = nn.parallel.DistributedDataParallel(student)
   teacher.load_state_dict(student.module.state_dict())
   for p in teacher.parameters():
@@ -468,8 +496,10 @@ def build_official(official, config, epochs: int, steps_per_epoch: int):
     optimizer = torch.optim.AdamW(groups)
   elif o.name == 'sgd':
     optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
+  elif o.name == 'lars':
+    optimizer = utils.LARS(groups)
   else:
-    raise ValueError(f"optim.name={o.name!r}; use 'adamw' or 'sgd'")
+    raise ValueError(f"optim.name={o.name!r}; use 'adamw', 'sgd' or 'lars'")
   schedules = dict(
     lr_schedule=utils.cosine_scheduler(
       o.lr * config.batch_size / 256,  # linear scaling, world size 1
@@ -533,6 +563,7 @@ def official_train(
         on_eval(step, teacher.backbone)
       teacher.train(was_training)
 
+  hook(0)  # the random-init teacher, where 0 is in eval_steps
   logger_class = _logger_class(utils)
   logger_class.losses = []
   saved_logger, utils.MetricLogger = utils.MetricLogger, logger_class
@@ -658,25 +689,35 @@ def jax_train(
   max_train: int,
   max_test: int,
   done=(),
+  overrides=(),
+  baselines: bool = False,
 ):
-  """Yields (step, knn table, sec_per_step) for each evaluation step not
-  in ``done`` (recorded already)."""
+  """Yields (step, knn table, sec_per_step, baseline tables) for each
+  evaluation step not in ``done`` (recorded already).
+
+  ``overrides`` (``--config.a.b=c``) go to every run; with ``baselines``
+  the last step's run also scores random init and raw pixels (its
+  ``eval.baselines``), given as {'random_init': table, 'raw_pixels':
+  table} ({} at the other steps).
+  """
   log_every = max(1, min(20, eval_steps[-1] // 10))
   start, sec, n = 0, 0.0, 0
   for step in eval_steps:
     if step in done:
       continue
+    final = baselines and step == eval_steps[-1]
     cmd = [
       sys.executable,
       '-m',
       'dino_jax.main',
       f'--config={config_path}',
       f'--workdir={workdir}',
+      *overrides,
       f'--config.seed={seed}',
       f'--config.epochs={epochs}',
       f'--config.total_steps={step}',
       f'--config.log_every_steps={log_every}',
-      '--config.eval.baselines=False',
+      f'--config.eval.baselines={final}',
       '--config.eval.attention_images=0',
       f'--config.eval.max_train_images={max_train}',
       f'--config.eval.max_test_images={max_test}',
@@ -690,9 +731,14 @@ def jax_train(
     if result['step'] != step:
       raise RuntimeError(f'{workdir}/eval/knn.json is of step {result["step"]}')
     table = {int(k): v for k, v in result['trained'].items()}
+    extra = {
+      name: {int(k): v for k, v in result[name].items()}
+      for name in ('random_init', 'raw_pixels')
+      if final and name in result
+    }
     more_sec, more_n = _jax_sec_per_step(workdir, start, step)
     sec, n, start = sec + more_sec, n + more_n, step
-    yield step, table, (sec / n if n else float('nan'))
+    yield step, table, (sec / n if n else float('nan')), extra
 
 
 # ---------------------------------------------------------------------------
@@ -767,6 +813,7 @@ def read_rows(paths, mixed_ok: bool = False) -> list[dict]:
           row['seed'],
           row['step'],
           row.get('config'),
+          tuple(row.get('overrides') or ()),
           row.get('epochs'),
           row.get('steps_per_epoch'),
           row.get('max_train_images'),
@@ -865,13 +912,23 @@ def parse_args(argv=None):
   p.add_argument('--workdir', default=None, help='dino_jax workdirs (resumed)')
   p.add_argument('--out', default=None, help='append JSON lines here')
   p.add_argument(
+    '--baselines',
+    action='store_true',
+    help='also score each seed at random init (official: the teacher '
+    'before training; dino_jax: eval.baselines at the last step, with '
+    'raw pixels)',
+  )
+  p.add_argument(
     '--summarize',
     nargs='+',
     metavar='JSONL',
     help='train nothing: print the tables of the runs in these --out files '
     '(e.g. one per side, run at once on separate cores)',
   )
+  argv = sys.argv[1:] if argv is None else list(argv)
+  argv, overrides = config_files.split_overrides(argv)
   args = p.parse_args(argv)
+  args.overrides = overrides
   if args.summarize:
     missing = [f for f in args.summarize if not os.path.isfile(f)]
     if missing:
@@ -890,8 +947,9 @@ def parse_args(argv=None):
   return args
 
 
-def load_config(path: str, epochs: int | None, steps: int):
-  config = workdir_lib.load_config_file(path)  # FILE[:ARG], as main reads it
+def load_config(path: str, epochs: int | None, steps: int, overrides=()):
+  # FILE[:ARG] and --config.a.b=c overrides, as main reads them.
+  config = config_files.load_config_file(path, list(overrides))
   if config.steps_per_epoch <= 0:
     raise ValueError(f'{path} must set steps_per_epoch for this benchmark')
   fit = math.ceil(steps / config.steps_per_epoch)
@@ -920,6 +978,14 @@ def recorded_rows(args, common: dict) -> list[dict]:
   ]
 
 
+def _tables(tables: dict) -> dict:
+  """k-NN tables with string keys k, as the JSON lines hold them."""
+  return {
+    name: {str(k): v for k, v in table.items()}
+    for name, table in tables.items()
+  }
+
+
 def summarize_files(paths, out=None) -> list[dict]:
   """Prints and returns the summaries of the runs recorded in ``paths``."""
   rows = read_rows(paths)
@@ -945,9 +1011,13 @@ def main(argv=None):
     cpus = sorted(os.sched_getaffinity(0))[: args.threads]
     os.sched_setaffinity(0, cpus)  # inherited by the dino_jax runs
     torch.set_num_threads(args.threads)
-  config = load_config(args.config, args.epochs, args.steps)
+  try:
+    config = load_config(args.config, args.epochs, args.steps, args.overrides)
+  except ValueError as e:  # ConfigOverrideError included
+    sys.exit(f'convergence.py: error: {e}')
   common = dict(
     config=os.path.relpath(args.config, REPO),
+    **({'overrides': args.overrides} if args.overrides else {}),
     epochs=config.epochs,
     steps_per_epoch=config.steps_per_epoch,
     steps=args.steps,
@@ -983,7 +1053,7 @@ def main(argv=None):
   print(f'dino_jax workdirs under {root}', file=sys.stderr)
   if 'jax' in args.sides:
     for seed in args.seeds:
-      for step, table, sps in jax_train(
+      for step, table, sps, extra in jax_train(
         os.path.abspath(args.config),
         os.path.join(root, f'jax_seed{seed}'),
         seed=seed,
@@ -992,8 +1062,10 @@ def main(argv=None):
         max_train=args.max_train_images,
         max_test=args.max_test_images,
         done={t for s, d, t in done if (s, d) == ('jax', seed)},
+        overrides=args.overrides,
+        baselines=args.baselines,
       ):
-        record('jax', seed, step, table, sps)
+        record('jax', seed, step, table, sps, **_tables(extra))
   if 'official' in args.sides:
     official = load_official(args.official_repo)
     scorer = KnnScorer(config, args.max_train_images, args.max_test_images)
@@ -1011,7 +1083,7 @@ def main(argv=None):
           seed=seed,
           epochs=config.epochs,
           steps=args.steps,
-          eval_steps=args.eval_steps,
+          eval_steps=([0] if args.baselines else []) + args.eval_steps,
           on_eval=lambda step, backbone, tables=tables: tables.update(
             {step: scorer(backbone)}
           ),
@@ -1021,7 +1093,11 @@ def main(argv=None):
           f'{result["sec_per_step"]:.3f} s/step',
           file=sys.stderr,
         )
+        random_init = tables.pop(0, None)
         for step, table in tables.items():
+          extra = {}
+          if random_init is not None and step == args.eval_steps[-1]:
+            extra = {'random_init': random_init}
           record(
             'official',
             seed,
@@ -1030,6 +1106,7 @@ def main(argv=None):
             result['sec_per_step'],
             cpu_sec_per_step=result['cpu_sec_per_step'],
             loss_last=result['losses'][-1],
+            **_tables(extra),
           )
   for row in summarize(rows, args.sides):
     print(format_summary(row, args.sides), flush=True)

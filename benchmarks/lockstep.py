@@ -53,7 +53,7 @@ off (``model.drop_path_rate=0``): the two sides would draw different masks.
 
 A ResNet (``--config.model.arch=resnet18``, narrowed by
 ``model.resnet_width``) has as its official counterpart the torch ResNet of
-tests/test_resnet.py (torchvision's public definition, which
+tests/torch_resnet.py (torchvision's public definition, which
 ``main_dino`` builds; torchvision is not loadable here) inside the official
 ``MultiCropWrapper`` + ``DINOHead``, BatchNorm in train mode on both sides.
 ``main_dino`` converts it to ``SyncBatchNorm`` and wraps the teacher in DDP;
@@ -129,7 +129,7 @@ OPT_STATE = {
 }
 # BatchNorm running statistics (mean and variance), where the model has any.
 BATCH_STATS = ('student_batch_stats', 'teacher_batch_stats')
-RESNETS = ('resnet18', 'resnet34', 'resnet50')  # tests/test_resnet.py's
+RESNETS = ('resnet18', 'resnet34', 'resnet50')  # tests/torch_resnet.py's
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist.py') + ':parity'
 
 
@@ -593,17 +593,12 @@ def check_recipe(config, steps: int) -> None:
 
 
 def torch_resnet(arch: str, width: int):
-  """The torch ResNet of tests/test_resnet.py (torchvision's public
+  """The torch ResNet of tests/torch_resnet.py (torchvision's public
   definition, ``width`` its stem width) with torchvision's ``forward``:
   ``fc`` on the pooled features (``MultiCropWrapper`` makes it Identity)."""
-  import test_resnet
+  import torch_resnet as torch_resnet_lib
 
-  class ResNet(test_resnet._TorchResNet):
-    def forward(self, x):
-      return self.fc(self.features(x))
-
-  block, layers = test_resnet._TORCH[arch]
-  return ResNet(block, layers, width=width)
+  return torch_resnet_lib.resnet(arch, width)
 
 
 def official_optimizer(official, student, name: str):
@@ -861,10 +856,10 @@ def summarize(path: str, at) -> str:
 
 
 def parse_args(argv=None):
-  from dino_jax import workdir as workdir_lib
+  from dino_jax.cli import flags as cli_flags
 
   argv = sys.argv if argv is None else [sys.argv[0], *argv]
-  rest, overrides = workdir_lib.split_overrides(argv)
+  rest, overrides = cli_flags.split_overrides(argv)
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--official_repo', help='a facebookresearch/dino checkout')
   p.add_argument('--steps', type=int, default=50)
@@ -910,12 +905,11 @@ def main(argv=None) -> int:
     cpus = sorted(os.sched_getaffinity(0))[: args.threads]
     os.sched_setaffinity(0, cpus)  # before XLA sizes its thread pools
     torch.set_num_threads(args.threads)
-  from dino_jax import cli_errors
-  from dino_jax import workdir as workdir_lib
+  from dino_jax.cli import flags as cli_flags
   from dino_jax.config import ConfigError
 
   try:
-    config = workdir_lib.load_config_file(args.config, args.overrides)
+    config = cli_flags.load_config_file(args.config, args.overrides)
     official = convergence.load_official(args.official_repo)
     import jax
 
@@ -942,7 +936,7 @@ def main(argv=None) -> int:
   except (
     LockstepError,
     ConfigError,
-    cli_errors.ConfigOverrideError,
+    cli_flags.ConfigOverrideError,
     FileNotFoundError,
     ImportError,
   ) as e:

@@ -12,6 +12,8 @@ import random
 import sys
 from unittest import mock
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from absl.testing import absltest
@@ -257,7 +259,7 @@ class OpsTest(absltest.TestCase):
     def fake_train(config, workdir, *, seed, done, **kw):
       calls.append((seed, sorted(done)))
       if 6 not in done:
-        yield 6, {20: {'top1': 57.0, 'top5': 99.0}}, 1.0
+        yield 6, {20: {'top1': 57.0, 'top5': 99.0}}, 1.0, {}
 
     argv = ['--sides', 'jax', '--seeds', '0,1', '--steps', '6']
     argv += ['--eval_steps', '3,6', '--out', out]
@@ -350,6 +352,72 @@ class OfficialTrainTest(absltest.TestCase):
     t = dict(o['teacher'].backbone.named_parameters())
     self.assertFalse(torch.equal(s['pos_embed'], t['pos_embed']))
     self.assertGreater(result['sec_per_step'], 0.0)
+
+  def test_resnet_recipe_is_built_as_main_dino(self):
+    # main_dino for a torchvision arch: the ResNet without fc (Identity in
+    # MultiCropWrapper), the head on fc's 8 * width inputs, BatchNorm in
+    # train mode (one backbone pass per resolution), the official LARS.
+    config = _tiny_config()
+    config.model.arch = 'resnet18'
+    config.model.resnet_width = 8
+    config.model.use_bn_in_head = True
+    config.optim.name = 'lars'
+    source = sources.SyntheticSource(size=6, image_size=28)
+    seen = {}
+
+    def on_eval(step, backbone):
+      seen[step] = convergence.torch_features(backbone, source, 6, config.eval)[
+        0
+      ]
+
+    with convergence.single_process_group():
+      result = convergence.official_train(
+        OFFICIAL,
+        config,
+        source,
+        seed=0,
+        epochs=config.epochs,
+        steps=2,
+        eval_steps=(0, 2),  # 0: the random-init teacher (--baselines)
+        on_eval=on_eval,
+      )
+    o = result['objects']
+    self.assertIsInstance(o['optimizer'], OFFICIAL.utils.LARS)
+    student, teacher = o['student'].module, o['teacher']
+    for net in (student, teacher):
+      self.assertIsInstance(net.backbone.fc, torch.nn.Identity)
+      bns = [
+        m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)
+      ]
+      self.assertLen(bns, 1 + 2 * 8 + 3)  # stem, 8 blocks, 3 downsamples
+      linears = [m for m in net.head.mlp if isinstance(m, torch.nn.Linear)]
+      self.assertEqual(linears[0].in_features, 64)
+      head_bns = [
+        m for m in net.head.mlp if isinstance(m, torch.nn.BatchNorm1d)
+      ]
+      self.assertLen(head_bns, 2)
+    # The parameter count of dino_jax's resnet18 at width 8 (fc removed).
+    from dino_jax.models import resnet
+
+    model = resnet.ARCHS['resnet18'](width=8)
+    shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)))
+    )
+    expected = sum(x.size for x in jax.tree.leaves(shapes['params']))
+    count = sum(p.numel() for p in student.backbone.parameters())
+    self.assertEqual(count, expected)
+    # Student: globals and locals in two passes a step; teacher: globals.
+    self.assertEqual(int(student.backbone.bn1.num_batches_tracked), 4)
+    self.assertEqual(int(teacher.backbone.bn1.num_batches_tracked), 2)
+    self.assertGreater(float(teacher.backbone.bn1.running_mean.abs().sum()), 0)
+    self.assertTrue(teacher.training)  # the hook restored train mode
+    self.assertEqual(sorted(seen), [0, 2])
+    self.assertEqual(seen[0].shape, (6, 64))
+    # Step 1 has lr 0; step 2 moves the teacher, and its running statistics
+    # (used by the eval-mode features) moved at both steps.
+    self.assertFalse(np.allclose(seen[0], seen[2]))
+    self.assertLen(result['losses'], 2)
+    self.assertTrue(all(math.isfinite(v) for v in result['losses']))
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """ResNet parity with a torch reference of torchvision's resnet (SPEC §5).
 
-The reference below is written from torchvision's public definition with
-torch.nn only (torchvision is not importable here).
+The reference (tests/torch_resnet.py) is written from torchvision's public
+definition with torch.nn only (torchvision is not importable here).
 """
 
 import time
@@ -12,99 +12,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn as tnn
+from torch_resnet import ARCHS as _TORCH
+from torch_resnet import ResNet as _TorchResNet
 
 from dino_jax.models import resnet
 
 # ---------------------------------------------------------------- reference
-
-
-class _TorchBasic(tnn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.relu = tnn.ReLU(inplace=True)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.downsample = downsample
-
-  def forward(self, x):
-    idt = x if self.downsample is None else self.downsample(x)
-    y = self.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
-    return self.relu(y + idt)
-
-
-class _TorchBottleneck(tnn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = tnn.BatchNorm2d(planes * 4)
-    self.relu = tnn.ReLU(inplace=True)
-    self.downsample = downsample
-
-  def forward(self, x):
-    idt = x if self.downsample is None else self.downsample(x)
-    y = self.relu(self.bn1(self.conv1(x)))
-    y = self.relu(self.bn2(self.conv2(y)))
-    y = self.bn3(self.conv3(y))
-    return self.relu(y + idt)
-
-
-class _TorchResNet(tnn.Module):
-  def __init__(self, block, layers, num_classes=1000, width=64):
-    super().__init__()
-    self.inplanes = width
-    self.conv1 = tnn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = tnn.BatchNorm2d(width)
-    self.relu = tnn.ReLU(inplace=True)
-    self.maxpool = tnn.MaxPool2d(3, 2, 1)
-    self.layer1 = self._make(block, width, layers[0], 1)
-    self.layer2 = self._make(block, 2 * width, layers[1], 2)
-    self.layer3 = self._make(block, 4 * width, layers[2], 2)
-    self.layer4 = self._make(block, 8 * width, layers[3], 2)
-    self.avgpool = tnn.AdaptiveAvgPool2d((1, 1))
-    self.fc = tnn.Linear(8 * width * block.expansion, num_classes)
-    for m in self.modules():
-      if isinstance(m, tnn.Conv2d):
-        tnn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-      elif isinstance(m, tnn.BatchNorm2d):
-        tnn.init.constant_(m.weight, 1)
-        tnn.init.constant_(m.bias, 0)
-
-  def _make(self, block, planes, blocks, stride):
-    down = None
-    if stride != 1 or self.inplanes != planes * block.expansion:
-      down = tnn.Sequential(
-        tnn.Conv2d(
-          self.inplanes, planes * block.expansion, 1, stride, bias=False
-        ),
-        tnn.BatchNorm2d(planes * block.expansion),
-      )
-    mods = [block(self.inplanes, planes, stride, down)]
-    self.inplanes = planes * block.expansion
-    mods += [block(self.inplanes, planes) for _ in range(1, blocks)]
-    return tnn.Sequential(*mods)
-
-  def features(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return torch.flatten(self.avgpool(x), 1)
-
-
-_TORCH = {
-  'resnet18': (_TorchBasic, [2, 2, 2, 2]),
-  'resnet34': (_TorchBasic, [3, 4, 6, 3]),
-  'resnet50': (_TorchBottleneck, [3, 4, 6, 3]),
-}
 
 
 def _torch_model(arch, seed=0, width=64):
