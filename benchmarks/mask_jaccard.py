@@ -28,13 +28,15 @@ import numpy as np
 from absl import flags
 
 from dino_jax import workdir as workdir_lib
+from dino_jax.cli import evals
+from dino_jax.cli import flags as cli_flags
 from dino_jax.data import sources
 from dino_jax.eval import attention, common, features
 from dino_jax.eval import run as run_lib
 
 
 def define_flags(values: flags.FlagValues) -> None:
-  common.define_flags(values)
+  cli_flags.define_eval_flags(values)
   kw = {'flag_values': values}
   flags.DEFINE_integer('n', 500, 'Test images scored (the first n).', **kw)
   flags.DEFINE_string(
@@ -64,7 +66,7 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
     raise workdir_lib.ConfigOverrideError(
       f'--n={values.n} is not a positive number of images; pass e.g. 500'
     )
-  config, mesh, backbone, params, step = common.load(values, overrides)
+  config, mesh, backbone, params, step = evals.load_teacher(values, overrides)
   threshold = config.eval.attention_threshold
   if not 0 < threshold <= 1:
     raise workdir_lib.ConfigOverrideError(
@@ -101,4 +103,4 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
 
 
 if __name__ == '__main__':
-  sys.exit(workdir_lib.run_cli(define_flags, main, errors=(sources.DataError,)))
+  sys.exit(cli_flags.run_cli(define_flags, main, errors=(sources.DataError,)))

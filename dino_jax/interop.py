@@ -32,6 +32,7 @@ from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import optim, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
+from dino_jax.cli import flags as cli_flags
 from dino_jax.models import DINOHead, ResNet, VisionTransformer
 from dino_jax.models import resnet as resnet_lib
 
@@ -651,7 +652,7 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
   if command == 'import':
     if not values.config:
       raise InteropError('import needs --config=configs/<model>.py')
-    config = workdir_lib.load_config_file(values.config, overrides)
+    config = cli_flags.load_config_file(values.config, overrides)
     step = import_checkpoint(source, target, config)
     print(f'imported {source} into {target} (step {step})')
   else:
@@ -662,4 +663,4 @@ def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
 
 
 if __name__ == '__main__':
-  sys.exit(workdir_lib.run_cli(define_flags, main, errors=(InteropError,)))
+  sys.exit(cli_flags.run_cli(define_flags, main, errors=(InteropError,)))

@@ -1,9 +1,11 @@
-"""SIGTERM and Ctrl-C: the handlers record, the work polls.
+"""Stopping cleanly: the stop request that long work polls.
 
-A handler installed by ``handled()`` only records the signal's name (and a
-second Ctrl-C); nothing is raised from inside a handler, so nothing depends
-on where the interpreter happened to be. Work that can take long looks at
-the record where it can stop cleanly:
+The library touches no signal. The shell (``dino_jax.cli.signals``) makes a
+``Record`` active (``active()``) and its handlers only write into it: the
+first signal's name, and whether a second Ctrl-C came. Nothing is raised
+from inside a handler, so nothing depends on where the interpreter happened
+to be. Work that can take long looks at the record where it can stop
+cleanly:
 
 - the training loop (train.py), at the top of each step: save, then exit;
 - its wait for the next batch (``Reader.next``), every 0.1 s;
@@ -11,17 +13,14 @@ the record where it can stop cleanly:
 - a second Ctrl-C: ``check()`` raises KeyboardInterrupt wherever the work
   polls next; the run exits without saving.
 
-Training on several processes leaves SIGTERM to JAX's preemption notifier
-(the coordination service tells every process, and the loop stops at JAX's
-preemption sync point, the same step everywhere); there evaluations do not
+Training on several processes stops where JAX's preemption sync point says,
+the same step everywhere (train.py, through Orbax); there evaluations do not
 stop on their own (``local=False``), as every process must stop together.
 """
 
 import contextlib
 import logging
-import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -32,94 +31,58 @@ POLL_SECONDS = 0.1
 
 
 class Stopped(Exception):
-  """A signal stopped the work at a ``check()``."""
+  """A stop request ended the work at a ``check()``."""
 
   def __init__(self, signal_name: str):
     super().__init__(f'stopped by {signal_name}')
     self.signal_name = signal_name
 
 
-# What the first signal's line says: training saves; an evaluation tool
-# stops between batches and writes nothing partial.
-SAVING = 'saving at the next step boundary, then exiting'
-STOPPING = 'stopping at the next batch; nothing partial is written'
-
-
 class Record:
-  """What the handlers saw.
+  """What was requested; written by the shell's signal handlers.
 
   Attributes:
-    signal_name: 'SIGTERM' or 'SIGINT', the first signal; None before one.
+    signal_name: 'SIGTERM' or 'SIGINT', the first request; None before one.
     aborted: a second Ctrl-C came: exit at once, without saving.
     local: whether ``check()`` stops this process on its own (one process,
       or a tool); False in multi-process training (JAX's sync point).
-    forwarded: multi-process training: the Ctrl-C was passed on to JAX's
-      preemption notifier as SIGTERM.
   """
 
-  def __init__(self, local: bool, announce: str = SAVING):
-    self.announce = announce
+  def __init__(self, local: bool = True):
     self.signal_name = None
     self.aborted = False
     self.local = local
-    self.forwarded = False
 
-  def handle(self, signum, frame) -> None:
-    del frame
-    name = signal.Signals(signum).name
-    if self.signal_name is not None:
-      if signum == signal.SIGINT:
-        self.aborted = True
-      return
-    self.signal_name = name
-    logger.warning(
-      '%s: %s%s',
-      name,
-      self.announce,
-      ' (press Ctrl-C again to exit at once without saving)'
-      if signum == signal.SIGINT and self.announce == SAVING
-      else '',
-    )
+  def note(self, signal_name: str) -> bool:
+    """Records a request; True for the first. A later SIGINT (a second
+    Ctrl-C) aborts; a later SIGTERM changes nothing."""
+    if self.signal_name is None:
+      self.signal_name = signal_name
+      return True
+    if signal_name == 'SIGINT':
+      self.aborted = True
+    return False
 
 
 _active: Record | None = None
 
 
 @contextlib.contextmanager
-def handled(
-  *, sigterm: bool = True, local: bool = True, announce: str = SAVING
-):
-  """Installs the recording handlers for the block; yields the Record.
-
-  Args:
-    sigterm: also handle SIGTERM (False: left to JAX's preemption notifier).
-    local: whether ``check()`` stops this process on its own.
-    announce: what the first signal's warning says will happen.
-
-  Off the main thread (where Python cannot set handlers) the block runs
-  with a Record that no signal reaches.
-  """
+def active(record: Record):
+  """Makes ``record`` the one ``current()``, ``check()`` and ``Reader``
+  read for the block (blocks nest)."""
   global _active
-  record = Record(local, announce)
-  previous = {}
-  if threading.current_thread() is threading.main_thread():
-    # SIGINT is set even when inherited ignored (a background job, a test
-    # runner): a Ctrl-C must save.
-    for signum in [signal.SIGINT] + ([signal.SIGTERM] if sigterm else []):
-      previous[signum] = signal.signal(signum, record.handle)
   outer, _active = _active, record
   try:
     yield record
   finally:
     _active = outer
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
 
 
 def current() -> Record:
-  """The innermost ``handled()`` block's Record (outside one: a Record no
-  signal reaches)."""
-  return _active if _active is not None else Record(local=True)
+  """The innermost ``active()`` block's Record (outside one: a Record
+  nothing writes)."""
+  return _active if _active is not None else Record()
 
 
 def requested() -> str | None:
@@ -220,11 +183,3 @@ class Reader:
     self._thread.join(timeout=5)
     if self._thread.is_alive():  # a stalled read the close did not end
       logger.warning('the input pipeline did not stop within %.0f s', wait)
-
-
-def forward_to_jax(record: Record) -> None:
-  """Multi-process training: a Ctrl-C becomes the SIGTERM that JAX's
-  preemption notifier passes to every process (once)."""
-  if record.signal_name == 'SIGINT' and not record.forwarded:
-    record.forwarded = True
-    os.kill(os.getpid(), signal.SIGTERM)

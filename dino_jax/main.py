@@ -1,6 +1,9 @@
 """``python -m dino_jax.main --config=configs/vit_s16.py --workdir=DIR``.
 
-The same command on a laptop CPU, one GPU, or every host of a TPU pod.
+The same command on a laptop CPU, one GPU, or every host of a TPU pod. The
+shell around ``train.train_and_evaluate``: the flags and their one-line
+errors (``cli.flags``), the distributed start, the signal handlers
+(``cli.signals``), the workdir lock (``cli.lock``), the exit status.
 """
 
 import atexit
@@ -10,30 +13,12 @@ import sys
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
-from dino_jax import cli_errors, console, hostmem
+from dino_jax import hostmem
+from dino_jax.cli import console
+from dino_jax.cli import flags as cli_flags
 
-flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and evaluations.')
-flags.DEFINE_string(
-  'coordinator_address',
-  None,
-  'host:port of process 0 for multi-process runs without TPU/SLURM '
-  'auto-detection (with --num_processes and --process_id).',
-)
-flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
-flags.DEFINE_integer('process_id', None, 'This process.')
-flags.DEFINE_string(
-  'compilation_cache',
-  '',
-  "JAX's persistent compilation cache: a local or gs:// directory; default "
-  'WORKDIR/compilation_cache (a restart loads the step instead of compiling '
-  "it again); 'none' turns it off.",
-)
-config_flags.DEFINE_config_file(
-  'config', None, 'Training config file.', lock_config=True
-)
-flags.mark_flags_as_required(['config', 'workdir'])
+cli_flags.define_training_flags(flags.FLAGS)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -41,40 +26,28 @@ def parse_flags(argv: list[str]) -> list[str]:
 
   ``-h`` / ``--help``: the entry point's help (``console.TOOLS``), exit 0.
   """
-  if console.wants_help(argv):
-    name = console.program('__main__')
-    if name not in console.TOOLS:  # imported (tests): this module's help
-      name = __name__ if __name__ in console.TOOLS else 'dino_jax.main'
-    console.print_help(console.tool_help(name, flags.FLAGS))
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # noqa: BLE001 - a config file raises its own
-    print(f'error: {cli_errors.command_line_error(e, argv)}', file=sys.stderr)
-  sys.exit(1)
+  name = console.program('__main__')
+  if name not in console.TOOLS:  # imported (tests): this module's help
+    name = __name__ if __name__ in console.TOOLS else 'dino_jax.main'
+  return cli_flags.parse_training_flags(argv, flags.FLAGS, name)
 
 
 def load_config():
   """The --config file's ConfigDict; one error line if it fails to load."""
-  config = flags.FLAGS.config
-  try:
-    config.keys()  # a placeholder that raises if the file failed to load
-    return config
-  except OSError as e:  # ml_collections defers a failed load to here
-    spec = flags.FLAGS['config'].serialize().split('=', 1)[-1]
-    print(f'error: {cli_errors.config_file_error(spec, e)}', file=sys.stderr)
-    sys.exit(1)
+  return cli_flags.loaded_config(flags.FLAGS)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = load_config()
+  FLAGS = flags.FLAGS
   # The first line within seconds: JAX, the data and the first compile
   # take a minute on a CPU before the first step's line (process 0's).
-  if not flags.FLAGS.process_id:
+  if not FLAGS.process_id:
     print(
       f'dino_jax.main: {config.model.arch} on {config.data.source} in '
-      f'{flags.FLAGS.workdir}; starting JAX, the data and the first '
+      f'{FLAGS.workdir}; starting JAX, the data and the first '
       'compile (a minute on a CPU) before step 1',
       file=sys.stderr,
       flush=True,
@@ -88,6 +61,7 @@ def main(argv):
     DamagedCheckpointError,
     IncompatibleCheckpointError,
   )
+  from dino_jax.cli import lock, signals
   from dino_jax.config import ConfigError
   from dino_jax.data.sources import DataError
   from dino_jax.metrics import NonFiniteLossError
@@ -97,13 +71,9 @@ def main(argv):
   # Libraries (orbax, grain) log every step of a save through absl at INFO;
   # keep those to warnings so the progress lines stay readable.
   logging.getLogger('absl').setLevel(logging.WARNING)
-  console.quiet_other_processes(
-    flags.FLAGS.process_id or 0, flags.FLAGS.num_processes or 1
-  )
+  console.quiet_other_processes(FLAGS.process_id or 0, FLAGS.num_processes or 1)
   parallel.initialize_distributed(
-    flags.FLAGS.coordinator_address,
-    flags.FLAGS.num_processes,
-    flags.FLAGS.process_id,
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )
   console.quiet_other_processes(jax.process_index(), jax.process_count())
   logging.info(
@@ -114,13 +84,18 @@ def main(argv):
     jax.local_devices(),
   )
   compilation_cache.enable(
-    compilation_cache.cache_path(
-      flags.FLAGS.compilation_cache, flags.FLAGS.workdir
-    )
+    compilation_cache.cache_path(FLAGS.compilation_cache, FLAGS.workdir)
   )
+  # Several processes: SIGTERM is left to JAX's preemption notifier (every
+  # process stops at the same step) and a Ctrl-C is forwarded to it; one
+  # process stops on its own, evaluations included.
+  multiprocess = jax.process_count() > 1
   result = None
   try:
-    result = train.train_and_evaluate(config, flags.FLAGS.workdir)
+    with signals.handled(
+      sigterm=not multiprocess, local=not multiprocess, forward=multiprocess
+    ):
+      result = train.train_and_evaluate(config, FLAGS.workdir, hold=lock.lock)
   except (
     ConfigError,
     DataError,

@@ -16,8 +16,9 @@ import sys
 
 from absl import app, flags
 
-from dino_jax import console, storage
 from dino_jax import metrics as metrics_lib
+from dino_jax import storage
+from dino_jax.cli import console
 
 _LABELS = {
   'trained': 'trained (teacher)',

@@ -3,7 +3,8 @@
 No math here: the step is ``step.make_train_step``, the augmentation
 ``data.multicrop``, the evaluation ``eval.run``.
 
-Signals (``dino_jax/interrupt.py``: the handlers only record them):
+Signals (the shell records them, ``dino_jax/cli/signals.py``; the loop
+polls the record, ``dino_jax/interrupt.py``):
 
 - SIGTERM or a first Ctrl-C: ``_Training._stop_requested`` at the top of
   the next step saves the last step done and exits (main.py: status 0, or
@@ -17,10 +18,13 @@ Signals (``dino_jax/interrupt.py``: the handlers only record them):
   ``pipeline.read``), and the next run resumes from the newest intact
   checkpoint (``checkpoint.py``).
 - Several processes: SIGTERM goes to JAX's preemption notifier, and all
-  processes stop at the same step (``reached_preemption_sync_point``).
+  processes stop at the same step: Orbax's
+  ``CheckpointManager.reached_preemption`` (JAX's preemption sync point).
 """
 
+import contextlib
 import logging
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -71,11 +75,24 @@ def _warn_settings(config):
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  hold: Callable[[str], contextlib.AbstractContextManager] | None = None,
+) -> dict:
   """Trains (resuming from ``workdir``), evaluates, returns the last metrics.
 
-  Holds ``WORKDIR/lock`` (process 0) for the whole run. After a SIGTERM or
-  Ctrl-C the result has ``stopped_by`` set to the signal's name.
+  After a SIGTERM or Ctrl-C (recorded by the shell in the active
+  ``interrupt.Record``) the result has ``stopped_by`` set to the signal's
+  name.
+
+  Args:
+    config: the run's config.
+    workdir: a local directory or a URL; created by process 0.
+    hold: ``hold(workdir)``, a context manager that process 0 holds for
+      the whole run once the workdir exists: the shell's one-run-per-workdir
+      lock (``cli.lock.lock``); None: nothing held.
   """
   config_lib.validate(config, jax.device_count())
   _warn_settings(config)
@@ -83,23 +100,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = sources.make_source(config.data)
   logger.info('data: %r (%d images)', source, len(source))
   steps_per_epoch, total_steps = steps_of(config, len(source))
-  lock = None
+  held = contextlib.nullcontext()
   if jax.process_index() == 0:
     workdir_lib.create(workdir)
-    lock = workdir_lib.lock(workdir)
-    lock.acquire()
-  multiprocess = jax.process_count() > 1
-  try:
-    # Signals are recorded from here on: one during the restore, the data
-    # workers' start or the compiles stops the run before its first step.
-    with interrupt.handled(sigterm=not multiprocess, local=not multiprocess):
-      training = _Training(
-        config, workdir, source, steps_per_epoch, total_steps
-      )
-      return training.run()
-  finally:
-    if lock is not None:
-      lock.release()
+    if hold is not None:
+      held = hold(workdir)
+  with held:
+    # A signal during the restore, the data's start or the compiles stops
+    # the run before its first step (the loop's top).
+    training = _Training(config, workdir, source, steps_per_epoch, total_steps)
+    return training.run()
 
 
 class _Training:
@@ -220,14 +230,12 @@ class _Training:
 
   def _stop_requested(self) -> bool:
     """Whether to save and stop now; the same answer on every process."""
-    record = interrupt.current()
     _raise_if_aborted()
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      interrupt.forward_to_jax(record)
-      return multihost_utils.reached_preemption_sync_point(self.step)
-    return record.signal_name is not None
+      # SIGTERM reached JAX's preemption notifier (a Ctrl-C is forwarded to
+      # it by the shell): every process answers True at the same step.
+      return self.ckpt.manager.reached_preemption(self.step)
+    return interrupt.requested() is not None
 
   def _train_one_step(self) -> None:
     """Dispatches one step (after its batch), then logs, saves, evaluates."""

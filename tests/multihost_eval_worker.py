@@ -44,6 +44,7 @@ def main():
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   import tiny_config
 
+  from dino_jax import overrides as overrides_lib
   from dino_jax import parallel, train
   from dino_jax import workdir as workdir_lib
   from dino_jax.eval import linear, run
@@ -58,7 +59,7 @@ def main():
     order = [d.process_index for d in parallel.make_mesh(-1, 2).devices.flat]
     assert order == [0, 1, 1, 0], order
   if mode == 'train':
-    config = workdir_lib.apply_overrides(tiny_config.get_config(), overrides)
+    config = overrides_lib.apply_overrides(tiny_config.get_config(), overrides)
     train.train_and_evaluate(config, workdir)
   else:
     config, mesh, state, step = workdir_lib.load_workdir(workdir, overrides)

@@ -26,6 +26,8 @@ from test_eval_cli import run_in_process, tiny_workdir
 from dino_jax import interop, models
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
+from dino_jax.cli import evals
+from dino_jax.cli import flags as cli_flags
 from dino_jax.data import sources
 from dino_jax.eval import attention
 from dino_jax.eval import run as run_lib
@@ -336,7 +338,7 @@ class AttentionCliInputTest(absltest.TestCase):
 
   def test_pretrained_flag_is_taken(self):
     values = flags.FlagValues()
-    attention.define_flags(values)
+    evals.define_attention(values)
     self.assertIn('pretrained', values)
     self.assertIn('config', values)
 
@@ -374,7 +376,7 @@ class MaskJaccardScriptTest(absltest.TestCase):
   def run_script(self, *argv):
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-      status = workdir_lib.run_cli(
+      status = cli_flags.run_cli(
         mask_jaccard.define_flags,
         mask_jaccard.main,
         ['prog', f'--workdir={self.workdir}', *argv],

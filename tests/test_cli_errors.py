@@ -1,4 +1,4 @@
-"""cli_errors: one line for each way absl and ml_collections refuse a
+"""cli.flags: one line for each way absl and ml_collections refuse a
 command line (dino_jax.main's parse, the evaluation tools' config loading)."""
 
 import os
@@ -7,8 +7,7 @@ from absl import flags
 from absl.testing import absltest
 from ml_collections import config_flags
 
-from dino_jax import cli_errors
-from dino_jax import workdir as workdir_lib
+from dino_jax.cli import flags as cli_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
@@ -27,7 +26,7 @@ def main_error(*args: str) -> str:
     values(argv)
     values.config.keys()
   except Exception as e:  # noqa: BLE001 - what main catches
-    return cli_errors.command_line_error(e, argv)
+    return cli_flags.command_line_error(e, argv)
   raise AssertionError(f'{args} parsed')
 
 
@@ -77,8 +76,8 @@ class CommandLineErrorTest(absltest.TestCase):
   def test_the_evaluation_tools_say_the_same(self):
     # workdir.load_config_file: the same reason as dino_jax.main gives.
     for spec in ('no_such.py', f'{FASHION}:tpu', self.raising):
-      with self.assertRaises(cli_errors.ConfigOverrideError) as caught:
-        workdir_lib.load_config_file(spec)
+      with self.assertRaises(cli_flags.ConfigOverrideError) as caught:
+        cli_flags.load_config_file(spec)
       self.assertEqual(str(caught.exception), main_error(f'--config={spec}'))
 
 

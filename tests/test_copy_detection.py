@@ -27,6 +27,7 @@ from test_eval_cli import tiny_workdir
 from dino_jax import interop
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
+from dino_jax.cli import evals
 from dino_jax.data import multicrop
 from dino_jax.eval import copy_detection as cd
 
@@ -325,11 +326,8 @@ class _Fixture:
     with contextlib.redirect_stdout(stdout):
       stderr = io.StringIO()
       with contextlib.redirect_stderr(stderr):
-        status = workdir_lib.run_cli(
-          cd.define_flags,
-          cd.main,
-          ['prog', f'--workdir={self.workdir}', *argv],
-          errors=cd.ERRORS,  # as the module's __main__
+        status = evals.run(  # as python -m dino_jax.eval.copy_detection
+          'copy_detection', ['prog', f'--workdir={self.workdir}', *argv]
         )
       stderr = stderr.getvalue()
     return status, stderr, stdout.getvalue()

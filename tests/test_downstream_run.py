@@ -31,6 +31,7 @@ from test_eval_cli import tiny_workdir
 from dino_jax import parallel
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
+from dino_jax.cli import evals
 from dino_jax.eval import attention, copy_detection, linear, retrieval, video
 from dino_jax.eval import run as run_lib
 
@@ -230,12 +231,7 @@ def _run(module, argv):
     contextlib.redirect_stdout(io.StringIO()),
     contextlib.redirect_stderr(stderr),
   ):
-    status = workdir_lib.run_cli(
-      module.define_flags,
-      module.main,
-      ['prog', *argv],
-      errors=copy_detection.ERRORS,
-    )
+    status = evals.run(module.__name__.rsplit('.', 1)[1], ['prog', *argv])
   return status, stderr.getvalue()
 
 

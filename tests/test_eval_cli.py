@@ -27,18 +27,25 @@ from test_cli import (
 
 from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import interop, models
+from dino_jax import overrides as overrides_lib
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
+from dino_jax.cli import evals
+from dino_jax.cli import flags as cli_flags
 from dino_jax.eval import attention, knn, linear
 
 
 def run_in_process(module, argv, main=None):
   """(exit status, stderr) of ``module``'s CLI run with ``argv``."""
+  if module is interop:
+    define, default_main = interop.define_flags, interop.main
+  else:  # python -m dino_jax.eval.<name>: its command is the shell's
+    define, default_main = evals.command(module.__name__.rsplit('.', 1)[1])
   stderr = io.StringIO()
   with contextlib.redirect_stderr(stderr):
-    status = workdir_lib.run_cli(
-      module.define_flags,
-      main or module.main,
+    status = cli_flags.run_cli(
+      define,
+      main or default_main,
       ['prog', *argv],
       errors=(interop.InteropError,),
     )
@@ -112,7 +119,7 @@ class OverrideTest(absltest.TestCase):
     saved = json.loads(tiny_config.get_config().to_json())
     config = workdir_lib.config_from_saved(saved)
     self.assertEqual(config.eval.ks, (2, 4))  # a tuple again, not a list
-    new = workdir_lib.apply_overrides(
+    new = overrides_lib.apply_overrides(
       config,
       [
         '--config.eval.ks=(3, 5)',
@@ -129,18 +136,18 @@ class OverrideTest(absltest.TestCase):
     with self.assertRaisesRegex(
       workdir_lib.ConfigOverrideError, r'--config.eval.kss=1 cannot be'
     ):
-      workdir_lib.apply_overrides(config, ['--config.eval.kss=1'])
+      overrides_lib.apply_overrides(config, ['--config.eval.kss=1'])
     with self.assertRaisesRegex(
       workdir_lib.ConfigOverrideError, 'invalid literal for int'
     ):
-      workdir_lib.apply_overrides(config, ['--config.eval.batch_size=x'])
+      overrides_lib.apply_overrides(config, ['--config.eval.batch_size=x'])
     with self.assertRaisesRegex(
       workdir_lib.ConfigOverrideError,
       r'--config.model.depth=3: the model and recipe come from the '
       r'checkpoint; only eval.\*, linear.\*, data.\*, mesh.\* may be',
     ):
-      workdir_lib.check_eval_overrides(['--config.model.depth=3'])
-    loaded = workdir_lib.load_config_file(TINY, ['--config.model.depth=3'])
+      overrides_lib.check_eval_overrides(['--config.model.depth=3'])
+    loaded = cli_flags.load_config_file(TINY, ['--config.model.depth=3'])
     self.assertEqual(loaded.model.depth, 3)
     self.assertEqual(loaded.model.embed_dim, 32)
 

@@ -26,9 +26,11 @@ from test_cli import ROOT, TINY, env
 from test_eval_cli import error_lines, run_in_process, tiny_workdir
 
 from dino_jax import checkpoint as checkpoint_lib
-from dino_jax import console, interop, interrupt, train
+from dino_jax import interop, interrupt, train
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
+from dino_jax.cli import console, evals
+from dino_jax.cli import flags as cli_flags
 from dino_jax.eval import (
   attention,
   copy_detection,
@@ -270,7 +272,7 @@ def test_evaluation_tools_answer_a_signal_without_saving(caplog):
     os.kill(os.getpid(), signal.SIGINT)
     interrupt.check()
 
-  with caplog.at_level(logging.WARNING, logger='dino_jax.interrupt'):
+  with caplog.at_level(logging.WARNING, logger='dino_jax.cli.signals'):
     status, stderr = run_in_process(knn, ['--workdir=w'], main)
   assert status == 130
   assert stderr.strip() == 'interrupted'
@@ -344,9 +346,13 @@ def test_full_export_keeps_the_step_and_import_resumes_there(tmp_path):
 def test_tool_help_exits_0_with_the_common_flags(module):
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
-    status = workdir_lib.run_cli(
-      module.define_flags, module.main, ['prog', '-h']
-    )
+    name = module.__name__.rsplit('.', 1)[1]
+    if module is interop:
+      status = cli_flags.run_cli(
+        interop.define_flags, interop.main, ['prog', '-h']
+      )
+    else:  # python -m dino_jax.eval.<name>: the command is the shell's
+      status = evals.run(name, ['prog', '-h'])
   text = stdout.getvalue()
   assert status == 0
   _check_help(text, module.__name__)

@@ -24,6 +24,7 @@ from test_launch import quick_env
 from dino_jax import metrics as metrics_lib
 from dino_jax import storage
 from dino_jax import workdir as workdir_lib
+from dino_jax.cli import lock as lock_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, 'tiny_config.py')
@@ -181,7 +182,7 @@ def test_metrics_single_object_becomes_parts(gcs, tmp_path, monkeypatch):
 def test_object_lock_one_holder_heartbeat_release(gcs):
   name, url = new_bucket(gcs)
   run = f'{url}/run'
-  lock = workdir_lib.ObjectLock(run, heartbeat_s=0.2)
+  lock = lock_lib.ObjectLock(run, heartbeat_s=0.2)
   lock.acquire()
   first = json.loads(gcs.read(name, 'run/lock'))
   assert first['state'] == 'held' and first['pid'] == os.getpid()
@@ -189,12 +190,12 @@ def test_object_lock_one_holder_heartbeat_release(gcs):
   time.sleep(0.7)  # heartbeats rewrite it, each on its own generation
   assert lock._generation != generation
   with pytest.raises(workdir_lib.WorkdirError, match='is in use by pid'):
-    workdir_lib.ObjectLock(run).acquire()
+    lock_lib.ObjectLock(run).acquire()
   lock.release()
   record = json.loads(gcs.read(name, 'run/lock'))
   assert record['state'] == 'released' and record['pid'] == os.getpid()
-  with workdir_lib.lock(run) as again:  # a released lock is taken at once
-    assert isinstance(again, workdir_lib.ObjectLock)
+  with lock_lib.lock(run) as again:  # a released lock is taken at once
+    assert isinstance(again, lock_lib.ObjectLock)
     assert json.loads(gcs.read(name, 'run/lock'))['state'] == 'held'
 
 
@@ -205,7 +206,7 @@ def test_object_lock_racers_and_stale_takeover(gcs):
   barrier = threading.Barrier(6)
 
   def race():
-    lock = workdir_lib.ObjectLock(run, heartbeat_s=3600)
+    lock = lock_lib.ObjectLock(run, heartbeat_s=3600)
     barrier.wait()
     try:
       lock.acquire()
@@ -223,9 +224,9 @@ def test_object_lock_racers_and_stale_takeover(gcs):
   won[0]._stop.set()
   won[0]._thread.join()
   with pytest.raises(workdir_lib.WorkdirError, match='in use'):
-    workdir_lib.ObjectLock(run, stale_s=60).acquire()
+    lock_lib.ObjectLock(run, stale_s=60).acquire()
   time.sleep(1.5)
-  taker = workdir_lib.ObjectLock(run, stale_s=1.0)
+  taker = lock_lib.ObjectLock(run, stale_s=1.0)
   taker.acquire()
   taker.release()
   assert json.loads(gcs.read(name, 'run/lock'))['state'] == 'released'
@@ -634,7 +635,7 @@ def test_object_lock_holder_stops_when_taken_over(gcs, monkeypatch):
   name, url = new_bucket(gcs)
   kills = []
   monkeypatch.setattr(os, 'kill', lambda pid, sig: kills.append((pid, sig)))
-  holder = workdir_lib.ObjectLock(f'{url}/run', heartbeat_s=0.2)
+  holder = lock_lib.ObjectLock(f'{url}/run', heartbeat_s=0.2)
   holder.acquire()
   # A beat that landed though its answer was lost: same record, new
   # generation. The holder recognises it and keeps the lock.

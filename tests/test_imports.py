@@ -23,6 +23,12 @@ LIBRARY = (
 )
 UPPER = ('dino_jax.train', 'dino_jax.main', 'dino_jax.eval', 'dino_jax.interop')
 
+# The three parts (docs/layout.md): the shell (the commands: flags, config
+# files, one-line errors, the workdir lock, signal handlers) and the tools
+# import the library; the library imports neither.
+SHELL = ('dino_jax.cli', 'dino_jax.main')
+TOOLS = ('dino_jax.aot', 'dino_jax.interop', 'dino_jax.plot')
+
 
 def module_names() -> dict[str, str]:
   """{'dino_jax.eval.knn': path} for every module of the package."""
@@ -38,13 +44,37 @@ def module_names() -> dict[str, str]:
   return out
 
 
+def _is_command_block(node: ast.AST) -> bool:
+  """``if __name__ == '__main__':``: what runs only as a program, never
+  on import (an evaluation module's two lines that call the shell)."""
+  test = getattr(node, 'test', None)
+  return (
+    isinstance(node, ast.If)
+    and isinstance(test, ast.Compare)
+    and isinstance(test.left, ast.Name)
+    and test.left.id == '__name__'
+  )
+
+
+def _walk_imported(tree: ast.AST):
+  """``ast.walk`` without the ``if __name__ == '__main__':`` blocks."""
+  stack = [tree]
+  while stack:
+    node = stack.pop()
+    yield node
+    stack.extend(
+      c for c in ast.iter_child_nodes(node) if not _is_command_block(c)
+    )
+
+
 def imports_of(name: str, path: str, modules) -> set[str]:
-  """dino_jax modules ``name`` imports anywhere (functions included)."""
+  """dino_jax modules ``name`` imports anywhere (functions included; not
+  the ``if __name__ == '__main__':`` block)."""
   with open(path) as f:
     tree = ast.parse(f.read())
   package = name if path.endswith('__init__.py') else name.rsplit('.', 1)[0]
   found = set()
-  for node in ast.walk(tree):
+  for node in _walk_imported(tree):
     if isinstance(node, ast.Import):
       found.update(alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom):
@@ -114,6 +144,42 @@ class ImportGraphTest(absltest.TestCase):
       for dep in sorted(deps)
       if _within(dep, UPPER)
     ]
+    self.assertEqual(bad, [])
+
+  def test_library_imports_no_shell_and_no_tool(self):
+    graph = import_graph()
+    self.assertIn('dino_jax.cli.flags', graph['dino_jax.main'])  # read
+    bad = [
+      f'{name} -> {dep}'
+      for name, deps in sorted(graph.items())
+      if not _within(name, SHELL + TOOLS)
+      for dep in sorted(deps)
+      if _within(dep, SHELL + TOOLS)
+    ]
+    self.assertEqual(bad, [])
+
+  def test_library_touches_no_signal_and_no_flag(self):
+    # Signals are the shell's (cli/signals.py records, the library polls
+    # dino_jax.interrupt); flags too (the evaluation modules' commands are
+    # in cli/evals.py).
+    names = module_names()
+    library = [n for n in names if not _within(n, SHELL + TOOLS)]
+    bad = []
+    for name in sorted(library):
+      with open(names[name]) as f:
+        tree = ast.parse(f.read())
+      for node in _walk_imported(tree):
+        if isinstance(node, ast.Import):
+          used = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+          used = {f'{node.module}.{a.name}' for a in node.names}
+        else:
+          continue
+        bad += [
+          f'{name}: {u}' for u in sorted(used) if u.split('.')[0] == 'signal'
+        ]
+        if _within(name, ('dino_jax.eval',)):
+          bad += [f'{name}: {u}' for u in sorted(used) if u == 'absl.flags']
     self.assertEqual(bad, [])
 
 

@@ -1,4 +1,5 @@
-"""dino_jax.interrupt: handlers that only record, waits that poll."""
+"""Signals: the shell's handlers only record (dino_jax.cli.signals), the
+library's waits poll (dino_jax.interrupt)."""
 
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 import pytest
 
 from dino_jax import interrupt
+from dino_jax.cli import signals
 
 
 def _signal_self(signum):
@@ -18,7 +20,8 @@ def _signal_self(signum):
 
 def test_handlers_only_record_and_check_raises_where_polled():
   hook, alarm = sys.unraisablehook, signal.getsignal(signal.SIGALRM)
-  with interrupt.handled() as record:
+  term = signal.getsignal(signal.SIGTERM)
+  with signals.handled() as record:
     assert sys.unraisablehook is hook  # no re-raise machinery
     assert signal.getsignal(signal.SIGALRM) is alarm
     interrupt.check()  # nothing yet
@@ -29,11 +32,11 @@ def test_handlers_only_record_and_check_raises_where_polled():
     _signal_self(signal.SIGTERM)  # a second SIGTERM changes nothing
     assert not record.aborted
   assert interrupt.requested() is None  # handlers and record restored
-  assert signal.getsignal(signal.SIGTERM) != record.handle
+  assert signal.getsignal(signal.SIGTERM) is term
 
 
 def test_second_ctrl_c_aborts_at_the_next_check():
-  with interrupt.handled() as record:
+  with signals.handled() as record:
     _signal_self(signal.SIGINT)
     assert record.signal_name == 'SIGINT' and not record.aborted
     _signal_self(signal.SIGINT)
@@ -45,11 +48,42 @@ def test_second_ctrl_c_aborts_at_the_next_check():
 def test_not_local_records_but_does_not_stop():
   # Multi-process training: the processes stop together (JAX's sync point),
   # never one alone in an evaluation.
-  with interrupt.handled(sigterm=False, local=False):
-    assert signal.getsignal(signal.SIGTERM) != interrupt.current().handle
+  term = signal.getsignal(signal.SIGTERM)
+  with signals.handled(sigterm=False, local=False):
+    assert signal.getsignal(signal.SIGTERM) is term  # left to JAX
     _signal_self(signal.SIGINT)
     assert interrupt.requested() == 'SIGINT'
     interrupt.check()  # no raise
+
+
+def test_ctrl_c_is_forwarded_once_to_the_sigterm_handler_it_left():
+  # Multi-process training: SIGTERM is JAX's preemption notifier's (here a
+  # stand-in that counts); the first Ctrl-C reaches it as SIGTERM, once.
+  notices = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: notices.append(1))
+  try:
+    with signals.handled(sigterm=False, local=False, forward=True) as record:
+      _signal_self(signal.SIGINT)
+      assert notices == [1] and record.signal_name == 'SIGINT'
+      _signal_self(signal.SIGINT)  # the second: abort, no second notice
+      assert notices == [1] and record.aborted
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_library_record_needs_no_signal():
+  # What the shell's handlers write, written by hand: the library polls it.
+  record = interrupt.Record(local=True)
+  with interrupt.active(record):
+    interrupt.check()
+    assert record.note('SIGTERM') and not record.note('SIGTERM')
+    assert not record.aborted
+    with pytest.raises(interrupt.Stopped, match='stopped by SIGTERM'):
+      interrupt.check()
+    assert not record.note('SIGINT') and record.aborted
+    with pytest.raises(KeyboardInterrupt):
+      interrupt.check()
+  assert interrupt.requested() is None
 
 
 class _Stalling:
@@ -73,7 +107,7 @@ class _Stalling:
 
 def test_reader_wait_stops_on_a_signal_and_reads_only_when_asked():
   data = _Stalling()
-  with interrupt.handled():
+  with signals.handled():
     reader = interrupt.Reader(data)
     assert [reader.next(), reader.next()] == [0, 1]
     time.sleep(0.3)
@@ -130,7 +164,7 @@ def test_reader_close_lets_a_read_in_progress_end_first():
   # and the batches it was handed over in are left to the resource tracker
   # ("leaked shared_memory objects", seen in CI under load).
   data = _SlowRead()
-  with interrupt.handled():
+  with signals.handled():
     reader = interrupt.Reader(data)
     assert reader.next() == 1
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()

@@ -18,7 +18,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from jax.sharding import Mesh
 from PIL import Image
 
@@ -404,61 +403,7 @@ def attention_from_workdir(
   )
 
 
-def define_flags(values: flags.FlagValues) -> None:
-  kw = {'flag_values': values}
-  common.define_flags(values)
-  flags.DEFINE_string('image', None, 'Image file.', **kw)
-  flags.DEFINE_integer(
-    'image_size',
-    0,
-    "Resize to this square size (0: the config's eval.attention_size, "
-    'else eval.crop_size).',
-    **kw,
-  )
-  flags.DEFINE_float(
-    'threshold', 0.6, 'Attention mass kept by the masks.', **kw
-  )
-  flags.DEFINE_string(
-    'output_dir', None, 'Default WORKDIR/eval/attention.', **kw
-  )
+if __name__ == '__main__':  # the command lives in the shell: dino_jax/cli
+  from dino_jax.cli import evals
 
-
-def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
-  """``python -m dino_jax.eval.attention``: PNGs per head, paths printed.
-
-  Per head: the map, the masked image and the bare mask
-  (``{stem}-binmask{i}.png``, ``masks`` at --threshold, upsampled by p).
-  """
-  if args:
-    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  for name in ('workdir', 'image'):
-    if not values[name].value:
-      raise workdir_lib.ConfigOverrideError(f'--{name} is required')
-  if values.image_size < 0:
-    raise workdir_lib.ConfigOverrideError(
-      f'--image_size={values.image_size} is negative; pass a side in '
-      "pixels, or 0 for the config's eval.attention_size"
-    )
-  if not 0 < values.threshold <= 1:
-    raise workdir_lib.ConfigOverrideError(
-      f'--threshold={values.threshold} is outside (0, 1]; pass the fraction '
-      'of attention mass the masks keep (the paper: 0.6)'
-    )
-  if not storage.as_path(values.image).is_file():
-    raise workdir_lib.WorkdirError(
-      f'--image={values.image} is not a file; pass an image file'
-    )
-  overrides = common.prepare_workdir(values, overrides)
-  paths = attention_from_workdir(
-    values.workdir,
-    values.image,
-    values.image_size,
-    values.threshold,
-    values.output_dir,
-    overrides,
-  )
-  print('\n'.join(paths))
-
-
-if __name__ == '__main__':
-  sys.exit(workdir_lib.run_cli(define_flags, main))
+  evals.entry('attention')

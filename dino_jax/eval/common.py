@@ -1,15 +1,14 @@
-"""What every evaluation tool shares: its flags, its model, its records.
+"""What every evaluation shares: the backbone check, its records.
 
 An evaluation is a function ``(config, mesh, backbone, params, ...) ->
-dict``; its CLI (``python -m dino_jax.eval.<name>``) is a thin shell:
+dict``; its CLI (``python -m dino_jax.eval.<name>``) is in the shell
+(``dino_jax/cli/evals.py``: --workdir or --pretrained with --config, the
+teacher backbone of the newest intact checkpoint). Here:
 
-  values: --workdir (a training or import workdir) or --pretrained=*.pth
-    with --config (the official weights imported into --workdir first);
-  ``load(values, overrides)``: (config, mesh, backbone, params, step), the
-    teacher backbone of the newest intact checkpoint;
   ``write_record(workdir, name, payload)``: WORKDIR/eval/<name>.json and a
     record of the run in WORKDIR/eval/records/ (never replaced) through
-    ``storage`` (local or gs://), written by process 0, atomically.
+    ``storage`` (local or gs://), written by process 0, atomically;
+  ``require_vit(config, protocol)``: the protocols that need patch tokens.
 
 Long work calls ``interrupt.check()`` between batches, so SIGTERM / Ctrl-C
 stop it cleanly with nothing partial written.
@@ -17,94 +16,12 @@ stop it cleanly with nothing partial written.
 
 import datetime
 import json
-import logging
 import sys
 
 import jax
-from absl import flags
 
-from dino_jax import interop, storage
-from dino_jax import step as step_lib
+from dino_jax import storage
 from dino_jax import workdir as workdir_lib
-
-logger = logging.getLogger(__name__)
-
-
-def define_flags(values: flags.FlagValues) -> None:
-  """--workdir, --pretrained and --config, as every evaluation takes them."""
-  kw = {'flag_values': values}
-  flags.DEFINE_string(
-    'workdir',
-    None,
-    'Training workdir (its newest checkpoint; results go to WORKDIR/eval/).',
-    **kw,
-  )
-  flags.DEFINE_string(
-    'pretrained',
-    None,
-    'An official DINO .pth (backbone-only or full checkpoint): imported '
-    'into a new --workdir first (needs --config for the architecture).',
-    **kw,
-  )
-  flags.DEFINE_string(
-    'config',
-    None,
-    'With --pretrained: the config file (configs/<model>.py[:arg]). '
-    'Overrides: --config.a.b=c (of this file, or of the workdir config).',
-    **kw,
-  )
-
-
-def _group(override: str) -> str:
-  """'--config.eval.ks=(1,)' -> 'eval'."""
-  return override.split('=', 1)[0].split('.')[1]
-
-
-def prepare_workdir(values: flags.FlagValues, overrides: list[str]):
-  """Checks the common flags, imports --pretrained; the eval overrides.
-
-  Returns:
-    The overrides that apply to the workdir's saved config (after an
-    import, those that shaped the model are dropped).
-  """
-  if not values.workdir:
-    raise workdir_lib.WorkdirError('--workdir is required; pass a directory')
-  if values.config and not values.pretrained:
-    raise workdir_lib.ConfigOverrideError(
-      f'--config={values.config} is only read with --pretrained; the '
-      'workdir holds its own config (override fields with --config.a.b=c)'
-    )
-  if not values.pretrained:
-    return list(overrides)
-  if not values.config:
-    raise workdir_lib.ConfigOverrideError(
-      '--pretrained needs --config=configs/<model>.py (the architecture)'
-    )
-  if workdir_lib.has_checkpoint(values.workdir):
-    logger.warning(
-      '%s already holds a checkpoint; not importing %s again',
-      values.workdir,
-      values.pretrained,
-    )
-  else:
-    config = workdir_lib.load_config_file(values.config, overrides)
-    interop.import_checkpoint(values.pretrained, values.workdir, config)
-  # The other overrides shaped the imported model; the rest is for the eval.
-  return [o for o in overrides if _group(o) in workdir_lib.EVAL_GROUPS]
-
-
-def load(values: flags.FlagValues, overrides: list[str]):
-  """The teacher backbone of the tool's workdir (after any import).
-
-  Returns:
-    (config, mesh, backbone module, backbone params, step).
-  """
-  overrides = prepare_workdir(values, overrides)
-  config, mesh, state, step = workdir_lib.load_workdir(
-    values.workdir, overrides
-  )
-  _, teacher = step_lib.build_models(config)
-  return config, mesh, teacher.backbone, step_lib.teacher_backbone(state), step
 
 
 def require_vit(config, protocol: str) -> None:

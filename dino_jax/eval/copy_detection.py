@@ -20,16 +20,13 @@ block, written to WORKDIR/eval/copy_detection.json.
 import functools
 import logging
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from PIL import Image
 
-from dino_jax import hostmem, interop, interrupt, parallel
-from dino_jax import workdir as workdir_lib
+from dino_jax import interrupt, parallel
 from dino_jax.data import multicrop, sources
 from dino_jax.eval import common, features
 
@@ -43,10 +40,6 @@ EIGEN_FLOOR = 1e-5
 
 class CopydaysError(ValueError):
   """Bad Copydays input (a missing folder, an unreadable image)."""
-
-
-# Reported by the CLI as one ``error: ...`` line.
-ERRORS = (CopydaysError, interop.InteropError)
 
 
 # ----------------------------------------------------------------- data
@@ -304,28 +297,6 @@ def evaluate(
 # ------------------------------------------------------------------ CLI
 
 
-def define_flags(values: flags.FlagValues) -> None:
-  common.define_flags(values)
-  kw = {'flag_values': values}
-  flags.DEFINE_string(
-    'data_root', None, 'Copydays root (original/, strong/, ...).', **kw
-  )
-  flags.DEFINE_string(
-    'distractors', None, 'Folder of distractor images (database).', **kw
-  )
-  flags.DEFINE_string(
-    'whitening', None, 'Folder of images to learn the PCA whitening on.', **kw
-  )
-  flags.DEFINE_integer('imsize', 320, 'Square resize of every image.', **kw)
-  flags.DEFINE_integer('batch_size', 16, 'Images per batch.', **kw)
-  flags.DEFINE_boolean(
-    'official',
-    False,
-    "The official code's uncentred whitening covariance X^T X / n.",
-    **kw,
-  )
-
-
 def _check_dir(flag: str, path: str | None, required: bool = False):
   if path is None and not required:
     return
@@ -474,30 +445,7 @@ def format_results(record: dict, step: int) -> str:
   return '\n'.join(lines)
 
 
-def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
-  """``python -m dino_jax.eval.copy_detection``: mAP per Copydays block."""
-  if args:
-    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  options = dict(
-    data_root=values.data_root,
-    distractors=values.distractors,
-    whitening=values.whitening,
-    imsize=values.imsize,
-    batch_size=values.batch_size,
-  )
-  plan(**options)  # checked before anything is imported or written
-  config, mesh, model, params, step = common.load(values, overrides)
-  record = copy_detection_evaluation(
-    config, mesh, model, params, official=values.official, **options
-  )
-  print(format_results(record, step), flush=True)
-  path = common.write_record(
-    values.workdir, 'copy_detection', {'step': step, **record}
-  )
-  logger.info('wrote %s', path)
-  return {name: b['mAP'] for name, b in record['blocks'].items()}
+if __name__ == '__main__':  # the command lives in the shell: dino_jax/cli
+  from dino_jax.cli import evals
 
-
-if __name__ == '__main__':
-  hostmem.configure()  # glibc malloc settings for XLA:CPU
-  sys.exit(workdir_lib.run_cli(define_flags, main, errors=ERRORS))
+  evals.entry('copy_detection')

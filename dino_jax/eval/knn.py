@@ -8,18 +8,15 @@ set (memory); the k nearest vote with weight exp(sim / T), T = 0.07.
 
 import functools
 import logging
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
-from dino_jax import hostmem, interop, interrupt
+from dino_jax import interrupt
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import sources
-from dino_jax.data.sources import DataError
 from dino_jax.eval import common, features
 
 logger = logging.getLogger(__name__)
@@ -292,24 +289,7 @@ def knn_from_workdir(workdir: str, overrides: list[str] = ()) -> dict:
   return results
 
 
-def define_flags(values: flags.FlagValues) -> None:
-  common.define_flags(values)
+if __name__ == '__main__':  # the command lives in the shell: dino_jax/cli
+  from dino_jax.cli import evals
 
-
-def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
-  """``python -m dino_jax.eval.knn``: k-NN of a workdir (after --pretrained)."""
-  if args:
-    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  overrides = common.prepare_workdir(values, overrides)
-  knn_from_workdir(values.workdir, overrides)
-
-
-if __name__ == '__main__':
-  hostmem.configure()  # glibc malloc settings for XLA:CPU
-  sys.exit(
-    workdir_lib.run_cli(
-      define_flags,
-      main,
-      errors=(DataError, interop.InteropError),
-    )
-  )
+  evals.entry('knn')

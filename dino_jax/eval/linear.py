@@ -24,15 +24,13 @@ epoch is scored once on the test split (``top1``, ``top5``).
 import functools
 import io
 import logging
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags
 
-from dino_jax import hostmem, interop, interrupt, parallel
+from dino_jax import interrupt, parallel
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop, pipeline, sources
@@ -489,22 +487,7 @@ def write_results(
   return path, weights
 
 
-def define_flags(values: flags.FlagValues) -> None:
-  common.define_flags(values)
+if __name__ == '__main__':  # the command lives in the shell: dino_jax/cli
+  from dino_jax.cli import evals
 
-
-def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
-  """``python -m dino_jax.eval.linear --workdir=DIR [--config.linear.x=y]``."""
-  if args:
-    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  overrides = common.prepare_workdir(values, overrides)
-  linear_from_workdir(values.workdir, overrides)
-
-
-if __name__ == '__main__':
-  hostmem.configure()  # glibc malloc settings for XLA:CPU
-  sys.exit(
-    workdir_lib.run_cli(
-      define_flags, main, errors=(DataError, interop.InteropError)
-    )
-  )
+  evals.entry('linear')

@@ -24,15 +24,13 @@ import logging
 import math
 import os
 import pickle
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from PIL import Image
 
-from dino_jax import hostmem, interop, interrupt
+from dino_jax import interrupt
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
 from dino_jax.eval import common, shards
@@ -434,61 +432,7 @@ def format_results(dataset: str, results: dict, step: int) -> str:
 # --------------------------------------------------------------------- the CLI
 
 
-def define_flags(values: flags.FlagValues) -> None:
-  common.define_flags(values)
-  kw = {'flag_values': values}
-  flags.DEFINE_string(
-    'data_root', None, 'Folder holding roxford5k/ and rparis6k/.', **kw
-  )
-  flags.DEFINE_enum('dataset', 'roxford5k', DATASETS, 'Which dataset.', **kw)
-  flags.DEFINE_integer(
-    'imsize', 224, 'thumbnail((imsize, imsize)): the longer side.', **kw
-  )
-  flags.DEFINE_bool(
-    'multiscale',
-    False,
-    'Mean of the features at scales 1, 1/sqrt(2), 1/2.',
-    **kw,
-  )
-  flags.DEFINE_bool(
-    'official',
-    False,
-    "Queries uncropped, as the official code (the paper's numbers); "
-    'default: cropped to their bbx (the revisitop protocol).',
-    **kw,
-  )
+if __name__ == '__main__':  # the command lives in the shell: dino_jax/cli
+  from dino_jax.cli import evals
 
-
-def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
-  """``python -m dino_jax.eval.retrieval``: rOxford / rParis mAP."""
-  if args:
-    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  check_imsize(values.imsize)
-  if not values.workdir:
-    raise workdir_lib.WorkdirError('--workdir is required; pass a directory')
-  # The data is checked before anything is imported or written.
-  load_dataset(values.data_root, values.dataset)
-  config, mesh, backbone, params, step = common.load(values, overrides)
-  record = retrieval_evaluation(
-    config,
-    mesh,
-    backbone,
-    params,
-    data_root=values.data_root,
-    dataset=values.dataset,
-    imsize=values.imsize,
-    multiscale=values.multiscale,
-    official=values.official,
-  )
-  print(format_results(values.dataset, record, step), flush=True)
-  path = common.write_record(
-    values.workdir, f'retrieval_{values.dataset}', {'step': step, **record}
-  )
-  logger.info('wrote %s', path)
-
-
-if __name__ == '__main__':
-  hostmem.configure()  # glibc malloc settings for XLA:CPU
-  sys.exit(
-    workdir_lib.run_cli(define_flags, main, errors=(interop.InteropError,))
-  )
+  evals.entry('retrieval')

@@ -19,15 +19,13 @@ import functools
 import io
 import logging
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from PIL import Image
 
-from dino_jax import hostmem, interop, interrupt
+from dino_jax import interrupt
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import multicrop
 from dino_jax.eval import common, davis_metrics, shards
@@ -431,64 +429,7 @@ def format_results(record: dict, step: int) -> str:
   )
 
 
-def define_flags(values: flags.FlagValues) -> None:
-  common.define_flags(values)
-  kw = {'flag_values': values}
-  flags.DEFINE_string('davis_root', None, 'The DAVIS 2017 folder.', **kw)
-  flags.DEFINE_string('split', 'val', 'ImageSets/2017/<split>.txt.', **kw)
-  flags.DEFINE_integer('size', 480, 'Short side of the frames.', **kw)
-  flags.DEFINE_integer(
-    'n_last_frames', 7, 'Previous frames in the context.', **kw
-  )
-  flags.DEFINE_integer(
-    'size_mask_neighborhood',
-    12,
-    'Window radius in patches (0: no window).',
-    **kw,
-  )
-  flags.DEFINE_integer('topk', 5, 'Sources kept per target patch.', **kw)
-  flags.DEFINE_bool(
-    'official',
-    False,
-    "The official code's std 0.228 and one-hot depth from the resized "
-    'first mask.',
-    **kw,
-  )
+if __name__ == '__main__':  # the command lives in the shell: dino_jax/cli
+  from dino_jax.cli import evals
 
-
-def main(values: flags.FlagValues, args: list[str], overrides: list[str]):
-  """``python -m dino_jax.eval.video``: DAVIS J&F of a workdir."""
-  if args:
-    raise workdir_lib.ConfigOverrideError(f'unexpected arguments: {args}')
-  options = dict(
-    size=values.size,
-    n_last_frames=values.n_last_frames,
-    size_mask_neighborhood=values.size_mask_neighborhood,
-    topk=values.topk,
-  )
-  check_options(values.davis_root, **options)
-  list_videos(values.davis_root, values.split)  # before anything is written
-  config, mesh, backbone, params, step = common.load(values, overrides)
-  record = video_evaluation(
-    config,
-    mesh,
-    backbone,
-    params,
-    davis_root=values.davis_root,
-    split=values.split,
-    official=values.official,
-    write=lambda rel, data: common.write_bytes(
-      values.workdir, f'davis/{rel}', data
-    ),
-    **options,
-  )
-  path = common.write_record(values.workdir, 'davis', {'step': step, **record})
-  print(format_results(record, step), flush=True)
-  logger.info('wrote %s', path)
-
-
-if __name__ == '__main__':
-  hostmem.configure()  # glibc malloc settings for XLA:CPU
-  sys.exit(
-    workdir_lib.run_cli(define_flags, main, errors=(interop.InteropError,))
-  )
+  evals.entry('video')
