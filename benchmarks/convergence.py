@@ -772,6 +772,12 @@ def summarize(rows: list[dict], sides) -> list[dict]:
           str(k): spread([r['knn'][k]['top1'] for r in runs]) for k in ks
         },
       }
+      for name in BASELINES:  # --baselines: each over the seeds that have it
+        have = [r[name] for r in runs if name in r]
+        if have:
+          row[side][name] = {
+            str(k): spread([t[k]['top1'] for t in have]) for k in have[0]
+          }
     if 'jax' in row and 'official' in row and '20' in row['official']['top1']:
       lo, hi = acceptance_band(row['official']['top1']['20'])
       mean = row['jax']['top1']['20']['mean']
@@ -779,6 +785,10 @@ def summarize(rows: list[dict], sides) -> list[dict]:
       row['jax_k20_mean_within_official'] = lo <= mean <= hi
     out.append(row)
   return out
+
+
+# The k-NN tables of --baselines beside the trained one's.
+BASELINES = ('random_init', 'raw_pixels')
 
 
 def acceptance_band(official: dict, point: float = 1.0) -> tuple:
@@ -850,6 +860,20 @@ def format_summary(row: dict, sides) -> str:
         else ' ' * 28
       )
     lines.append(f'  {int(k):4d} | ' + ' | '.join(cells))
+  for name in BASELINES:
+    if not any(name in row[s] for s in present):
+      continue
+    lines.append(f'  {name} (--baselines):')
+    for k in ks:
+      cells = []
+      for s in present:
+        v = row[s].get(name, {}).get(k)
+        cells.append(
+          f'{v["mean"]:6.2f} [{v["min"]:6.2f}, {v["max"]:6.2f}] {v["std"]:5.2f}'
+          if v
+          else ' ' * 28
+        )
+      lines.append(f'  {int(k):4d} | ' + ' | '.join(cells))
   lines.append(
     '   s/step | '
     + ' | '.join(f'{row[s]["sec_per_step"]:28.3f}' for s in present)

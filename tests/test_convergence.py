@@ -228,6 +228,52 @@ class OpsTest(absltest.TestCase):
     with self.assertRaisesRegex(SystemExit, 'mix recipes'):
       convergence.main(['--summarize', jax_file, other])
 
+  def test_summary_of_the_baselines(self):
+    run = lambda side, seed, v, **kw: dict(  # noqa: E731
+      side=side, seed=seed, step=6, sec_per_step=1.0, knn=_knn(v), **kw
+    )
+    rows = [
+      run('jax', 0, 50.0, random_init=_knn(70.0), raw_pixels=_knn(80.0)),
+      run('jax', 1, 52.0, random_init=_knn(72.0), raw_pixels=_knn(80.0)),
+      run('official', 0, 51.0, random_init=_knn(69.0)),
+      run('official', 1, 53.0),  # its random init not scored
+    ]
+    (row,) = convergence.summarize(rows, ['jax', 'official'])
+    self.assertEqual(row['jax']['random_init']['20']['mean'], 71.0)
+    self.assertEqual(row['jax']['raw_pixels']['20']['std'], 0.0)
+    self.assertEqual(row['official']['random_init']['20']['max'], 69.0)
+    self.assertNotIn('raw_pixels', row['official'])
+    text = convergence.format_summary(row, ['jax', 'official'])
+    self.assertIn('random_init', text)
+    self.assertIn(' 71.00 [ 70.00,  72.00]', text)
+
+  def test_overrides_reach_the_runs_and_the_recipe(self):
+    out = os.path.join(self.create_tempdir().full_path, 'jax.jsonl')
+    calls = []
+
+    def fake_train(config, workdir, *, seed, done, **kw):
+      calls.append(kw)
+      yield 6, {20: {'top1': 57.0, 'top5': 99.0}}, 1.0, {}
+
+    argv = ['--sides', 'jax', '--seeds', '0', '--steps', '6', '--out', out]
+    argv += ['--config.model.arch=resnet18', '--baselines']
+    with (
+      mock.patch.object(convergence, 'jax_train', fake_train),
+      mock.patch('sys.stdout', new=io.StringIO()),
+      mock.patch('sys.stderr', new=io.StringIO()),
+    ):
+      convergence.main(argv)
+    self.assertEqual(calls[0]['overrides'], ['--config.model.arch=resnet18'])
+    self.assertTrue(calls[0]['baselines'])
+    with open(out) as f:
+      first = json.loads(f.readline())
+    self.assertEqual(first['overrides'], ['--config.model.arch=resnet18'])
+    with (
+      mock.patch('sys.stderr', new=io.StringIO()),
+      self.assertRaisesRegex(SystemExit, 'error: .*model.no_such_field'),
+    ):
+      convergence.main(['--sides', 'jax', '--config.model.no_such_field=1'])
+
   def test_rerun_trains_only_what_is_not_recorded(self):
     out = os.path.join(self.create_tempdir().full_path, 'jax.jsonl')
     recipe = dict(
