@@ -319,3 +319,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       f'mesh.data={data} x mesh.fsdp={fsdp} != {num_devices} devices; '
       'set mesh.data=-1 to use the rest'
     )
+
+def advice(config: ml_collections.ConfigDict) -> list[str]:
+  """Settings the official help warns about, one line each (the run goes
+  on: the training loop logs them as warnings)."""
+  lines = []
+  if config.loss.teacher_temp > 0.07:
+    lines.append(
+      f'loss.teacher_temp={config.loss.teacher_temp} > 0.07: the official '
+      'help calls this unstable'
+    )
+  # Only the official default (tuned for batch 1024) is questioned: a
+  # config that sets optim.momentum_teacher chose it (fashion_mnist: 0.99,
+  # swept for runs of hundreds of steps).
+  default = default_config().optim.momentum_teacher
+  if config.batch_size < 256 and config.optim.momentum_teacher == default:
+    lines.append(
+      f'batch_size={config.batch_size} < 256 with the default '
+      f'momentum_teacher={config.optim.momentum_teacher}: the official help '
+      'suggests 0.9995 for batch 256 and below'
+    )
+  return lines
