@@ -90,6 +90,13 @@ def requested() -> str | None:
   return current().signal_name
 
 
+def raise_if_aborted() -> None:
+  """KeyboardInterrupt after a second Ctrl-C (exit without saving); else
+  returns, whatever else was requested."""
+  if current().aborted:
+    raise KeyboardInterrupt
+
+
 def check() -> None:
   """Raises KeyboardInterrupt after a second Ctrl-C, ``Stopped`` after a
   signal (where this process stops on its own); else returns."""

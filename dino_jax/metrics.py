@@ -265,6 +265,16 @@ def format_eta(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
+def progress_line(step: int, total_steps: int, s: dict[str, float]) -> str:
+  """The training log's line for a logged step (its scalars ``s``)."""
+  return (
+    f'step {step}/{total_steps}  epoch {s["epoch"]:.2f}  loss '
+    f'{s["loss"]:.4f}  H_t {s["teacher_entropy"]:.3f}  lr {s["lr"]:.3g}  '
+    f'wd {s["wd"]:.3g}  m {s["momentum"]:.5f}  '
+    f'{s["images_per_sec"]:.1f} img/s  ETA {format_eta(s["eta_sec"])}'
+  )
+
+
 def check_health(
   step: int, scalars: dict[str, float], out_dim: int, last_checkpoint
 ) -> list[str]:

@@ -28,7 +28,6 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
-import numpy as np
 
 from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import config as config_lib
@@ -56,25 +55,6 @@ def steps_of(config: ml_collections.ConfigDict, dataset_size: int):
   return steps_per_epoch, total
 
 
-def _warn_settings(config):
-  if config.loss.teacher_temp > 0.07:
-    logger.warning(
-      'loss.teacher_temp=%s > 0.07: the official help calls this unstable',
-      config.loss.teacher_temp,
-    )
-  # Only the official default (tuned for batch 1024) is questioned: a
-  # config that sets optim.momentum_teacher chose it (fashion_mnist: 0.99,
-  # swept for runs of hundreds of steps).
-  default = config_lib.default_config().optim.momentum_teacher
-  if config.batch_size < 256 and config.optim.momentum_teacher == default:
-    logger.warning(
-      'batch_size=%d < 256 with the default momentum_teacher=%s: the '
-      'official help suggests 0.9995 for batch 256 and below',
-      config.batch_size,
-      config.optim.momentum_teacher,
-    )
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -95,7 +75,8 @@ def train_and_evaluate(
       lock (``cli.lock.lock``); None: nothing held.
   """
   config_lib.validate(config, jax.device_count())
-  _warn_settings(config)
+  for line in config_lib.advice(config):
+    logger.warning('%s', line)
   workdir_lib.check_path(workdir)
   source = sources.make_source(config.data)
   logger.info('data: %r (%d images)', source, len(source))
@@ -198,9 +179,11 @@ class _Training:
 
   def run(self) -> dict:
     """Trains to ``total_steps``, evaluates; the result metrics."""
+    from dino_jax.eval import run as eval_run  # the eval imports are heavier
+
     total_steps = self.total_steps
     try:
-      if _evaluation_missing(self.config, self.writer, self.step, total_steps):
+      if eval_run.missing(self.config, self.writer, self.step, total_steps):
         # A signal stopped this step's evaluation after the step was saved:
         # evaluate it now, or its point of the learning curve is lost.
         logger.info(
@@ -230,7 +213,7 @@ class _Training:
 
   def _stop_requested(self) -> bool:
     """Whether to save and stop now; the same answer on every process."""
-    _raise_if_aborted()
+    interrupt.raise_if_aborted()
     if jax.process_count() > 1:
       # SIGTERM reached JAX's preemption notifier (a Ctrl-C is forwarded to
       # it by the shell): every process answers True at the same step.
@@ -307,27 +290,14 @@ class _Training:
     s['epoch'] = self.step / self.steps_per_epoch
     s['skipped_images'] = len(self.skipped.seen)
     self.writer.write(self.step, s)
-    logger.info(
-      'step %d/%d  epoch %.2f  loss %.4f  H_t %.3f  lr %.3g  wd %.3g  '
-      'm %.5f  %.1f img/s  ETA %s',
-      self.step,
-      self.total_steps,
-      s['epoch'],
-      s['loss'],
-      s['teacher_entropy'],
-      s['lr'],
-      s['wd'],
-      s['momentum'],
-      s['images_per_sec'],
-      metrics_lib.format_eta(s['eta_sec']),
-    )
+    logger.info('%s', metrics_lib.progress_line(self.step, self.total_steps, s))
 
   def _save_and_exit(self) -> dict:
     """After a signal: saves the last step done (unless saved), exits."""
     name = interrupt.requested() or 'SIGTERM'  # else JAX's notifier's
     if self.last_saved != self.step and self.metrics is not None:
       self.scalars = self._fetch_checked()
-      _raise_if_aborted()  # a second Ctrl-C meanwhile
+      interrupt.raise_if_aborted()  # a second Ctrl-C meanwhile
       self.ckpt.save(self.step, self.state, self.config)
       self.last_saved = self.step
     logger.warning(
@@ -342,6 +312,8 @@ class _Training:
 
   def _finish(self) -> dict:
     """The last step is saved: the final evaluation, then the result."""
+    from dino_jax.eval import run as eval_run
+
     self._close(writer=False)
     try:
       results = self._evaluate(final=True)
@@ -354,81 +326,32 @@ class _Training:
           self.workdir,
         )
         return {**self.scalars, 'stopped_by': interrupt.requested()}
-      self.writer.write(self.step, _knn_scalars(results), replace=True)
+      self.writer.write(self.step, eval_run.knn_scalars(results), replace=True)
     finally:
       self.writer.close()
     return {**self.scalars, **results}
 
   def _evaluate_and_write(self, final: bool) -> None:
+    from dino_jax.eval import run as eval_run
+
     results = self._evaluate(final)
     if results is not None:  # else stopped: the loop's top saves
-      self.writer.write(self.step, _knn_scalars(results))
+      self.writer.write(self.step, eval_run.knn_scalars(results))
 
   def _evaluate(self, final: bool) -> dict | None:
-    """``eval.run.after_training``, or None when a signal stopped it.
+    """The evaluations of this step, or None when a signal stopped them."""
+    from dino_jax.eval import run as eval_run
 
-    One process stops between batches (``interrupt.check``) so that the
-    run saves and exits within the scheduler's grace period; an evaluation
-    writes nothing partial. Several processes evaluate to the end.
-    """
-    from dino_jax.eval import run as eval_run  # eval imports are heavier
-
-    try:
-      interrupt.check()
-      return eval_run.after_training(
-        self.config, self.workdir, self.mesh, self.state, self.step, final
-      )
-    except interrupt.Stopped:
-      return None
-    except Exception as error:
-      if interrupt.requested() is None:
-        raise
-      # Stopped by the signal some other way (e.g. a data worker killed with
-      # the process group): the train state is whole.
-      logger.warning(
-        'evaluation failed after the signal: %s', ' '.join(str(error).split())
-      )
-      return None
+    return eval_run.during_training(
+      self.config, self.workdir, self.mesh, self.state, self.step, final
+    )
 
   def _close(self, writer: bool = True) -> None:
     if not self._closed:  # the save first, then the data workers
       self._closed = True
-      self.ckpt.wait(poll=_raise_if_aborted)  # a second Ctrl-C: no wait
+      # A second Ctrl-C: no wait.
+      self.ckpt.wait(poll=interrupt.raise_if_aborted)
       self.ckpt.close()
     self.reader.close()  # stops grain's decode threads
     if writer:
       self.writer.close()
-
-
-def _raise_if_aborted() -> None:
-  """A second Ctrl-C came: KeyboardInterrupt (exit without saving)."""
-  if interrupt.current().aborted:
-    raise KeyboardInterrupt
-
-
-def _evaluation_missing(config, writer, step: int, total_steps: int) -> bool:
-  """Whether ``step``, restored, is an ``eval_every_steps`` step whose k-NN
-  is not in ``metrics.jsonl`` (the same answer on every process)."""
-  every = config.eval_every_steps
-  if not (config.eval.knn and every > 0 and 0 < step < total_steps):
-    return False
-  if step % every:
-    return False
-  missing = not writer.has_evaluation(step) if writer.active else False
-  if jax.process_count() > 1:  # process 0 holds metrics.jsonl
-    from jax.experimental import multihost_utils
-
-    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
-  return missing
-
-
-def _knn_scalars(results: dict) -> dict[str, float]:
-  """k-NN top-1 per feature set and k, as metrics.jsonl columns.
-
-  e.g. ``knn_trained_k20``: the learning curve (``python -m dino_jax.plot``).
-  """
-  return {
-    f'knn_{name}_k{int(k)}': float(row['top1'])
-    for name, table in results.get('knn', {}).items()
-    for k, row in table.items()
-  }

@@ -26,7 +26,7 @@ UPPER = ('dino_jax.train', 'dino_jax.main', 'dino_jax.eval', 'dino_jax.interop')
 # The three parts (docs/layout.md): the shell (the commands: flags, config
 # files, one-line errors, the workdir lock, signal handlers) and the tools
 # import the library; the library imports neither.
-SHELL = ('dino_jax.cli', 'dino_jax.main')
+SHELL = ('dino_jax.cli', 'dino_jax.main', 'dino_jax.hostmem')
 TOOLS = ('dino_jax.aot', 'dino_jax.interop', 'dino_jax.plot')
 
 

@@ -298,3 +298,57 @@ def _mask_jaccard(config, mesh, backbone, params, step: int) -> dict:
   lines += [f'  {name:12s}  {v:6.2f}' for name, v in results.items()]
   print('\n'.join(lines), flush=True)
   return results
+
+
+# The training loop's side of the evaluations (train.py).
+
+
+def during_training(config, workdir, mesh, state, step: int, final: bool):
+  """``after_training``, or None when a signal stopped it.
+
+  One process stops between batches (``interrupt.check``) so that the
+  run saves and exits within the scheduler's grace period; an evaluation
+  writes nothing partial. Several processes evaluate to the end.
+  """
+  try:
+    interrupt.check()
+    return after_training(config, workdir, mesh, state, step, final)
+  except interrupt.Stopped:
+    return None
+  except Exception as error:
+    if interrupt.requested() is None:
+      raise
+    # Stopped by the signal some other way (e.g. a data worker killed with
+    # the process group): the train state is whole.
+    logger.warning(
+      'evaluation failed after the signal: %s', ' '.join(str(error).split())
+    )
+    return None
+
+
+def missing(config, writer, step: int, total_steps: int) -> bool:
+  """Whether ``step``, restored, is an ``eval_every_steps`` step whose k-NN
+  is not in ``metrics.jsonl`` (the same answer on every process)."""
+  every = config.eval_every_steps
+  if not (config.eval.knn and every > 0 and 0 < step < total_steps):
+    return False
+  if step % every:
+    return False
+  absent = not writer.has_evaluation(step) if writer.active else False
+  if jax.process_count() > 1:  # process 0 holds metrics.jsonl
+    from jax.experimental import multihost_utils
+
+    absent = bool(multihost_utils.broadcast_one_to_all(np.int32(absent)))
+  return absent
+
+
+def knn_scalars(results: dict) -> dict[str, float]:
+  """k-NN top-1 per feature set and k, as metrics.jsonl columns.
+
+  e.g. ``knn_trained_k20``: the learning curve (``python -m dino_jax.plot``).
+  """
+  return {
+    f'knn_{name}_k{int(k)}': float(row['top1'])
+    for name, table in results.get('knn', {}).items()
+    for k, row in table.items()
+  }
