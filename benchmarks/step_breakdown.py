@@ -43,6 +43,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dino_jax import aot  # noqa: E402
+from dino_jax.aot import __main__ as aot_cli  # noqa: E402 - its flags
 
 PARTS = (
   'augmentation',
@@ -308,10 +309,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from dino_jax import config as config_lib
-  from dino_jax import main as main_cli
   from dino_jax import parallel
+  from dino_jax.cli import flags as cli_flags
 
-  config = main_cli.load_config()
+  config = cli_flags.loaded_config(flags.FLAGS)
   try:
     target = aot.parse_topology(flags.FLAGS.topology, flags.FLAGS.slices)
     aot.check_config(config, target, target.num_devices)
@@ -356,4 +357,4 @@ flags.DEFINE_bool(
 
 if __name__ == '__main__':
   jax.config.update('jax_platforms', 'cpu')
-  app.run(main, flags_parser=aot.parse_flags)
+  app.run(main, flags_parser=aot_cli.parse_flags)
