@@ -1,11 +1,11 @@
 """Ahead-of-time compiles for hardware this machine lacks (a tool).
 
-``python -m dino_jax.aot`` (``__main__``); the rest is here.
+``python -m dino_jax.aot`` (``__main__``). Being split into one module per
+idea: targets so far; the rest is here.
 """
 
 import dataclasses
 import math
-import os
 import re
 import resource
 import time
@@ -14,387 +14,64 @@ from typing import Any
 import jax
 import ml_collections
 
-GiB = 2**30
-
-
-class AotError(Exception):
-    """A target or mesh this tool cannot compile for; one line for the user."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator chip as the verdict and the roofline see it.
-
-    Attributes:
-      name: the chip, as its maker names it.
-      platform: 'tpu' or 'gpu' (``config.resolve_compute``'s backend).
-      memory_gib: device memory a program may use. TPU: the HBM libtpu's
-        compiler allows (its RESOURCE_EXHAUSTED message: "Used X of Y hbm");
-        GPU: the memory XLA's GPU description gives (``device_memory_size``),
-        before the allocator's fraction.
-      peak_tflops: dense bf16 matmul peak per chip, TFLOP/s.
-      source: where ``peak_tflops`` comes from.
-      bandwidth_gbps: peak HBM bandwidth per chip, GB/s (10^9 bytes).
-      bandwidth_source: where ``bandwidth_gbps`` comes from.
-    """
-
-    name: str
-    platform: str
-    memory_gib: float
-    peak_tflops: float
-    source: str
-    bandwidth_gbps: float
-    bandwidth_source: str
-
-    @property
-    def ridge(self) -> float:
-        """FLOPs per byte above which a program is compute-bound on the chip."""
-        return self.peak_tflops * 1e12 / (self.bandwidth_gbps * 1e9)
-
-
-# Dense bf16 peaks (without 2:4 sparsity) and HBM bandwidths from the
-# makers' pages; TPU v4 and v5p count one chip (two TensorCores as one
-# megacore device). The GPUs' bandwidths are also GPU_TARGETS'
-# ``memory_bandwidth`` (XLA's descriptions of them).
-CHIPS = {
-    "v4": Chip(
-        "TPU v4",
-        "tpu",
-        30.75,
-        275.0,
-        "https://cloud.google.com/tpu/docs/v4",
-        1200.0,
-        "https://cloud.google.com/tpu/docs/v4",
-    ),
-    "v5e": Chip(
-        "TPU v5e",
-        "tpu",
-        15.75,
-        197.0,
-        "https://cloud.google.com/tpu/docs/v5e",
-        819.0,
-        "https://cloud.google.com/tpu/docs/v5e",
-    ),
-    "v5p": Chip(
-        "TPU v5p",
-        "tpu",
-        95.74,
-        459.0,
-        "https://cloud.google.com/tpu/docs/v5p",
-        2765.0,
-        "https://cloud.google.com/tpu/docs/v5p",
-    ),
-    "v6e": Chip(
-        "TPU v6e",
-        "tpu",
-        31.25,
-        918.0,
-        "https://cloud.google.com/tpu/docs/v6e",
-        1640.0,
-        "https://cloud.google.com/tpu/docs/v6e",
-    ),
-    "a100": Chip(
-        "NVIDIA A100-SXM4-80GB",
-        "gpu",
-        85100068864 / GiB,
-        312.0,
-        "NVIDIA A100 datasheet, SXM",
-        2039.0,
-        "NVIDIA A100 datasheet, SXM 80GB",
-    ),
-    "h100": Chip(
-        "NVIDIA H100 80GB HBM3",
-        "gpu",
-        84942979072 / GiB,
-        989.0,
-        "NVIDIA H100 datasheet, SXM (1979 with sparsity)",
-        3350.0,
-        "NVIDIA H100 datasheet, SXM",
-    ),
-    "h200": Chip(
-        "NVIDIA H200 141GB HBM3e",
-        "gpu",
-        151397597184 / GiB,
-        989.0,
-        "NVIDIA H200 datasheet, SXM (1979 with sparsity)",
-        4800.0,
-        "NVIDIA H200 datasheet, SXM",
-    ),
-}
-
-# The fraction of a GPU's memory JAX's allocator reserves by default
-# (XLA_PYTHON_CLIENT_MEM_FRACTION; jax docs, "GPU memory allocation").
-GPU_MEMORY_FRACTION = 0.75
-
-# GpuTargetConfigProto fields per GPU (stream_executor
-# device_description.proto). Values from XLA's own descriptions of these
-# GPUs, xla/backends/gpu/target_config/specs/{a100_sxm_80,h100_sxm,h200}.txtpb
-# (openxla/xla), which record what the CUDA driver reports; the fields below
-# are the ones XLA's GPU compiler reads when it plans kernels and memory.
-GPU_TARGETS = {
-    "a100": {
-        "name": "NVIDIA A100-SXM4-80GB",
-        "compute_capability": (8, 0, "NONE"),
-        "core_count": 108,
-        "fpus_per_core": 64,
-        "shared_memory_per_core": 167936,
-        "shared_memory_per_block_optin": 166912,
-        "memory_bandwidth": 2039040000000,
-        "l2_cache_size": 41943040,
-        "clock_rate_ghz": 1.41,
-        "device_memory_size": 85100068864,
-        "dnn_version": (8, 9, 4),
-    },
-    "h100": {
-        "name": "NVIDIA H100 80GB HBM3",
-        "compute_capability": (9, 0, "ACCELERATED_FEATURES"),
-        "core_count": 132,
-        "fpus_per_core": 128,
-        "shared_memory_per_core": 233472,
-        "shared_memory_per_block_optin": 232448,
-        "memory_bandwidth": 3352320000000,
-        "l2_cache_size": 52428800,
-        "clock_rate_ghz": 1.98,
-        "device_memory_size": 84942979072,
-        "dnn_version": (9, 10, 0),
-    },
-    "h200": {
-        "name": "NVIDIA H200 141GB HBM3e",
-        "compute_capability": (9, 0, "ACCELERATED_FEATURES"),
-        "core_count": 132,
-        "fpus_per_core": 128,
-        "shared_memory_per_core": 233472,
-        "shared_memory_per_block_optin": 232448,
-        "memory_bandwidth": 4800000000000,
-        "l2_cache_size": 52428800,
-        "clock_rate_ghz": 1.98,
-        "device_memory_size": 151397597184,
-        "dnn_version": (9, 10, 0),
-    },
-}
-
-
-def gpu_target_config(gen: str) -> str:
-    """The ``GpuTargetConfigProto`` text for GPU ``gen`` (``GPU_TARGETS``)."""
-    t = GPU_TARGETS[gen]
-    major, minor, feature = t["compute_capability"]
-    dnn = t["dnn_version"]
-    limits = {  # the same on every NVIDIA GPU since Volta (CUDA guide, H.1)
-        "threads_per_block_limit": 1024,
-        "threads_per_warp": 32,
-        "shared_memory_per_block": 49152,
-        "threads_per_core_limit": 2048,
-        "block_dim_limit_x": 2147483647,
-        "block_dim_limit_y": 65535,
-        "block_dim_limit_z": 65535,
-        "registers_per_core_limit": 65536,
-        "registers_per_block_limit": 65536,
-        "thread_dim_limit_x": 1024,
-        "thread_dim_limit_y": 1024,
-        "thread_dim_limit_z": 64,
-    }
-    fields = {
-        **limits,
-        **{
-            k: t[k]
-            for k in (
-                "core_count",
-                "fpus_per_core",
-                "shared_memory_per_core",
-                "shared_memory_per_block_optin",
-                "memory_bandwidth",
-                "l2_cache_size",
-                "clock_rate_ghz",
-                "device_memory_size",
-            )
-        },
-    }
-    lines = ["gpu_device_info {"]
-    lines += [f"  {k}: {v}" for k, v in fields.items()]
-    lines += [
-        "  cuda_compute_capability {",
-        f"    major: {major}",
-        f"    minor: {minor}",
-        f"    feature_extension: {feature}",
-        "  }",
-        f'  dnn_version: "{".".join(map(str, dnn))}"',
-        f'  name: "{t["name"]}"',
-        "}",
-        'platform_name: "CUDA"',
-        f"dnn_version_info {{ major: {dnn[0]} minor: {dnn[1]} patch: {dnn[2]} }}",
-        f'device_description_str: "{t["name"]}"',
-    ]
-    return "\n".join(lines) + "\n"
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A parsed ``--topology``: the chip and how many, in which shape."""
-
-    spec: str
-    gen: str
-    shape: tuple[int, ...]
-    slices: int
-
-    @property
-    def chip(self) -> Chip:
-        return CHIPS[self.gen]
-
-    @property
-    def num_devices(self) -> int:
-        return math.prod(self.shape) * self.slices
-
-
-def parse_topology(spec: str, slices: int = 1) -> Target:
-    """``'v5e:4x8'`` -> Target; AotError naming the valid forms otherwise."""
-    usage = (
-        f"unknown topology {spec!r}; use GEN:SHAPE with a TPU GEN in "
-        f"{', '.join(g for g in CHIPS if CHIPS[g].platform == 'tpu')} (e.g. "
-        "v5e:4x8, v4:2x2x2) or GEN:COUNT with a GPU GEN in "
-        f"{', '.join(g for g in CHIPS if CHIPS[g].platform == 'gpu')} (e.g. "
-        "h100:8, or h100:2x8 for two hosts)"
-    )
-    match = re.fullmatch(r"([a-z0-9]+)[:=]([0-9]+(?:x[0-9]+)*)", spec or "")
-    if not match or match.group(1) not in CHIPS:
-        raise AotError(usage)
-    gen = match.group(1)
-    shape = tuple(int(x) for x in match.group(2).split("x"))
-    if min(shape) < 1:
-        raise AotError(usage)
-    if slices < 1:
-        raise AotError(f"--slices={slices}; use 1 or more")
-    if CHIPS[gen].platform == "gpu" and (len(shape) > 2 or slices != 1):
-        raise AotError(
-            f"topology {spec!r}: a GPU target is GEN:GPUS or GEN:HOSTSxGPUS "
-            "(e.g. h100:8), without --slices"
-        )
-    return Target(spec, gen, shape, slices)
-
-
-def _libtpu_quiet_environment() -> None:
-    """Tells libtpu it is not on a TPU VM, so it skips the metadata server.
-
-    Without these libtpu prints a screen of warnings (no accelerator type, no
-    worker hostnames) before it builds a compile-only topology. Set only where
-    unset, in this compile-only process (which never initializes JAX's
-    distributed runtime).
-    """
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    # libtpu takes /tmp/libtpu_lockfile for one process per TPU VM; a compile
-    # uses no chip, so several may run at once (tests, a sweep beside a run).
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-
-
-def target_devices(target: Target) -> list:
-    """The target's compile-only devices (no hardware needed)."""
-    from jax.experimental import topologies
-
-    if target.chip.platform == "tpu":
-        from jax._src import xla_bridge  # where JAX looks for libtpu
-
-        if xla_bridge.get_tpu_library_path() is None:
-            raise AotError(
-                f"compiling for {target.chip.name} needs libtpu: "
-                "pip install -e '.[tpu]'"
-            )
-        _libtpu_quiet_environment()
-        kwargs = {"num_slices": target.slices} if target.slices > 1 else {}
-        if target.gen == "v4":
-            # One device per chip (its two TensorCores as one), as Cloud TPU v4
-            # VMs present them.
-            kwargs["chip_config_name"] = "megacore"
-        name = f"{target.gen}:{'x'.join(map(str, target.shape))}"
-        try:
-            return topologies.get_topology_desc(
-                topology_name=name, platform="tpu", **kwargs
-            ).devices
-        except jax.errors.JaxRuntimeError as e:
-            raise AotError(
-                f"topology {target.spec!r} rejected by libtpu: {_first_line(e)}"
-            ) from e
-    try:
-        import jax_plugins.xla_cuda12  # noqa: F401
-    except ImportError as e:
-        raise AotError(
-            f"compiling for {target.chip.name} needs the CUDA plugin: "
-            "pip install -e '.[aot-gpu]'"
-        ) from e
-    _gpu_compile_flags()
-    hosts, gpus = (1, *target.shape) if len(target.shape) == 1 else target.shape
-    return topologies.get_topology_desc(
-        platform="cuda",
-        target_config=gpu_target_config(target.gen),
-        topology=f"1x{hosts}x{gpus}",
-    ).devices
-
-
-# Without a device XLA:GPU cannot autotune, and on jax 0.10.2 its Triton
-# GEMM tiling then fails on the step's small matmuls ("Couldn't find output
-# tile sizes that satisfy hlo: ... dot"); with Triton GEMMs off those run
-# as cuBLAS calls, as XLA:GPU chooses for most large matmuls anyway.
-GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
-
-
-def _gpu_compile_flags() -> None:
-    """Adds GPU_XLA_FLAGS to XLA_FLAGS (read when the CUDA plugin starts);
-    a value the user set for the same flag is kept."""
-    current = os.environ.get("XLA_FLAGS", "")
-    for flag in GPU_XLA_FLAGS:
-        if flag.split("=")[0] not in current:
-            current = f"{current} {flag}".strip()
-    os.environ["XLA_FLAGS"] = current
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
+from dino_jax.aot.targets import (
+  CHIPS,
+  GPU_MEMORY_FRACTION,
+  GPU_TARGETS,
+  AotError,
+  Chip,
+  GiB,
+  Target,
+  check_config,
+  first_line,
+  gpu_target_config,
+  parse_topology,
+  target_devices,
+)
 
 # ---------------------------------------------------------------------------
 # Reading the compiled program.
 
 _DTYPE_BYTES = {
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-    "s16": 2,
-    "u16": 2,
-    "f16": 2,
-    "bf16": 2,
-    "s32": 4,
-    "u32": 4,
-    "f32": 4,
-    "s64": 8,
-    "u64": 8,
-    "f64": 8,
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  's16': 2,
+  'u16': 2,
+  'f16': 2,
+  'bf16': 2,
+  's32': 4,
+  'u32': 4,
+  'f32': 4,
+  's64': 8,
+  'u64': 8,
+  'f64': 8,
 }
 COLLECTIVES = (
-    "all-reduce",
-    "all-gather",
-    "reduce-scatter",
-    "all-to-all",
-    "collective-permute",
+  'all-reduce',
+  'all-gather',
+  'reduce-scatter',
+  'all-to-all',
+  'collective-permute',
 )
 # An instruction whose op is a collective (or its async -start half):
 # "%name = SHAPE all-gather(...)"; SHAPE is one array or a tuple of them.
 _COLLECTIVE_OP = re.compile(
-    r"^\s*(?:ROOT\s+)?%\S+ = (\(.*?\)|\S+) "
-    r"(" + "|".join(COLLECTIVES) + r")(-start)?\(",
-    re.MULTILINE,
+  r'^\s*(?:ROOT\s+)?%\S+ = (\(.*?\)|\S+) '
+  r'(' + '|'.join(COLLECTIVES) + r')(-start)?\(',
+  re.MULTILINE,
 )
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_ARRAY = re.compile(r'\b([a-z]+[0-9]*)\[([0-9,]*)\]')
 
 
 def _array_bytes(shape_text: str) -> list[int]:
-    sizes = []
-    for dtype, dims in _ARRAY.findall(shape_text):
-        if dtype not in _DTYPE_BYTES:
-            continue
-        n = math.prod(int(d) for d in dims.split(",") if d)
-        sizes.append(n * _DTYPE_BYTES[dtype])
-    return sizes
+  sizes = []
+  for dtype, dims in _ARRAY.findall(shape_text):
+    if dtype not in _DTYPE_BYTES:
+      continue
+    n = math.prod(int(d) for d in dims.split(',') if d)
+    sizes.append(n * _DTYPE_BYTES[dtype])
+  return sizes
 
 
 # libtpu's reduce-scatter: a fusion (kind=kCustom) of an all-reduce and the
@@ -402,198 +79,200 @@ def _array_bytes(shape_text: str) -> list[int]:
 # runs as one reduce-scatter (its collective_algorithm_config, e.g.
 # SingleInputAllReduceScatterFusion), so the all-reduce inside is not one.
 _SCATTER_FUSION = re.compile(
-    r"^\s*(?:ROOT\s+)?%\S+ = (\(.*?\)|\S+) fusion\(.*?calls=%"
-    r"(all-reduce-scatter[^\s,]*)",
-    re.MULTILINE,
+  r'^\s*(?:ROOT\s+)?%\S+ = (\(.*?\)|\S+) fusion\(.*?calls=%'
+  r'(all-reduce-scatter[^\s,]*)',
+  re.MULTILINE,
 )
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+) \(", re.MULTILINE)
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%(\S+) \(', re.MULTILINE)
 
 
 def _computation_bodies(hlo_text: str) -> dict[str, str]:
-    """Each computation's text, by name (``%name (...) -> ... {`` to ``}``)."""
-    bodies = {}
-    starts = [(m.start(), m.group(1)) for m in _COMPUTATION.finditer(hlo_text)]
-    for i, (start, name) in enumerate(starts):
-        end = starts[i + 1][0] if i + 1 < len(starts) else len(hlo_text)
-        bodies[name] = hlo_text[start:end]
-    return bodies
+  """Each computation's text, by name (``%name (...) -> ... {`` to ``}``)."""
+  bodies = {}
+  starts = [(m.start(), m.group(1)) for m in _COMPUTATION.finditer(hlo_text)]
+  for i, (start, name) in enumerate(starts):
+    end = starts[i + 1][0] if i + 1 < len(starts) else len(hlo_text)
+    bodies[name] = hlo_text[start:end]
+  return bodies
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Collectives of a compiled (per-device) HLO module, with their bytes.
+  """Collectives of a compiled (per-device) HLO module, with their bytes.
 
-    Bytes are each instruction's result on one device: the reduced tensor of
-    an all-reduce, the gathered one of an all-gather, one device's share of a
-    reduce-scatter. An async ``-start`` is counted once, by its result (the
-    second half of its tuple where it also carries the operands); the matching
-    ``-done`` is not counted again. libtpu's all-reduce-scatter fusions
-    count as reduce-scatters, by their results (the shares), and the
-    all-reduce inside them not at all. Loops are counted once per appearance
-    (the step has none around collectives).
+  Bytes are each instruction's result on one device: the reduced tensor of
+  an all-reduce, the gathered one of an all-gather, one device's share of a
+  reduce-scatter. An async ``-start`` is counted once, by its result (the
+  second half of its tuple where it also carries the operands); the matching
+  ``-done`` is not counted again. libtpu's all-reduce-scatter fusions
+  count as reduce-scatters, by their results (the shares), and the
+  all-reduce inside them not at all. Loops are counted once per appearance
+  (the step has none around collectives).
 
-    Returns:
-      ``{op: {'count': n, 'bytes': b}}`` for the ops present.
-    """
-    out: dict[str, dict[str, int]] = {}
-    scatters = _SCATTER_FUSION.findall(hlo_text)
-    if scatters:
-        bodies = _computation_bodies(hlo_text)
-        for _, name in scatters:  # leave out the fused computations
-            hlo_text = hlo_text.replace(bodies.get(name, "\0"), "")
-    for shape, _ in scatters:
-        entry = out.setdefault("reduce-scatter", {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += sum(_array_bytes(shape))
-    for shape, op, start in _COLLECTIVE_OP.findall(hlo_text):
-        sizes = _array_bytes(shape)
-        if start and op in ("all-gather", "collective-permute", "all-to-all"):
-            # (operands..., results..., [u32 contexts]): keep the results.
-            arrays = [s for s in sizes]
-            if op == "collective-permute" and len(arrays) >= 2:
-                sizes = [arrays[1]]
-            elif shape.startswith("(") and len(arrays) >= 2:
-                sizes = arrays[len(arrays) // 2 :]
-        entry = out.setdefault(op, {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += sum(sizes)
-    return out
+  Returns:
+    ``{op: {'count': n, 'bytes': b}}`` for the ops present.
+  """
+  out: dict[str, dict[str, int]] = {}
+  scatters = _SCATTER_FUSION.findall(hlo_text)
+  if scatters:
+    bodies = _computation_bodies(hlo_text)
+    for _, name in scatters:  # leave out the fused computations
+      hlo_text = hlo_text.replace(bodies.get(name, '\0'), '')
+  for shape, _ in scatters:
+    entry = out.setdefault('reduce-scatter', {'count': 0, 'bytes': 0})
+    entry['count'] += 1
+    entry['bytes'] += sum(_array_bytes(shape))
+  for shape, op, start in _COLLECTIVE_OP.findall(hlo_text):
+    sizes = _array_bytes(shape)
+    if start and op in ('all-gather', 'collective-permute', 'all-to-all'):
+      # (operands..., results..., [u32 contexts]): keep the results.
+      arrays = [s for s in sizes]
+      if op == 'collective-permute' and len(arrays) >= 2:
+        sizes = [arrays[1]]
+      elif shape.startswith('(') and len(arrays) >= 2:
+        sizes = arrays[len(arrays) // 2 :]
+    entry = out.setdefault(op, {'count': 0, 'bytes': 0})
+    entry['count'] += 1
+    entry['bytes'] += sum(sizes)
+  return out
 
 
-_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%\S+ = ", re.MULTILINE)
+_INSTRUCTION = re.compile(r'^\s+(?:ROOT )?%\S+ = ', re.MULTILINE)
 
 
 def hlo_instructions(hlo_text: str) -> int:
-    """The instructions in an optimized HLO module's text, every computation's
-    (fusion bodies, loop bodies and conditions included; a scanned layer's body
-    counts once)."""
-    return len(_INSTRUCTION.findall(hlo_text))
+  """The instructions in an optimized HLO module's text, every computation's
+  (fusion bodies, loop bodies and conditions included; a scanned layer's body
+  counts once)."""
+  return len(_INSTRUCTION.findall(hlo_text))
 
 
 def memory(compiled) -> dict[str, int]:
-    """Bytes per device of a compiled program (``memory_analysis``).
+  """Bytes per device of a compiled program (``memory_analysis``).
 
-    ``peak`` is XLA's peak where it reports one, else arguments + outputs +
-    temporaries less the outputs that reuse donated arguments (aliases).
-    """
-    m = compiled.memory_analysis()
-    out = {
-        "arguments": int(m.argument_size_in_bytes),
-        "outputs": int(m.output_size_in_bytes),
-        "aliased": int(m.alias_size_in_bytes),
-        "temporaries": int(m.temp_size_in_bytes),
-        "code": int(m.generated_code_size_in_bytes),
-    }
-    total = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    out["peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or total)
-    return out
+  ``peak`` is XLA's peak where it reports one, else arguments + outputs +
+  temporaries less the outputs that reuse donated arguments (aliases).
+  """
+  m = compiled.memory_analysis()
+  out = {
+    'arguments': int(m.argument_size_in_bytes),
+    'outputs': int(m.output_size_in_bytes),
+    'aliased': int(m.alias_size_in_bytes),
+    'temporaries': int(m.temp_size_in_bytes),
+    'code': int(m.generated_code_size_in_bytes),
+  }
+  total = (
+    out['arguments'] + out['outputs'] - out['aliased'] + out['temporaries']
+  )
+  out['peak'] = int(getattr(m, 'peak_memory_in_bytes', 0) or total)
+  return out
 
 
 def xla_cost(compiled) -> dict[str, float]:
-    """XLA's cost analysis of a compiled program, per device.
+  """XLA's cost analysis of a compiled program, per device.
 
-    Returns:
-      ``{'flops': ..., 'bytes': ...}``: XLA's FLOPs and the bytes its
-      instructions read and write in device memory ('bytes accessed': each
-      fusion's operands and results, so what stays inside a fusion is not
-      counted), each None where XLA counts none (XLA:GPU does not count its
-      cuBLAS/cuDNN calls, dino_jax/flops.py).
-    """
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        cost = None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    out = {}
-    for key, name in (("flops", "flops"), ("bytes", "bytes accessed")):
-        value = cost.get(name)
-        out[key] = float(value) if value and value > 0 else None
-    return out
+  Returns:
+    ``{'flops': ..., 'bytes': ...}``: XLA's FLOPs and the bytes its
+    instructions read and write in device memory ('bytes accessed': each
+    fusion's operands and results, so what stays inside a fusion is not
+    counted), each None where XLA counts none (XLA:GPU does not count its
+    cuBLAS/cuDNN calls, dino_jax/flops.py).
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    cost = None
+  if isinstance(cost, list | tuple):
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  out = {}
+  for key, name in (('flops', 'flops'), ('bytes', 'bytes accessed')):
+    value = cost.get(name)
+    out[key] = float(value) if value and value > 0 else None
+  return out
 
 
 def xla_flops(compiled) -> float | None:
-    """XLA's FLOPs per device, or None where it counts none (XLA:GPU's
-    cuBLAS/cuDNN calls are not counted, dino_jax/flops.py)."""
-    return xla_cost(compiled)["flops"]
+  """XLA's FLOPs per device, or None where it counts none (XLA:GPU's
+  cuBLAS/cuDNN calls are not counted, dino_jax/flops.py)."""
+  return xla_cost(compiled)['flops']
 
 
 def roofline(
-    chip: Chip,
-    flops_per_image: float,
-    bytes_per_image: float | None,
-    mfu: float,
+  chip: Chip,
+  flops_per_image: float,
+  bytes_per_image: float | None,
+  mfu: float,
 ) -> dict:
-    """Images/s per device: the lower of the compute and the memory bound.
+  """Images/s per device: the lower of the compute and the memory bound.
 
-    Args:
-      chip: the chip (peak FLOP/s, HBM bandwidth).
-      flops_per_image: FLOPs one image costs (the compute bound divides the
-        peak at ``mfu`` by it).
-      bytes_per_image: bytes of device memory one image reads and writes
-        (XLA's 'bytes accessed'); None where unknown, and then only the
-        compute bound is given.
-      mfu: the fraction of the peak FLOP/s the compute bound assumes.
+  Args:
+    chip: the chip (peak FLOP/s, HBM bandwidth).
+    flops_per_image: FLOPs one image costs (the compute bound divides the
+      peak at ``mfu`` by it).
+    bytes_per_image: bytes of device memory one image reads and writes
+      (XLA's 'bytes accessed'); None where unknown, and then only the
+      compute bound is given.
+    mfu: the fraction of the peak FLOP/s the compute bound assumes.
 
-    Returns:
-      ``compute`` (images/s at ``mfu``), ``memory`` (images/s with every byte
-      at the full HBM bandwidth, or None), ``images_per_second`` (the lower)
-      and ``bound`` ('compute' or 'memory').
-    """
-    compute = chip.peak_tflops * 1e12 * mfu / flops_per_image
-    memory_bound = (
-        chip.bandwidth_gbps * 1e9 / bytes_per_image if bytes_per_image else None
-    )
-    if memory_bound is not None and memory_bound < compute:
-        return {
-            "compute": compute,
-            "memory": memory_bound,
-            "images_per_second": memory_bound,
-            "bound": "memory",
-        }
+  Returns:
+    ``compute`` (images/s at ``mfu``), ``memory`` (images/s with every byte
+    at the full HBM bandwidth, or None), ``images_per_second`` (the lower)
+    and ``bound`` ('compute' or 'memory').
+  """
+  compute = chip.peak_tflops * 1e12 * mfu / flops_per_image
+  memory_bound = (
+    chip.bandwidth_gbps * 1e9 / bytes_per_image if bytes_per_image else None
+  )
+  if memory_bound is not None and memory_bound < compute:
     return {
-        "compute": compute,
-        "memory": memory_bound,
-        "images_per_second": compute,
-        "bound": "compute",
+      'compute': compute,
+      'memory': memory_bound,
+      'images_per_second': memory_bound,
+      'bound': 'memory',
     }
+  return {
+    'compute': compute,
+    'memory': memory_bound,
+    'images_per_second': compute,
+    'bound': 'compute',
+  }
 
 
 # libtpu's two RESOURCE_EXHAUSTED forms: the whole program ("Used 92.80G of
 # 15.75G hbm"), or its temporaries alone, checked before the arguments are
 # placed ("memory required for HLO temporaries (25.01G) exceeds ...").
-_HBM_USED = re.compile(r"Used ([0-9.]+)([KMGT]?) of [0-9.]+[KMGT]? hbm")
-_HBM_TEMPORARIES = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT]?)\)")
-_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_HBM_USED = re.compile(r'Used ([0-9.]+)([KMGT]?) of [0-9.]+[KMGT]? hbm')
+_HBM_TEMPORARIES = re.compile(r'HLO temporaries \(([0-9.]+)([KMGT]?)\)')
+_UNIT = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 
 def hbm_needed(message: str, argument_bytes: int = 0) -> float | None:
-    """Bytes per device a TPU compile's RESOURCE_EXHAUSTED message implies.
+  """Bytes per device a TPU compile's RESOURCE_EXHAUSTED message implies.
 
-    Args:
-      message: the error text.
-      argument_bytes: the program's arguments on one device, added where the
-        message counts only the temporaries.
+  Args:
+    message: the error text.
+    argument_bytes: the program's arguments on one device, added where the
+      message counts only the temporaries.
 
-    Returns:
-      The bytes, or None when the message names no size.
-    """
-    match = _HBM_USED.search(message)
-    if match:
-        return float(match.group(1)) * _UNIT[match.group(2)]
-    match = _HBM_TEMPORARIES.search(message)
-    if match:
-        return float(match.group(1)) * _UNIT[match.group(2)] + argument_bytes
-    return None
+  Returns:
+    The bytes, or None when the message names no size.
+  """
+  match = _HBM_USED.search(message)
+  if match:
+    return float(match.group(1)) * _UNIT[match.group(2)]
+  match = _HBM_TEMPORARIES.search(message)
+  if match:
+    return float(match.group(1)) * _UNIT[match.group(2)] + argument_bytes
+  return None
 
 
 def argument_bytes(tree: Any) -> int:
-    """Bytes of one device's shards of abstract arrays with shardings."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * leaf.dtype.itemsize
-    return total
+  """Bytes of one device's shards of abstract arrays with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * leaf.dtype.itemsize
+  return total
 
 
 # ---------------------------------------------------------------------------
@@ -601,213 +280,218 @@ def argument_bytes(tree: Any) -> int:
 
 
 def _abstract(shapes: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes,
-        shardings,
-    )
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    shapes,
+    shardings,
+  )
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-    """The schedules' epoch length: the config's, or ImageNet-1k's at its
-    batch (1,281,167 training images; ``train.steps_of``)."""
-    if config.steps_per_epoch > 0:
-        return config.steps_per_epoch
-    return max(1281167 // config.batch_size, 1)
+  """The schedules' epoch length: the config's, or ImageNet-1k's at its
+  batch (1,281,167 training images; ``train.steps_of``)."""
+  if config.steps_per_epoch > 0:
+    return config.steps_per_epoch
+  return max(1281167 // config.batch_size, 1)
 
 
 @dataclasses.dataclass
 class Compiled:
-    """One compile's outcome: the program, or why it does not fit."""
+  """One compile's outcome: the program, or why it does not fit."""
 
-    seconds: float
-    compiled: Any = None
-    needed: float | None = None  # bytes, from a RESOURCE_EXHAUSTED message
-    error: str | None = None
+  seconds: float
+  compiled: Any = None
+  needed: float | None = None  # bytes, from a RESOURCE_EXHAUSTED message
+  error: str | None = None
 
-    @property
-    def exhausted(self) -> bool:
-        return self.compiled is None
+  @property
+  def exhausted(self) -> bool:
+    return self.compiled is None
 
 
 def _compile(lowered, arguments: Any) -> Compiled:
-    """``lowered.compile()``, or what a RESOURCE_EXHAUSTED error says."""
-    start = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        return Compiled(
-            time.perf_counter() - start,
-            needed=hbm_needed(str(e), argument_bytes(arguments)),
-            error=_first_line(e),
-        )
-    return Compiled(time.perf_counter() - start, compiled=compiled)
+  """``lowered.compile()``, or what a RESOURCE_EXHAUSTED error says."""
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    return Compiled(
+      time.perf_counter() - start,
+      needed=hbm_needed(str(e), argument_bytes(arguments)),
+      error=first_line(e),
+    )
+  return Compiled(time.perf_counter() - start, compiled=compiled)
 
 
 def compile_step(config, mesh, platform: str) -> Compiled:
-    """The train step exactly as ``train.py`` builds it, for ``mesh``."""
-    from dino_jax import parallel
-    from dino_jax import step as step_lib
+  """The train step exactly as ``train.py`` builds it, for ``mesh``."""
+  from dino_jax import parallel
+  from dino_jax import step as step_lib
 
-    built = step_lib.build_sharded_step(
-        config, mesh, steps_per_epoch(config), backend=platform
-    )
-    state = _abstract(built.state_shape, built.state_sharding)
-    batch = _abstract(
-        built.batch_shape, parallel.tree_batch_sharding(mesh, built.batch_shape)
-    )
-    return _compile(built.jitted.lower(state, batch), (state, batch))
+  built = step_lib.build_sharded_step(
+    config, mesh, steps_per_epoch(config), backend=platform
+  )
+  state = _abstract(built.state_shape, built.state_sharding)
+  batch = _abstract(
+    built.batch_shape, parallel.tree_batch_sharding(mesh, built.batch_shape)
+  )
+  return _compile(built.jitted.lower(state, batch), (state, batch))
 
 
 def compile_features(config, mesh, platform: str) -> Compiled:
-    """The k-NN feature function at ``eval.batch_size``.
+  """The k-NN feature function at ``eval.batch_size``.
 
-    ``features.jit_feature_fn`` (teacher backbone, CLS), the function the
-    evaluations run, with the parameters sharded as the train state holds the
-    teacher's.
-    """
-    import numpy as np
-    from dino_jax import parallel
-    from dino_jax import step as step_lib
-    from dino_jax.eval import features
+  ``features.jit_feature_fn`` (teacher backbone, CLS), the function the
+  evaluations run, with the parameters sharded as the train state holds the
+  teacher's.
+  """
+  import numpy as np
 
-    _, teacher = step_lib.build_models(config, platform)
-    backbone = teacher.backbone
-    e = config.eval
-    probe = np.zeros((1, e.crop_size, e.crop_size, 3), np.float32)
+  from dino_jax import parallel
+  from dino_jax import step as step_lib
+  from dino_jax.eval import features
 
-    def variables():  # a ResNet's with its running statistics (inference)
-        out = backbone.init(jax.random.PRNGKey(0), probe)
-        return out if "batch_stats" in out else out["params"]
+  _, teacher = step_lib.build_models(config, platform)
+  backbone = teacher.backbone
+  e = config.eval
+  probe = np.zeros((1, e.crop_size, e.crop_size, 3), np.float32)
 
-    params_shape = jax.eval_shape(variables)
-    params = _abstract(
-        params_shape,
-        parallel.state_sharding(mesh, params_shape, config.mesh.fsdp_min_size),
-    )
-    images = jax.ShapeDtypeStruct(
-        (e.batch_size, e.crop_size, e.crop_size, 3),
-        np.float32,
-        sharding=parallel.batch_sharding(mesh),
-    )
-    fn = features.jit_feature_fn(backbone, mesh, "cls")
-    return _compile(fn.lower(params, images), (params, images))
+  def variables():  # a ResNet's with its running statistics (inference)
+    out = backbone.init(jax.random.PRNGKey(0), probe)
+    return out if 'batch_stats' in out else out['params']
+
+  params_shape = jax.eval_shape(variables)
+  params = _abstract(
+    params_shape,
+    parallel.state_sharding(mesh, params_shape, config.mesh.fsdp_min_size),
+  )
+  images = jax.ShapeDtypeStruct(
+    (e.batch_size, e.crop_size, e.crop_size, 3),
+    np.float32,
+    sharding=parallel.batch_sharding(mesh),
+  )
+  fn = features.jit_feature_fn(backbone, mesh, 'cls')
+  return _compile(fn.lower(params, images), (params, images))
 
 
 def _with_batch(config, batch: int) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.batch_size = batch
-    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.batch_size = batch
+  return config
 
 
 def fits(result: Compiled, limit: float) -> bool:
-    return not result.exhausted and memory(result.compiled)["peak"] <= limit
+  return not result.exhausted and memory(result.compiled)['peak'] <= limit
 
 
 def find_max_batch(
-    config,
-    mesh,
-    platform: str,
-    limit: float,
-    step: int,
-    known: dict,
-    fixed: float | None = None,
+  config,
+  mesh,
+  platform: str,
+  limit: float,
+  step: int,
+  known: dict,
+  fixed: float | None = None,
 ) -> tuple[int, dict]:
-    """The largest global batch, a multiple of ``step``, whose step fits.
+  """The largest global batch, a multiple of ``step``, whose step fits.
 
-    Bisection, each probe one compile; ``known`` ({batch: (fits, peak bytes or
-    None, compile seconds, XLA's FLOPs per device or None)}) seeds it. The
-    probes follow the line through the peaks seen so far (memory grows
-    about linearly with the batch) while it at least halves the bracket,
-    then halve it. With one peak known, ``fixed`` (the bytes that do not grow
-    with the batch: the state) is the line's other point, at batch 0;
-    without it the search doubles the batch first.
+  Bisection, each probe one compile; ``known`` ({batch: (fits, peak bytes or
+  None, compile seconds, XLA's FLOPs per device or None)}) seeds it. The
+  probes follow the line through the peaks seen so far (memory grows
+  about linearly with the batch) while it at least halves the bracket,
+  then halve it. With one peak known, ``fixed`` (the bytes that do not grow
+  with the batch: the state) is the line's other point, at batch 0;
+  without it the search doubles the batch first.
 
-    Returns:
-      (largest fitting batch, 0 if none; every probe as in ``known``: near
-      the limit the compiler rematerializes, so the FLOPs per image grow).
-    """
-    probes = dict(known)
+  Returns:
+    (largest fitting batch, 0 if none; every probe as in ``known``: near
+    the limit the compiler rematerializes, so the FLOPs per image grow).
+  """
+  probes = dict(known)
 
-    def probe(batch):
-        result = compile_step(_with_batch(config, batch), mesh, platform)
-        peak = result.needed if result.exhausted else memory(result.compiled)["peak"]
-        xla = None if result.exhausted else xla_flops(result.compiled)
-        probes[batch] = (fits(result, limit), peak, result.seconds, xla)
-        print(
-            f"  batch {batch}: {'fits' if probes[batch][0] else 'does not fit'}"
-            + (f" ({peak / GiB:.2f} GiB)" if peak else "")
-            + (f", XLA {xla / 1e12:.4g} TFLOPs per device" if xla else "")
-            + f", compiled in {result.seconds:.0f} s",
-            flush=True,
-        )
-        return probes[batch][0]
+  def probe(batch):
+    result = compile_step(_with_batch(config, batch), mesh, platform)
+    peak = (
+      result.needed if result.exhausted else memory(result.compiled)['peak']
+    )
+    xla = None if result.exhausted else xla_flops(result.compiled)
+    probes[batch] = (fits(result, limit), peak, result.seconds, xla)
+    print(
+      f'  batch {batch}: {"fits" if probes[batch][0] else "does not fit"}'
+      + (f' ({peak / GiB:.2f} GiB)' if peak else '')
+      + (f', XLA {xla / 1e12:.4g} TFLOPs per device' if xla else '')
+      + f', compiled in {result.seconds:.0f} s',
+      flush=True,
+    )
+    return probes[batch][0]
 
-    def bounds():
-        lo = max([b for b, p in probes.items() if p[0]], default=0)
-        hi = min([b for b, p in probes.items() if not p[0]], default=None)
-        return lo, hi
+  def bounds():
+    lo = max([b for b, p in probes.items() if p[0]], default=0)
+    hi = min([b for b, p in probes.items() if not p[0]], default=None)
+    return lo, hi
 
-    width, slow = None, False  # the bracket's before the last probe
-    for _ in range(24):
-        lo, hi = bounds()
-        if hi is not None and hi - lo <= step:
-            return lo, probes
-        # Once a line's probe did not halve the bracket, halve it from then on:
-        # a refused peak far over the limit (and flat peaks below it) made the
-        # line creep in steps (ViT-S/16 on 8 x H100: 2992, 2952, 2912, ...).
-        slow = slow or (width is not None and hi is not None and hi - lo > width / 2)
-        width = hi - lo if hi is not None else None
-        guess = None if slow else _linear_guess(probes, limit, step, fixed)
-        if guess is None:  # double up to a failure, then halve
-            nxt = 2 * max(lo, step) if hi is None else (lo + hi) // 2
-        else:  # the line's batch, strictly inside the bracket
-            nxt = max(guess, lo + step)
-            if hi is not None:
-                nxt = min(nxt, hi - step)
-            elif sum(p[0] for p in probes.values()) >= 2:
-                # Up from two fitted peaks, at most 4x: near the limit the peak
-                # stops growing (the compiler rematerializes), and a flat line's
-                # batch is absurd (ViT-S/16 on v5p-8: 90.05 and 90.06 GiB at 2176
-                # and 3264 put it at 4993280; XLA:GPU would compile that).
-                nxt = min(nxt, 4 * lo)
-        nxt = max(step, nxt // step * step)
-        if nxt in probes:  # a batch seen before: halve the bracket instead
-            nxt = max(step, (lo + (hi or 2 * lo)) // 2 // step * step)
-            if nxt in probes:
-                return lo, probes
-        probe(nxt)
-    return bounds()[0], probes
+  width, slow = None, False  # the bracket's before the last probe
+  for _ in range(24):
+    lo, hi = bounds()
+    if hi is not None and hi - lo <= step:
+      return lo, probes
+    # Once a line's probe did not halve the bracket, halve it from then on:
+    # a refused peak far over the limit (and flat peaks below it) made the
+    # line creep in steps (ViT-S/16 on 8 x H100: 2992, 2952, 2912, ...).
+    slow = slow or (
+      width is not None and hi is not None and hi - lo > width / 2
+    )
+    width = hi - lo if hi is not None else None
+    guess = None if slow else _linear_guess(probes, limit, step, fixed)
+    if guess is None:  # double up to a failure, then halve
+      nxt = 2 * max(lo, step) if hi is None else (lo + hi) // 2
+    else:  # the line's batch, strictly inside the bracket
+      nxt = max(guess, lo + step)
+      if hi is not None:
+        nxt = min(nxt, hi - step)
+      elif sum(p[0] for p in probes.values()) >= 2:
+        # Up from two fitted peaks, at most 4x: near the limit the peak
+        # stops growing (the compiler rematerializes), and a flat line's
+        # batch is absurd (ViT-S/16 on v5p-8: 90.05 and 90.06 GiB at 2176
+        # and 3264 put it at 4993280; XLA:GPU would compile that).
+        nxt = min(nxt, 4 * lo)
+    nxt = max(step, nxt // step * step)
+    if nxt in probes:  # a batch seen before: halve the bracket instead
+      nxt = max(step, (lo + (hi or 2 * lo)) // 2 // step * step)
+      if nxt in probes:
+        return lo, probes
+    probe(nxt)
+  return bounds()[0], probes
 
 
 def _linear_guess(
-    probes: dict, limit: float, step: int, fixed: float | None = None
+  probes: dict, limit: float, step: int, fixed: float | None = None
 ) -> int | None:
-    """Where the line through two measured peaks meets ``limit``.
+  """Where the line through two measured peaks meets ``limit``.
 
-    The two are those around the limit (the largest batch that fitted and
-    the smallest that did not) where both were measured, else the two
-    nearest to it on the measured side; with one peak, that one and
-    ``fixed`` at batch 0. None with fewer than two points.
-    """
-    fitted = sorted((b, p[1]) for b, p in probes.items() if p[0] and p[1])
-    failed = sorted((b, p[1]) for b, p in probes.items() if not p[0] and p[1])
-    if fixed and len(fitted) + len(failed) == 1:
-        (b0, m0), (b1, m1) = (0, fixed), (fitted + failed)[0]
-    elif fitted and failed:
-        (b0, m0), (b1, m1) = fitted[-1], failed[0]
-    elif len(fitted) >= 2:
-        (b0, m0), (b1, m1) = fitted[-2:]
-    elif len(failed) >= 2:
-        (b0, m0), (b1, m1) = failed[:2]
-    else:
-        return None
-    if m1 <= m0 or b1 <= b0:
-        return None
-    guess = b0 + (limit - m0) * (b1 - b0) / (m1 - m0)
-    return int(guess // step * step) if guess > 0 else None
+  The two are those around the limit (the largest batch that fitted and
+  the smallest that did not) where both were measured, else the two
+  nearest to it on the measured side; with one peak, that one and
+  ``fixed`` at batch 0. None with fewer than two points.
+  """
+  fitted = sorted((b, p[1]) for b, p in probes.items() if p[0] and p[1])
+  failed = sorted((b, p[1]) for b, p in probes.items() if not p[0] and p[1])
+  if fixed and len(fitted) + len(failed) == 1:
+    (b0, m0), (b1, m1) = (0, fixed), (fitted + failed)[0]
+  elif fitted and failed:
+    (b0, m0), (b1, m1) = fitted[-1], failed[0]
+  elif len(fitted) >= 2:
+    (b0, m0), (b1, m1) = fitted[-2:]
+  elif len(failed) >= 2:
+    (b0, m0), (b1, m1) = failed[:2]
+  else:
+    return None
+  if m1 <= m0 or b1 <= b0:
+    return None
+  guess = b0 + (limit - m0) * (b1 - b0) / (m1 - m0)
+  return int(guess // step * step) if guess > 0 else None
 
 
 # ---------------------------------------------------------------------------
@@ -815,349 +499,360 @@ def _linear_guess(
 
 
 def analyze(config, target: Target, mesh, mfu: float = 0.35) -> dict:
-    """Compiles for ``target`` and returns the report (``--out``'s JSON)."""
-    from dino_jax import config as config_lib
-    from dino_jax import flops as flops_lib
-    from dino_jax import parallel
+  """Compiles for ``target`` and returns the report (``--out``'s JSON)."""
+  from dino_jax import config as config_lib
+  from dino_jax import flops as flops_lib
+  from dino_jax import parallel
 
-    chip = target.chip
-    n = target.num_devices
-    dtype, attention = config_lib.resolve_compute(config.model, chip.platform)
-    limit = chip.memory_gib * GiB
-    if chip.platform == "gpu":
-        limit *= GPU_MEMORY_FRACTION
-    report = {
-        "topology": target.spec,
-        "slices": target.slices,
-        "chip": chip.name,
-        "platform": chip.platform,
-        "devices": n,
-        "mesh": dict(mesh.shape),
-        # Each device's slice, by mesh position ([data][fsdp]).
-        "mesh_slices": [[parallel.slice_index(d) for d in row] for row in mesh.devices],
-        "batch_size": config.batch_size,
-        "arch": config.model.arch,
-        "patch_size": config.model.patch_size,
-        "dtype": dtype,
-        "attention": attention,
-        "remat": bool(config.model.remat),
-        "memory_limit_bytes": int(limit),
-        "jax": jax.__version__,
-    }
-    if chip.platform == "tpu":
-        import importlib.metadata
+  chip = target.chip
+  n = target.num_devices
+  dtype, attention = config_lib.resolve_compute(config.model, chip.platform)
+  limit = chip.memory_gib * GiB
+  if chip.platform == 'gpu':
+    limit *= GPU_MEMORY_FRACTION
+  report = {
+    'topology': target.spec,
+    'slices': target.slices,
+    'chip': chip.name,
+    'platform': chip.platform,
+    'devices': n,
+    'mesh': dict(mesh.shape),
+    # Each device's slice, by mesh position ([data][fsdp]).
+    'mesh_slices': [
+      [parallel.slice_index(d) for d in row] for row in mesh.devices
+    ],
+    'batch_size': config.batch_size,
+    'arch': config.model.arch,
+    'patch_size': config.model.patch_size,
+    'dtype': dtype,
+    'attention': attention,
+    'remat': bool(config.model.remat),
+    'memory_limit_bytes': int(limit),
+    'jax': jax.__version__,
+  }
+  if chip.platform == 'tpu':
+    import importlib.metadata
 
-        report["libtpu"] = importlib.metadata.version("libtpu")
-    step_result = compile_step(config, mesh, chip.platform)
-    report["compile_seconds"] = round(step_result.seconds, 1)
-    analytic = flops_lib.from_config(config)
-    report["flops_per_image"] = analytic["per_image"]
-    report["flops_per_device"] = analytic["step"] / n
-    report["peak_tflops"] = chip.peak_tflops
-    report["peak_source"] = chip.source
-    report["mfu"] = mfu
-    report["images_per_second_per_device"] = (
-        chip.peak_tflops * 1e12 * report["mfu"] / analytic["per_image"]
-    )
-    if step_result.exhausted:
-        report["fits"] = False
-        report["needed_bytes"] = step_result.needed
-        report["error"] = step_result.error
-    else:
-        compiled = step_result.compiled
-        report["memory"] = memory(compiled)
-        report["fits"] = report["memory"]["peak"] <= limit
-        cost = xla_cost(compiled)
-        xla, moved = cost["flops"], cost["bytes"]
-        per_image = n / config.batch_size
-        report["xla_flops_per_device"] = xla
-        report["xla_flops_per_image"] = xla * per_image if xla else None
-        report["xla_bytes_per_device"] = moved
-        report["xla_bytes_per_image"] = moved * per_image if moved else None
-        hlo_text = compiled.as_text()
-        report["collectives"] = collectives(hlo_text)
-        report["hlo_instructions"] = hlo_instructions(hlo_text)
-    report["bandwidth_gbps"] = chip.bandwidth_gbps
-    report["bandwidth_source"] = chip.bandwidth_source
-    report["roofline"] = roofline(
-        chip, analytic["per_image"], report.get("xla_bytes_per_image"), mfu
-    )
-    return report
+    report['libtpu'] = importlib.metadata.version('libtpu')
+  step_result = compile_step(config, mesh, chip.platform)
+  report['compile_seconds'] = round(step_result.seconds, 1)
+  analytic = flops_lib.from_config(config)
+  report['flops_per_image'] = analytic['per_image']
+  report['flops_per_device'] = analytic['step'] / n
+  report['peak_tflops'] = chip.peak_tflops
+  report['peak_source'] = chip.source
+  report['mfu'] = mfu
+  report['images_per_second_per_device'] = (
+    chip.peak_tflops * 1e12 * report['mfu'] / analytic['per_image']
+  )
+  if step_result.exhausted:
+    report['fits'] = False
+    report['needed_bytes'] = step_result.needed
+    report['error'] = step_result.error
+  else:
+    compiled = step_result.compiled
+    report['memory'] = memory(compiled)
+    report['fits'] = report['memory']['peak'] <= limit
+    cost = xla_cost(compiled)
+    xla, moved = cost['flops'], cost['bytes']
+    per_image = n / config.batch_size
+    report['xla_flops_per_device'] = xla
+    report['xla_flops_per_image'] = xla * per_image if xla else None
+    report['xla_bytes_per_device'] = moved
+    report['xla_bytes_per_image'] = moved * per_image if moved else None
+    hlo_text = compiled.as_text()
+    report['collectives'] = collectives(hlo_text)
+    report['hlo_instructions'] = hlo_instructions(hlo_text)
+  report['bandwidth_gbps'] = chip.bandwidth_gbps
+  report['bandwidth_source'] = chip.bandwidth_source
+  report['roofline'] = roofline(
+    chip, analytic['per_image'], report.get('xla_bytes_per_image'), mfu
+  )
+  return report
 
 
 def _gib(x: float) -> str:
-    return f"{x / GiB:.2f}"
+  return f'{x / GiB:.2f}'
 
 
 def verdict(report: dict) -> str:
-    """The one-line answer: 'fits (X of Y GiB)' or 'does not fit: ...'."""
-    limit = report["memory_limit_bytes"]
-    what = "per device"
-    if report["fits"]:
-        return f"fits ({_gib(report['memory']['peak'])} of {_gib(limit)} GiB {what})"
-    step_memory = report.get("memory", {})
-    features = report.get("features", {})
-    if step_memory and step_memory["peak"] <= limit and features:
-        peak = features.get("memory", {}).get("peak") or features.get("needed_bytes")
-        needs = f"needs {_gib(peak)} GiB of {_gib(limit)}" if peak else ""
-        return (
-            f"does not fit: the evaluation's feature function {needs} {what}; "
-            "try a smaller eval.batch_size"
-        )
-    need = report.get("needed_bytes") or step_memory.get("peak")
-    needs = (
-        f"needs {_gib(need)} GiB of {_gib(limit)}"
-        if need
-        else (f"exceeds {_gib(limit)} GiB")
+  """The one-line answer: 'fits (X of Y GiB)' or 'does not fit: ...'."""
+  limit = report['memory_limit_bytes']
+  what = 'per device'
+  if report['fits']:
+    return (
+      f'fits ({_gib(report["memory"]["peak"])} of {_gib(limit)} GiB {what})'
     )
-    hints = []
-    fsdp = report["mesh"].get("fsdp", 1)
-    per_slice = report["devices"] // report["slices"]
-    if fsdp < per_slice:
-        bigger = next(
-            (f for f in (2, 4, 8, 16, 32, 64) if f > fsdp and per_slice % f == 0),
-            None,
-        )
-        if bigger:
-            hints.append(f"mesh.fsdp={bigger}")
-    if not report["remat"]:
-        hints.append("model.remat=True")
-    hints.append("a smaller batch")
-    return f"does not fit: {needs} {what}; try {', '.join(hints)}"
+  step_memory = report.get('memory', {})
+  features = report.get('features', {})
+  if step_memory and step_memory['peak'] <= limit and features:
+    peak = features.get('memory', {}).get('peak') or features.get(
+      'needed_bytes'
+    )
+    needs = f'needs {_gib(peak)} GiB of {_gib(limit)}' if peak else ''
+    return (
+      f"does not fit: the evaluation's feature function {needs} {what}; "
+      'try a smaller eval.batch_size'
+    )
+  need = report.get('needed_bytes') or step_memory.get('peak')
+  needs = (
+    f'needs {_gib(need)} GiB of {_gib(limit)}'
+    if need
+    else (f'exceeds {_gib(limit)} GiB')
+  )
+  hints = []
+  fsdp = report['mesh'].get('fsdp', 1)
+  per_slice = report['devices'] // report['slices']
+  if fsdp < per_slice:
+    bigger = next(
+      (f for f in (2, 4, 8, 16, 32, 64) if f > fsdp and per_slice % f == 0),
+      None,
+    )
+    if bigger:
+      hints.append(f'mesh.fsdp={bigger}')
+  if not report['remat']:
+    hints.append('model.remat=True')
+  hints.append('a smaller batch')
+  return f'does not fit: {needs} {what}; try {", ".join(hints)}'
 
 
 def format_report(report: dict) -> str:
-    """The report as the lines the CLI prints."""
-    mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items())
-    lines = [
-        f"target: {report['topology']}"
-        + (f" x {report['slices']} slices" if report["slices"] > 1 else "")
-        + f", {report['devices']} x {report['chip']}; mesh {mesh}",
-        "model: "
-        + (
-            f"{report['arch']}, {report['dtype']}"  # a ResNet: no patches
-            if report["arch"].startswith("resnet")
-            else f"{report['arch']}/{report['patch_size']}, {report['dtype']}, "
-            f"{report['attention']} attention"
-        )
-        + f", remat {report['remat']}; global batch {report['batch_size']}",
-        f"train step compiled in {report['compile_seconds']:.0f} s"
-        + (
-            f", {report['hlo_instructions']:,} HLO instructions (optimized)"
-            if report.get("hlo_instructions")
-            else ""
-        ),
-    ]
-    if "memory" in report:
-        m = report["memory"]
-        lines.append(
-            f"memory per device: arguments {_gib(m['arguments'])}, outputs "
-            f"{_gib(m['outputs'])} ({_gib(m['aliased'])} reuse donated "
-            f"arguments), temporaries {_gib(m['temporaries'])}, code "
-            f"{_gib(m['code'])}; peak {_gib(m['peak'])} GiB of "
-            f"{_gib(report['memory_limit_bytes'])}"
-        )
-    elif report.get("error"):
-        lines.append(f"compiler: {report['error'][:300]}")
-    per_image = report["flops_per_image"]
-    flop_line = (
-        f"FLOPs: {per_image / 1e9:.4g} GFLOPs per image, "
-        f"{report['flops_per_device'] / 1e12:.4g} TFLOPs per device per step "
-        "(analytic, dino_jax/flops.py)"
+  """The report as the lines the CLI prints."""
+  mesh = ' x '.join(f'{k} {v}' for k, v in report['mesh'].items())
+  lines = [
+    f'target: {report["topology"]}'
+    + (f' x {report["slices"]} slices' if report['slices'] > 1 else '')
+    + f', {report["devices"]} x {report["chip"]}; mesh {mesh}',
+    'model: '
+    + (
+      f'{report["arch"]}, {report["dtype"]}'  # a ResNet: no patches
+      if report['arch'].startswith('resnet')
+      else f'{report["arch"]}/{report["patch_size"]}, {report["dtype"]}, '
+      f'{report["attention"]} attention'
     )
-    if report.get("xla_flops_per_device"):
-        flop_line += (
-            f"; XLA: {report['xla_flops_per_image'] / 1e9:.4g} GFLOPs per image, "
-            f"{report['xla_flops_per_device'] / 1e12:.4g} TFLOPs per device"
-        )
-    elif "memory" in report:
-        flop_line += "; XLA counts none here"
-    lines.append(flop_line)
-    if report.get("xla_bytes_per_device"):
-        moved = report["xla_bytes_per_image"]
-        line = (
-            f"bytes accessed (XLA): {moved / 1e9:.4g} GB per image, "
-            f"{report['xla_bytes_per_device'] / 1e9:.4g} GB per device per step"
-        )
-        if report.get("xla_flops_per_device"):
-            intensity = report["xla_flops_per_device"] / report["xla_bytes_per_device"]
-            ridge = report["peak_tflops"] * 1e3 / report["bandwidth_gbps"]
-            line += (
-                f"; {intensity:.3g} FLOPs per byte (compute-bound above "
-                f"{ridge:.0f} on this chip)"
-            )
-        if report.get("platform") == "gpu":
-            line += (
-                "; XLA:GPU leaves out its cuBLAS/cuDNN calls' bytes, so the memory "
-                "bound below is an upper bound"
-            )
-        lines.append(line)
-    elif "memory" in report:
-        lines.append("bytes accessed: XLA counts none here")
-    lines.extend(roofline_lines(report))
-    if report.get("collectives"):
-        parts = [
-            f"{op} {c['count']} ({c['bytes'] / 2**20:.1f} MiB)"
-            for op, c in sorted(report["collectives"].items())
-        ]
-        lines.append(
-            "collectives per step, result bytes per device: " + ", ".join(parts)
-        )
-    elif "memory" in report:
-        lines.append("collectives: none")
-    if "features" in report:
-        f = report["features"]
-        if "memory" in f:
-            lines.append(
-                f"evaluation features (batch {f['batch_size']}): peak "
-                f"{_gib(f['memory']['peak'])} GiB per device, compiled in "
-                f"{f['compile_seconds']:.0f} s"
-            )
-        else:
-            lines.append(f"evaluation features (batch {f['batch_size']}): does not fit")
-    if "max_batch" in report:
-        lines.append(
-            f"largest global batch that fits: {report['max_batch']} "
-            f"({len(report['max_batch_probes'])} compiles)"
-        )
-    lines.append(f"host: peak {report['host_peak_bytes'] / GiB:.1f} GiB resident")
-    lines.append(verdict(report))
-    return "\n".join(lines)
+    + f', remat {report["remat"]}; global batch {report["batch_size"]}',
+    f'train step compiled in {report["compile_seconds"]:.0f} s'
+    + (
+      f', {report["hlo_instructions"]:,} HLO instructions (optimized)'
+      if report.get('hlo_instructions')
+      else ''
+    ),
+  ]
+  if 'memory' in report:
+    m = report['memory']
+    lines.append(
+      f'memory per device: arguments {_gib(m["arguments"])}, outputs '
+      f'{_gib(m["outputs"])} ({_gib(m["aliased"])} reuse donated '
+      f'arguments), temporaries {_gib(m["temporaries"])}, code '
+      f'{_gib(m["code"])}; peak {_gib(m["peak"])} GiB of '
+      f'{_gib(report["memory_limit_bytes"])}'
+    )
+  elif report.get('error'):
+    lines.append(f'compiler: {report["error"][:300]}')
+  per_image = report['flops_per_image']
+  flop_line = (
+    f'FLOPs: {per_image / 1e9:.4g} GFLOPs per image, '
+    f'{report["flops_per_device"] / 1e12:.4g} TFLOPs per device per step '
+    '(analytic, dino_jax/flops.py)'
+  )
+  if report.get('xla_flops_per_device'):
+    flop_line += (
+      f'; XLA: {report["xla_flops_per_image"] / 1e9:.4g} GFLOPs per image, '
+      f'{report["xla_flops_per_device"] / 1e12:.4g} TFLOPs per device'
+    )
+  elif 'memory' in report:
+    flop_line += '; XLA counts none here'
+  lines.append(flop_line)
+  if report.get('xla_bytes_per_device'):
+    moved = report['xla_bytes_per_image']
+    line = (
+      f'bytes accessed (XLA): {moved / 1e9:.4g} GB per image, '
+      f'{report["xla_bytes_per_device"] / 1e9:.4g} GB per device per step'
+    )
+    if report.get('xla_flops_per_device'):
+      intensity = (
+        report['xla_flops_per_device'] / report['xla_bytes_per_device']
+      )
+      ridge = report['peak_tflops'] * 1e3 / report['bandwidth_gbps']
+      line += (
+        f'; {intensity:.3g} FLOPs per byte (compute-bound above '
+        f'{ridge:.0f} on this chip)'
+      )
+    if report.get('platform') == 'gpu':
+      line += (
+        "; XLA:GPU leaves out its cuBLAS/cuDNN calls' bytes, so the memory "
+        'bound below is an upper bound'
+      )
+    lines.append(line)
+  elif 'memory' in report:
+    lines.append('bytes accessed: XLA counts none here')
+  lines.extend(roofline_lines(report))
+  if report.get('collectives'):
+    parts = [
+      f'{op} {c["count"]} ({c["bytes"] / 2**20:.1f} MiB)'
+      for op, c in sorted(report['collectives'].items())
+    ]
+    lines.append(
+      'collectives per step, result bytes per device: ' + ', '.join(parts)
+    )
+  elif 'memory' in report:
+    lines.append('collectives: none')
+  if 'features' in report:
+    f = report['features']
+    if 'memory' in f:
+      lines.append(
+        f'evaluation features (batch {f["batch_size"]}): peak '
+        f'{_gib(f["memory"]["peak"])} GiB per device, compiled in '
+        f'{f["compile_seconds"]:.0f} s'
+      )
+    else:
+      lines.append(
+        f'evaluation features (batch {f["batch_size"]}): does not fit'
+      )
+  if 'max_batch' in report:
+    lines.append(
+      f'largest global batch that fits: {report["max_batch"]} '
+      f'({len(report["max_batch_probes"])} compiles)'
+    )
+  lines.append(f'host: peak {report["host_peak_bytes"] / GiB:.1f} GiB resident')
+  lines.append(verdict(report))
+  return '\n'.join(lines)
 
 
 def roofline_lines(report: dict) -> list[str]:
-    """The roofline's lines: the compute bound, the memory bound, the lower."""
-    r = report.get("roofline") or {
-        "compute": report["images_per_second_per_device"],
-        "memory": None,
-        "images_per_second": report["images_per_second_per_device"],
-        "bound": "compute",
-    }
-    n = report["devices"]
-    lines = [
-        f"compute bound: {r['compute']:.0f} images/s per device at "
-        f"{report['mfu']:.0%} MFU of {report['peak_tflops']:.0f} TFLOP/s bf16 "
-        f"per chip ({report['peak_source']})"
-    ]
-    if r["memory"] is not None:
-        lines.append(
-            f"memory bound: {r['memory']:.0f} images/s per device at "
-            f"{report['bandwidth_gbps']:.0f} GB/s HBM per chip "
-            f"({report['bandwidth_source']})"
-        )
+  """The roofline's lines: the compute bound, the memory bound, the lower."""
+  r = report.get('roofline') or {
+    'compute': report['images_per_second_per_device'],
+    'memory': None,
+    'images_per_second': report['images_per_second_per_device'],
+    'bound': 'compute',
+  }
+  n = report['devices']
+  lines = [
+    f'compute bound: {r["compute"]:.0f} images/s per device at '
+    f'{report["mfu"]:.0%} MFU of {report["peak_tflops"]:.0f} TFLOP/s bf16 '
+    f'per chip ({report["peak_source"]})'
+  ]
+  if r['memory'] is not None:
     lines.append(
-        f"roofline: {r['images_per_second']:.0f} images/s per device "
-        f"({r['images_per_second'] * n:.0f} in all), {r['bound']}-bound"
-        + ("" if r["memory"] is not None else " (no byte count: compute only)")
+      f'memory bound: {r["memory"]:.0f} images/s per device at '
+      f'{report["bandwidth_gbps"]:.0f} GB/s HBM per chip '
+      f'({report["bandwidth_source"]})'
     )
-    return lines
+  lines.append(
+    f'roofline: {r["images_per_second"]:.0f} images/s per device '
+    f'({r["images_per_second"] * n:.0f} in all), {r["bound"]}-bound'
+    + ('' if r['memory'] is not None else ' (no byte count: compute only)')
+  )
+  return lines
 
 
 def host_peak_bytes() -> int:
-    """This process's peak resident memory (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def check_config(
-    config: ml_collections.ConfigDict,
-    target: Target,
-    num_devices: int,
-) -> None:
-    """``config.validate`` for ``num_devices`` (as training checks it; this
-    includes the feature function's ``eval.batch_size``), as an AotError of
-    one line naming the value to change."""
-    from dino_jax import config as config_lib
-
-    prefix = f"{target.spec} ({num_devices} devices)"
-    try:
-        config_lib.validate(config, num_devices)
-    except config_lib.ConfigError as e:
-        raise AotError(f"{prefix}: {e}") from e
+  """This process's peak resident memory (Linux reports kilobytes)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run(
-    config: ml_collections.ConfigDict,
-    target: Target,
-    *,
-    mfu: float = 0.35,
-    eval_features: bool = True,
-    max_batch: bool = False,
-    max_batch_step: int = 0,
+  config: ml_collections.ConfigDict,
+  target: Target,
+  *,
+  mfu: float = 0.35,
+  eval_features: bool = True,
+  max_batch: bool = False,
+  max_batch_step: int = 0,
 ) -> dict:
-    """Compiles for ``target``; the report (``format_report`` prints it).
+  """Compiles for ``target``; the report (``format_report`` prints it).
 
-    Args:
-      config: the training config.
-      target: ``parse_topology``'s target.
-      mfu: the MFU of the roofline estimate.
-      eval_features: also compile the k-NN feature function.
-      max_batch: also find the largest global batch that fits.
-      max_batch_step: its resolution in images (0: the device count).
+  Args:
+    config: the training config.
+    target: ``parse_topology``'s target.
+    mfu: the MFU of the roofline estimate.
+    eval_features: also compile the k-NN feature function.
+    max_batch: also find the largest global batch that fits.
+    max_batch_step: its resolution in images (0: the device count).
 
-    Raises:
-      AotError: an unusable target, mesh or config.
-    """
-    from dino_jax import parallel
+  Raises:
+    AotError: an unusable target, mesh or config.
+  """
+  from dino_jax import parallel
 
-    # Checked before libtpu or the CUDA plugin starts, and before minutes
-    # of compiling: the target's device count is known from its shape.
-    check_config(config, target, target.num_devices)
-    devices = target_devices(target)
-    if len(devices) != target.num_devices:
-        check_config(config, target, len(devices))
-    try:
-        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-    except ValueError as e:
-        raise AotError(f"{target.spec}: {e}") from e
-    report = analyze(config, target, mesh, mfu)
-    if eval_features and report["fits"]:
-        result = compile_features(config, mesh, target.chip.platform)
-        f = {
-            "batch_size": config.eval.batch_size,
-            "compile_seconds": round(result.seconds, 1),
-        }
-        if not result.exhausted:
-            f["memory"] = memory(result.compiled)
-            fits_eval = f["memory"]["peak"] <= report["memory_limit_bytes"]
-        else:
-            f["needed_bytes"] = result.needed
-            fits_eval = False
-        report["features"] = f
-        report["fits"] = report["fits"] and fits_eval
-    if max_batch:
-        step = max_batch_step or target.num_devices
-        step = math.lcm(step, target.num_devices)
-        peak = report.get("memory", {}).get("peak") or report.get("needed_bytes")
-        known = {
-            config.batch_size: (
-                "memory" in report
-                and report["memory"]["peak"] <= report["memory_limit_bytes"],
-                peak,
-                report["compile_seconds"],
-                report.get("xla_flops_per_device"),
-            )
-        }
-        m = report.get("memory")
-        fixed = m["arguments"] + m["outputs"] - m["aliased"] if m else None
-        print("searching the largest global batch that fits:", flush=True)
-        best, probes = find_max_batch(
-            config,
-            mesh,
-            target.chip.platform,
-            report["memory_limit_bytes"],
-            step,
-            known,
-            fixed,
-        )
-        report["max_batch"] = best
-        report["max_batch_probes"] = {
-            str(b): {
-                "fits": p[0],
-                "peak_bytes": p[1],
-                "compile_seconds": p[2],
-                "xla_flops_per_image": p[3] * target.num_devices / b if p[3] else None,
-            }
-            for b, p in sorted(probes.items())
-        }
-    report["host_peak_bytes"] = host_peak_bytes()
-    return report
+  # Checked before libtpu or the CUDA plugin starts, and before minutes
+  # of compiling: the target's device count is known from its shape.
+  check_config(config, target, target.num_devices)
+  devices = target_devices(target)
+  if len(devices) != target.num_devices:
+    check_config(config, target, len(devices))
+  try:
+    mesh = parallel.make_mesh(
+      config.mesh.data, config.mesh.fsdp, devices=devices
+    )
+  except ValueError as e:
+    raise AotError(f'{target.spec}: {e}') from e
+  report = analyze(config, target, mesh, mfu)
+  if eval_features and report['fits']:
+    result = compile_features(config, mesh, target.chip.platform)
+    f = {
+      'batch_size': config.eval.batch_size,
+      'compile_seconds': round(result.seconds, 1),
+    }
+    if not result.exhausted:
+      f['memory'] = memory(result.compiled)
+      fits_eval = f['memory']['peak'] <= report['memory_limit_bytes']
+    else:
+      f['needed_bytes'] = result.needed
+      fits_eval = False
+    report['features'] = f
+    report['fits'] = report['fits'] and fits_eval
+  if max_batch:
+    step = max_batch_step or target.num_devices
+    step = math.lcm(step, target.num_devices)
+    peak = report.get('memory', {}).get('peak') or report.get('needed_bytes')
+    known = {
+      config.batch_size: (
+        'memory' in report
+        and report['memory']['peak'] <= report['memory_limit_bytes'],
+        peak,
+        report['compile_seconds'],
+        report.get('xla_flops_per_device'),
+      )
+    }
+    m = report.get('memory')
+    fixed = m['arguments'] + m['outputs'] - m['aliased'] if m else None
+    print('searching the largest global batch that fits:', flush=True)
+    best, probes = find_max_batch(
+      config,
+      mesh,
+      target.chip.platform,
+      report['memory_limit_bytes'],
+      step,
+      known,
+      fixed,
+    )
+    report['max_batch'] = best
+    report['max_batch_probes'] = {
+      str(b): {
+        'fits': p[0],
+        'peak_bytes': p[1],
+        'compile_seconds': p[2],
+        'xla_flops_per_image': p[3] * target.num_devices / b if p[3] else None,
+      }
+      for b, p in sorted(probes.items())
+    }
+  report['host_peak_bytes'] = host_peak_bytes()
+  return report
+
+
+__all__ = [
+  'AotError',
+  'CHIPS',
+  'Chip',
+  'GPU_MEMORY_FRACTION',
+  'GPU_TARGETS',
+  'GiB',
+  'Target',
+  'check_config',
+  'first_line',
+  'gpu_target_config',
+  'parse_topology',
+  'target_devices',
+]
