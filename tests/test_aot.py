@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from dino_jax import aot
@@ -506,8 +507,8 @@ def test_max_batch_bisection(monkeypatch):
     compiled.append(config.batch_size)
     return aot.Compiled(1.0, compiled=_FakeCompiled(config.batch_size))
 
-  monkeypatch.setattr(aot, 'compile_step', fake_compile)
-  config = aot.ml_collections.ConfigDict({'batch_size': 256})
+  monkeypatch.setattr(aot.search, 'compile_step', fake_compile)
+  config = ml_collections.ConfigDict({'batch_size': 256})
   limit = 16 * 2**30  # (16 GiB - 1 GiB) / 10 MiB = 1536 images fit
   start = 2**30 + 256 * 10 * 2**20
   best, probes = aot.find_max_batch(
@@ -541,8 +542,8 @@ def test_max_batch_flat_peaks_do_not_send_the_search_far(monkeypatch):
     compiled.append(config.batch_size)
     return aot.Compiled(1.0, compiled=_FakeCompiled(config.batch_size, peak))
 
-  monkeypatch.setattr(aot, 'compile_step', fake_compile)
-  config = aot.ml_collections.ConfigDict({'batch_size': 256})
+  monkeypatch.setattr(aot.search, 'compile_step', fake_compile)
+  config = ml_collections.ConfigDict({'batch_size': 256})
   limit = 16 * 2**30
   best, probes = aot.find_max_batch(
     config, None, 'tpu', limit, 64, {256: (True, peak(256), 1.0, None)}
