@@ -4,9 +4,13 @@ The mesh has axes ('data', 'fsdp'). The batch is split over both. Parameters
 and optimizer moments with at least ``fsdp_min_size`` elements are split over
 'fsdp' along their largest dimension that the axis divides; everything else
 (and everything when fsdp = 1) is replicated. GSPMD inserts the gathers and
-reduce-scatters, so every mean in the step stays a global mean.
+reductions, so every mean in the step stays a global mean; with fsdp > 1 the
+student's gradients are computed per device instead
+(``value_and_grad_scattered``, ``mesh.grad_reduce='scatter'``), so that the
+split ones are reduce-scattered to their shards.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,11 +109,39 @@ def constrain_batch(x: jax.Array, batch_axis: int = 0) -> jax.Array:
     batch_axis: the batch dimension.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+  if (
+    mesh.empty
+    or not set(BATCH_AXES) <= set(mesh.axis_names)
+    or _manual_batch_axes()  # inside a shard_map: the rows are local
+  ):
     return x
   return jax.lax.with_sharding_constraint(
     x, P(*([None] * batch_axis), BATCH_AXES)
   )
+
+
+def _manual_batch_axes() -> bool:
+  """Whether this traces inside a ``shard_map`` over the batch axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and set(BATCH_AXES) <= set(mesh.manual_axes)
+
+
+def batch_uniform(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  """``jax.random.uniform(key, shape, dtype)`` for a batch-major ``shape``.
+
+  Inside ``value_and_grad_scattered`` (a ``shard_map`` over the batch axes,
+  ``shape[0]`` this device's rows) it returns this device's rows of the
+  draw for the whole global batch, so a stochastic layer (drop path) draws
+  the numbers the GSPMD step draws, whatever the mesh. Elsewhere it is
+  exactly ``jax.random.uniform``.
+  """
+  if not _manual_batch_axes():
+    return jax.random.uniform(key, shape, dtype)
+  rows = shape[0]
+  n = jax.lax.axis_size(BATCH_AXES)
+  full = jax.random.uniform(key, (n * rows, *shape[1:]), dtype)
+  start = jax.lax.axis_index(BATCH_AXES) * rows
+  return jax.lax.dynamic_slice_in_dim(full, start, rows)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -147,11 +179,32 @@ def tree_batch_sharding(mesh: Mesh, batch: Any) -> Any:
   return jax.tree_util.tree_map_with_path(spec, batch)
 
 
-def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
-  """PartitionSpec of one state leaf (fsdp over its largest divisible dim)."""
-  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+# A scanned ViT's blocks (model.scan_blocks): the leaves under this key hold
+# the layers on axis 0 (models/vit.py stack_blocks).
+STACKED_KEY = 'blocks'
+
+
+def is_stacked(path: tuple) -> bool:
+  """Whether the state leaf at ``path`` (a key path) holds stacked layers."""
+  return any(
+    str(getattr(entry, 'key', getattr(entry, 'name', entry))) == STACKED_KEY
+    for entry in path
+  )
+
+
+def leaf_spec(
+  shape: tuple[int, ...], fsdp: int, min_size: int, stacked: bool = False
+) -> P:
+  """PartitionSpec of one state leaf (fsdp over its largest divisible dim).
+
+  ``stacked``: axis 0 holds layers (a scanned ViT's blocks): never split,
+  and each layer's size decides, so a leaf is split as each unrolled
+  block's would be.
+  """
+  first = 1 if stacked else 0
+  if fsdp <= 1 or int(np.prod(shape[first:], dtype=np.int64)) < min_size:
     return P()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+  for dim in sorted(range(first, len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % fsdp == 0:
       spec = [None] * len(shape)
       spec[dim] = 'fsdp'
@@ -163,13 +216,98 @@ def state_sharding(
   mesh: Mesh, state_shape: Any, fsdp_min_size: int = 2**18
 ) -> Any:
   """Shardings of the train state (params, teacher, optimizer moments)."""
-  fsdp = mesh.shape['fsdp']
   return jax.tree.map(
-    lambda leaf: NamedSharding(
-      mesh, leaf_spec(tuple(leaf.shape), fsdp, fsdp_min_size)
-    ),
-    state_shape,
+    lambda spec: NamedSharding(mesh, spec),
+    tree_specs(state_shape, mesh.shape['fsdp'], fsdp_min_size),
   )
+
+
+def tree_specs(tree: Any, fsdp: int, min_size: int) -> Any:
+  """``leaf_spec`` of every leaf of a state (or parameter) tree."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: leaf_spec(
+      tuple(leaf.shape), fsdp, min_size, is_stacked(path)
+    ),
+    tree,
+  )
+
+
+def value_and_grad_scattered(
+  fn: Callable,
+  params: Any,
+  batched: Any,
+  replicated: Any,
+  fsdp_min_size: int = 2**18,
+) -> tuple[jax.Array, Any, Any]:
+  """``jax.value_and_grad(fn, has_aux=True)`` with FSDP's own reduction.
+
+  Under GSPMD the gradient of an fsdp-split parameter is all-reduced at
+  full size and then sliced to its shards (XLA:CPU always; libtpu fuses
+  only some of them into reduce-scatters: docs/bytes.md). Here ``fn`` runs
+  on each device's rows, in a ``shard_map`` over the current abstract mesh
+  (``jit_train_step`` traces inside one): each split parameter is
+  all-gathered, and its gradient reduce-scattered over 'fsdp' straight to
+  the device's shard, then summed over 'data' at the shard's size (JAX's
+  transposes of ``all_gather`` and of ``pcast`` to varying). Unsplit
+  parameters' gradients are all-reduced over both axes.
+
+  Args:
+    fn: ``fn(params, batched, replicated) -> (loss, (means, other))``, on
+      one device's rows. ``loss`` and every leaf of ``means`` are means over
+      those rows (all devices hold as many, so the mean of the devices'
+      means is the global mean); ``other`` must be the same on every device
+      (BatchNorm statistics averaged with ``axis_name=BATCH_AXES``).
+    params: the parameters, sharded as ``state_sharding`` shards them.
+    batched: arrays ``[V, B, ...]`` whose axis 1, the batch, is split over
+      the batch axes.
+    replicated: everything else ``fn`` reads; the same on every device.
+    fsdp_min_size: as in ``state_sharding``.
+
+  Returns:
+    ``(loss, (means, other), grads)``: the global means, ``other``, and the
+    gradient of the global mean loss, each leaf sharded as its parameter.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  specs = tree_specs(params, mesh.shape['fsdp'], fsdp_min_size)
+
+  def gather(shard, spec):
+    if 'fsdp' not in spec:
+      return shard
+    axis = tuple(spec).index('fsdp')
+    return jax.lax.all_gather(shard, 'fsdp', axis=axis, tiled=True)
+
+  def reduce(grad, spec):
+    # A split leaf's gradient is already its shard, summed over 'fsdp' by
+    # the transpose of the gather (a reduce-scatter).
+    if 'fsdp' not in spec:
+      return jax.lax.psum(grad, BATCH_AXES)
+    return jax.lax.psum(grad, 'data') if mesh.shape['data'] > 1 else grad
+
+  def objective(shards, batched, replicated):
+    loss, aux = fn(jax.tree.map(gather, shards, specs), batched, replicated)
+    # This device's share of the global mean: the reductions below sum it.
+    return loss / jax.lax.axis_size(BATCH_AXES), aux
+
+  def local(shards, batched, replicated):
+    (loss, (means, other)), grads = jax.value_and_grad(objective, has_aux=True)(
+      shards, batched, replicated
+    )
+    mean = functools.partial(jax.lax.pmean, axis_name=BATCH_AXES)
+    loss = jax.lax.psum(loss, BATCH_AXES)
+    grads = jax.tree.map(reduce, grads, specs)
+    return loss, (jax.tree.map(mean, means), other), grads
+
+  # Unchecked (check_vma=False): the reductions are the explicit ones above,
+  # and the models' custom_vjp rules need not track varying axes. The
+  # BatchNorms' pmean (axis_name) transposes to the sum of the devices'
+  # cotangents, as a global mean's gradient needs.
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(specs, P(None, BATCH_AXES), P()),
+    out_specs=(P(), P(), specs),
+    check_vma=False,
+  )(params, batched, replicated)
 
 
 def jit_train_step(

@@ -277,6 +277,21 @@ def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
   return values[jnp.minimum(index, len(table) - 1)]
 
 
+def _batch_norm_over_mesh(model: MultiCropModel) -> MultiCropModel:
+  """``model`` whose BatchNorms average over the mesh's batch axes.
+
+  For a ``shard_map`` over the batch (``parallel.value_and_grad_scattered``):
+  the statistics of the global batch, as GSPMD computes them. Parts without
+  BatchNorm (the ViT) are unchanged.
+  """
+  parts = {
+    name: part.clone(axis_name=parallel.BATCH_AXES)
+    for name, part in (('backbone', model.backbone), ('head', model.head))
+    if hasattr(part, 'axis_name')
+  }
+  return model.clone(**parts) if parts else model
+
+
 def make_train_step(
   student: MultiCropModel,
   teacher: MultiCropModel,
@@ -286,6 +301,8 @@ def make_train_step(
   student_temp: float = 0.1,
   center_momentum: float = 0.9,
   augment: Callable[[jax.Array, Batch], Batch] | None = None,
+  grad_reduce: str = 'gspmd',
+  fsdp_min_size: int = 2**18,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure train step.
 
@@ -298,6 +315,13 @@ def make_train_step(
     center_momentum: m_c.
     augment: optional ``(key, batch) -> crops`` run inside the step (the
       on-device multi-crop); without it the batch holds the crops.
+    grad_reduce: ``mesh.grad_reduce``. 'scatter': traced in a mesh with
+      fsdp > 1, the student's loss and gradients are computed on each
+      device's rows (``parallel.value_and_grad_scattered``), so the split
+      parameters' gradients are reduce-scattered to their shards; the same
+      numbers as 'gspmd' (GSPMD partitions the whole step) to float
+      rounding. Elsewhere both are the 'gspmd' step.
+    fsdp_min_size: ``mesh.fsdp_min_size`` (which parameters are split).
 
   Returns:
     ``train_step(state, batch) -> (state, metrics)``; the batch (or the
@@ -331,19 +355,21 @@ def make_train_step(
       )
     teacher_out = jax.lax.stop_gradient(teacher_out)
 
-    def loss_fn(params):
+    def loss_fn(params, batched, replicated, model=student):
+      global_crops, local_crops, teacher_out = batched
+      center, teacher_temp, drop_path_key, student_stats = replicated
       run = functools.partial(
-        student.apply,
+        model.apply,
         rngs={'drop_path': drop_path_key},
       )
-      if stats is None:
+      if student_stats is None:
         student_vars = None
         student_out = run({'params': params}, global_crops, local_crops, True)
       else:
         # One backbone pass per resolution (MultiCropModel): each updates
         # the running statistics, as the official MultiCropWrapper's two.
         student_out, student_vars = run(
-          {'params': params, 'batch_stats': stats['student']},
+          {'params': params, 'batch_stats': student_stats},
           global_crops,
           local_crops,
           True,
@@ -352,15 +378,35 @@ def make_train_step(
       loss, aux = loss_lib.dino_loss_and_metrics(
         student_out,
         teacher_out,
-        state.center,
+        center,
         teacher_temp=teacher_temp,
         student_temp=student_temp,
       )
       return loss, (aux, student_vars)
 
-    (loss, (aux, student_vars)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True
-    )(state.student)
+    batched = (global_crops, local_crops, teacher_out)
+    replicated = (
+      state.center,
+      teacher_temp,
+      drop_path_key,
+      None if stats is None else stats['student'],
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if grad_reduce == 'scatter' and not mesh.empty and mesh.shape['fsdp'] > 1:
+      # Each device's rows in a shard_map: the split parameters' gradients
+      # reduce-scattered to their shards (parallel.value_and_grad_scattered)
+      # and BatchNorm statistics averaged over the global batch.
+      loss, (aux, student_vars), grads = parallel.value_and_grad_scattered(
+        functools.partial(loss_fn, model=_batch_norm_over_mesh(student)),
+        state.student,
+        batched,
+        replicated,
+        fsdp_min_size,
+      )
+    else:
+      (loss, (aux, student_vars)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+      )(state.student, batched, replicated)
     updates, opt_state = tx.update(grads, state.opt_state, state.student)
     new_student = optax.apply_updates(state.student, updates)
     momentum = _lookup(sched.momentum, step)
@@ -470,6 +516,8 @@ def build_sharded_step(
     student_temp=config.loss.student_temp,
     center_momentum=config.loss.center_momentum,
     augment=multicrop.make_multicrop(config.crops),
+    grad_reduce=config.mesh.grad_reduce,
+    fsdp_min_size=config.mesh.fsdp_min_size,
   )
   init_fn = init_fn_for(config, student, tx)
   state_shape = jax.eval_shape(init_fn)

@@ -83,6 +83,8 @@ class DINOHead(nn.Module):
     hidden_dim: MLP hidden width.
     bottleneck_dim: width before the last layer.
     dtype: compute dtype.
+    axis_name: mesh axes the BatchNorm statistics average over (inside a
+      ``shard_map`` over the batch), or None.
   """
 
   out_dim: int
@@ -93,6 +95,7 @@ class DINOHead(nn.Module):
   hidden_dim: int = 2048
   bottleneck_dim: int = 256
   dtype: Any = jnp.float32
+  axis_name: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -110,7 +113,9 @@ class DINOHead(nn.Module):
         if self.use_bn:
           # torch BatchNorm1d (momentum 0.1, eps 1e-5, unbiased running
           # variance) over every row: the batch and crop axes together.
-          x = resnet.BatchNorm(name=f'mlp_{index}')(x, train)
+          x = resnet.BatchNorm(axis_name=self.axis_name, name=f'mlp_{index}')(
+            x, train
+          )
           index += 1
         x = vit.gelu(x)  # exact erf GELU
         # Rows stay on their devices: the fsdp-split weights are gathered
