@@ -14,6 +14,7 @@ OPTIMIZERS = ('adamw', 'sgd', 'lars')
 DATA_SOURCES = ('tfds', 'imagefolder', 'fashion_mnist', 'synthetic')
 DTYPES = ('float32', 'bfloat16', 'auto')
 ATTENTIONS = ('einsum', 'fused', 'auto')
+GRAD_REDUCES = ('scatter', 'gspmd')  # mesh.grad_reduce
 # Backends where 'auto' means bfloat16 compute and fused attention; anywhere
 # else (cpu) it means float32 and einsum (docs/precision.md).
 MIXED_PRECISION_BACKENDS = ('gpu', 'tpu')
@@ -179,6 +180,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # devices on the data axis (-1: the rest)
   c.mesh.fsdp = 1  # devices on the parameter-sharding axis
   c.mesh.fsdp_min_size = 2**18  # fsdp-shard state tensors this large
+  # fsdp > 1: 'scatter' reduce-scatters the split parameters' gradients to
+  # their shards (a shard_map over the batch); 'gspmd' leaves the step to
+  # GSPMD (full-size all-reduces, then slices). Same numbers (docs/bytes.md).
+  c.mesh.grad_reduce = 'scatter'
   return c
 
 
@@ -308,6 +313,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if config.data.source not in DATA_SOURCES:
     raise ConfigError(
       f'data.source={config.data.source!r} unknown; use one of {DATA_SOURCES}'
+    )
+  if config.mesh.grad_reduce not in GRAD_REDUCES:
+    raise ConfigError(
+      f'mesh.grad_reduce={config.mesh.grad_reduce!r} unknown; use one of '
+      f'{GRAD_REDUCES}'
     )
   data, fsdp = config.mesh.data, config.mesh.fsdp
   if fsdp < 1 or num_devices % fsdp:

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dino_jax import parallel
+
 # SPEC §2.3: trunc_normal(std=0.02) truncated at +-2 absolute = +-100 sigma,
 # i.e. effectively a plain normal; Flax's truncated_normal cuts at 2 sigma.
 _TRUNC_NORMAL = nn.initializers.normal(0.02)
@@ -188,7 +190,8 @@ class DropPath(nn.Module):
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    uniform = jax.random.uniform(self.make_rng('drop_path'), shape, x.dtype)
+    # The GSPMD step's draw, also per device in a shard_map (parallel.py).
+    uniform = parallel.batch_uniform(self.make_rng('drop_path'), shape, x.dtype)
     return x / keep * jnp.floor(keep + uniform)
 
 
