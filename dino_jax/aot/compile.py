@@ -27,10 +27,12 @@ IMAGENET_TRAIN_IMAGES = 1281167
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   """The schedules' epoch length as ``train.py`` derives it
-  (``train.steps_of``), for ImageNet-1k's training set."""
+  (``train.steps_of``), for ImageNet-1k's training set; one step where the
+  batch exceeds it (the batch search probes such batches too)."""
   from dino_jax import train
 
-  return train.steps_of(config, IMAGENET_TRAIN_IMAGES)[0]
+  images = max(IMAGENET_TRAIN_IMAGES, config.batch_size)
+  return train.steps_of(config, images)[0]
 
 
 def memory(compiled) -> dict[str, int]:
