@@ -69,6 +69,12 @@ def default_config() -> ml_collections.ConfigDict:
   # configs use 'auto' (official: fp16 autocast); docs/precision.md.
   c.model.dtype = 'float32'
   c.model.remat = False  # recompute blocks in the backward pass
+  # ViTs: run the blocks as one scan over a block whose parameters are
+  # stacked on a leading axis of size depth ('blocks' in place of
+  # 'blocks_0' ...; models/vit.py stack_blocks): the compiled step holds one
+  # block, not depth copies. Same numbers; a checkpoint resumes only with
+  # the value it was written with (docs/aot.md, "Scanned blocks").
+  c.model.scan_blocks = False
 
   c.loss = ml_collections.ConfigDict()
   c.loss.warmup_teacher_temp = 0.04
@@ -273,6 +279,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     )
   if m.dtype not in DTYPES:
     raise ConfigError(f'model.dtype={m.dtype!r}; use one of {DTYPES}')
+  if not isinstance(m.scan_blocks, bool):
+    raise ConfigError(f'model.scan_blocks={m.scan_blocks!r}; use true or false')
+  if m.scan_blocks and m.arch in RESNET_ARCHS:
+    raise ConfigError(
+      f'model.scan_blocks=True with model.arch={m.arch!r}: only a ViT has '
+      'blocks to scan; set model.scan_blocks=false'
+    )
   if config.batch_size <= 0 or config.batch_size % num_devices:
     raise ConfigError(
       f'batch_size={config.batch_size} is not divisible by the '

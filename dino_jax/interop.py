@@ -4,8 +4,10 @@
 module)`` for ``VisionTransformer`` backbones and ``DINOHead`` heads. Keys
 follow the official code (``blocks.0.attn.qkv.weight``, ``mlp.0.weight``,
 ``last_layer.weight_g`` ...), with or without ``module.`` / ``backbone.`` /
-``head.`` prefixes. ``.pth`` files are read with ``torch.load(...,
-weights_only=True)``: tensors only, never arbitrary pickled objects.
+``head.`` prefixes; a ViT with scanned blocks (``scan_blocks``) stacks the
+``blocks.{i}.*`` tensors into its ``blocks`` on import and splits them on
+export. ``.pth`` files are read with ``torch.load(..., weights_only=True)``:
+tensors only, never arbitrary pickled objects.
 
 CLI:
   python -m dino_jax.interop import IN.pth OUT_WORKDIR --config=CONFIG \\
@@ -35,6 +37,7 @@ from dino_jax import workdir as workdir_lib
 from dino_jax.cli import flags as cli_flags
 from dino_jax.models import DINOHead, ResNet, VisionTransformer
 from dino_jax.models import resnet as resnet_lib
+from dino_jax.models import vit as vit_lib
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +267,10 @@ def from_pytorch(state_dict_or_path, module) -> dict:
       for k, v in state_dict.items()
       if not (k.endswith('num_batches_tracked') or k.startswith('fc.'))
     }
+  if _scanned(module):  # blocks.{i}.* map to blocks_{i}, then stacked
+    return vit_lib.stack_blocks(
+      from_pytorch(state_dict, module.clone(scan_blocks=False))
+    )
   abstract, rules = _abstract_variables(module, state_dict)
   used, missing, bad_shape, out = set(), [], [], {}
   for collection, tree in abstract.items():
@@ -314,6 +321,11 @@ def from_pytorch(state_dict_or_path, module) -> dict:
   return out
 
 
+def _scanned(module) -> bool:
+  """A ViT with model.scan_blocks: its blocks' parameters stacked."""
+  return isinstance(module, VisionTransformer) and module.scan_blocks
+
+
 def _torch_shape(transform, leaf):
   shape = leaf.shape
   if transform is _T:
@@ -329,6 +341,10 @@ def to_pytorch(variables: dict, module) -> dict[str, np.ndarray]:
   A head with ``norm_last_layer`` exports ``last_layer.weight_g`` as ones
   [K, 1]; ``weight_v`` is exported as stored (unnormalized).
   """
+  if _scanned(module):  # blocks -> blocks_{i} -> blocks.{i}.*
+    return to_pytorch(
+      vit_lib.unstack_blocks(variables), module.clone(scan_blocks=False)
+    )
   _, rules = _abstract_variables(module)
   out = {}
   for collection, tree in variables.items():

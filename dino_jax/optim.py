@@ -15,15 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dino_jax import parallel
+
 OPTIMIZERS = ('adamw', 'sgd', 'lars')
 LARS_ETA = 0.001  # official utils.py LARS eta (trust coefficient)
+
+
+def per_layer(fn: Callable, path: tuple) -> Callable:
+  """``fn`` of one tensor, mapped over the layers of a stacked leaf.
+
+  A scanned ViT (model.scan_blocks) holds each block tensor of every layer
+  in one leaf (``parallel.is_stacked``): what the official code computes per
+  tensor (a norm, a clip) is computed per layer, as for the unrolled blocks.
+  """
+  return jax.vmap(fn) if parallel.is_stacked(path) else fn
 
 
 def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
   """Scale each tensor to norm <= max_norm, separately (SPEC §4.3).
 
   coef = max_norm / (||g|| + 1e-6); g <- g * coef when coef < 1. Unlike
-  ``optax.clip_by_global_norm``, tensors do not affect each other.
+  ``optax.clip_by_global_norm``, tensors do not affect each other (nor do the
+  layers of a stacked leaf: ``per_layer``).
   """
 
   def update_fn(updates, state, params=None):
@@ -34,7 +47,9 @@ def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
       coef = max_norm / (norm + 1e-6)
       return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
 
-    return jax.tree.map(clip, updates), state
+    return jax.tree_util.tree_map_with_path(
+      lambda path, g: per_layer(clip, path)(g), updates
+    ), state
 
   return optax.GradientTransformation(
     lambda params: optax.EmptyState(), update_fn
@@ -50,9 +65,35 @@ def decay_mask(params):
 
   So cls_token, pos_embed, every kernel, weight_v and a trainable weight_g
   ([1, K], 2-D as torch's [K, 1]) are decayed; biases and norm scales not.
+  A stacked leaf's (``parallel.is_stacked``) layers axis does not count.
   """
   return jax.tree_util.tree_map_with_path(
-    lambda path, p: _key(path[-1]) != 'bias' and p.ndim > 1, params
+    lambda path, p: (
+      _key(path[-1]) != 'bias' and p.ndim - parallel.is_stacked(path) > 1
+    ),
+    params,
+  )
+
+
+def scale_by_trust_ratio(
+  trust_coefficient: float,
+) -> optax.GradientTransformation:
+  """``optax.scale_by_trust_ratio`` per tensor, per layer of a stacked leaf.
+
+  u <- u * eta ||p|| / ||u|| (1 where a norm is 0), as the official LARS.
+  """
+  inner = optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient)
+
+  def one(u, p):  # one tensor: optax's own update of a single leaf
+    return inner.update(u, inner.init(p), p)[0]
+
+  def update_fn(updates, state, params):
+    return jax.tree_util.tree_map_with_path(
+      lambda path, u, p: per_layer(one, path)(u, p), updates, params
+    ), state
+
+  return optax.GradientTransformation(
+    lambda params: optax.EmptyState(), update_fn
   )
 
 
@@ -95,7 +136,7 @@ def _dino_optimizer(
       return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.masked(
-          optax.scale_by_trust_ratio(trust_coefficient=LARS_ETA), decay_mask
+          scale_by_trust_ratio(trust_coefficient=LARS_ETA), decay_mask
         ),
         optax.trace(decay=0.9),
       )

@@ -162,6 +162,7 @@ def build_models(
         attention=attention,
         dtype=dtype,
         remat=m.remat,
+        scan_blocks=m.scan_blocks,
         **config_lib.model_dims(config),
       )
     head = DINOHead(

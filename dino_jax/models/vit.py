@@ -7,11 +7,14 @@ Parameter layout (Flax names; the PyTorch names of SPEC §6 in brackets):
 
 import functools
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dino_jax import parallel
 
@@ -188,11 +191,19 @@ class DropPath(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if not train or self.rate == 0.0:
       return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    # The GSPMD step's draw, also per device in a shard_map (parallel.py).
-    uniform = parallel.batch_uniform(self.make_rng('drop_path'), shape, x.dtype)
-    return x / keep * jnp.floor(keep + uniform)
+    return drop_path(x, 1.0 - self.rate, self.make_rng('drop_path'))
+
+
+def drop_path(x: jax.Array, keep: Any, key: jax.Array) -> jax.Array:
+  """x / keep * floor(keep + U), U ~ uniform per sample (row of ``x``).
+
+  ``keep`` is 1 - rate: a Python float (``DropPath``) or a scalar of
+  ``x.dtype`` (the scanned blocks' rate, indexed by layer).
+  """
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  # The GSPMD step's draw, also per device in a shard_map (parallel.py).
+  uniform = parallel.batch_uniform(key, shape, x.dtype)
+  return x / keep * jnp.floor(keep + uniform)
 
 
 @jax.custom_vjp
@@ -296,19 +307,37 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, train: bool = False, return_attention: bool = False
+    self,
+    x: jax.Array,
+    train: bool = False,
+    return_attention: bool = False,
+    drop: tuple[tuple[float, ...], jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
+    """x [B, T, D] -> [B, T, D] (or the attention probabilities).
+
+    ``drop``: the scanned blocks' drop path, (keep probability of every
+    layer, this layer's index, its two keys [2]), in place of ``drop_path``
+    and the ``drop_path`` RNG stream.
+    """
     norm = functools.partial(LayerNorm, dtype=self.dtype)
+
+    def residual(y, j):
+      if drop is None:
+        return DropPath(self.drop_path)(y, train)
+      keeps, index, keys = drop
+      keep = jnp.asarray(np.asarray(keeps, y.dtype))[index]
+      return drop_path(y, keep, keys[j])
+
     attn = Attention(
       self.num_heads, self.qkv_bias, self.attention, self.dtype, name='attn'
     )
     y = attn(norm(name='norm1')(x), return_attention=return_attention)
     if return_attention:
       return y
-    x = x + DropPath(self.drop_path)(y, train)
+    x = x + residual(y, 0)
     hidden = int(x.shape[-1] * self.mlp_ratio)
     y = Mlp(hidden, self.dtype, name='mlp')(norm(name='norm2')(x))
-    return x + DropPath(self.drop_path)(y, train)
+    return x + residual(y, 1)
 
 
 class VisionTransformer(nn.Module):
@@ -323,6 +352,12 @@ class VisionTransformer(nn.Module):
       (``jax.nn.dot_product_attention``); same numbers.
     dtype: compute dtype (parameters stay float32).
     remat: recompute each block in the backward pass to save memory.
+    scan_blocks: run the blocks as one ``nn.scan`` over a Block whose
+      parameters are stacked on a leading axis of size ``depth`` (``blocks``,
+      in place of ``blocks_0`` ... ``blocks_{depth-1}``; ``stack_blocks`` /
+      ``unstack_blocks`` convert): the compiled program holds one block.
+      Same numbers, drop path included (each layer's rate and RNG keys as
+      the unrolled blocks draw them).
   """
 
   patch_size: int = 16
@@ -336,6 +371,7 @@ class VisionTransformer(nn.Module):
   attention: str = 'einsum'
   dtype: Any = jnp.float32
   remat: bool = False
+  scan_blocks: bool = False
 
   def setup(self):
     p, d = self.patch_size, self.embed_dim
@@ -356,22 +392,75 @@ class VisionTransformer(nn.Module):
     # train and return_attention are Python bools: static under remat
     # (argument 0 is the module itself).
     block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
-    rates = [
+    if self.scan_blocks:
+      # One Block, scanned by _scan, which gives it its drop path.
+      self.blocks = self._block()
+      # The unrolled blocks' drop path keys, drawn where they draw them:
+      # modules named blocks_{i}/DropPath_{j}, no parameters.
+      self.drop_path_keys = [
+        _DropPathKeys(name=f'blocks_{i}') for i in range(self.depth)
+      ]
+    else:
+      self.blocks = [
+        block_cls(
+          self.num_heads,
+          self.mlp_ratio,
+          self.qkv_bias,
+          rate,
+          self.attention,
+          self.dtype,
+        )
+        for rate in self.drop_path_rates()
+      ]
+    self.norm = LayerNorm(dtype=self.dtype)
+
+  def drop_path_rates(self) -> list[float]:
+    """Each block's drop path rate: torch.linspace(0, rate, depth)."""
+    return [
       self.drop_path_rate * i / max(self.depth - 1, 1)
       for i in range(self.depth)
-    ]  # torch.linspace(0, rate, depth)
-    self.blocks = [
-      block_cls(
-        self.num_heads,
-        self.mlp_ratio,
-        self.qkv_bias,
-        rates[i],
-        self.attention,
-        self.dtype,
-      )
-      for i in range(self.depth)
     ]
-    self.norm = LayerNorm(dtype=self.dtype)
+
+  def _block(self, **kwargs: Any) -> Block:
+    """The scanned layout's Block (its drop path comes from ``drop``)."""
+    return Block(
+      self.num_heads,
+      self.mlp_ratio,
+      self.qkv_bias,
+      0.0,
+      self.attention,
+      self.dtype,
+      **kwargs,
+    )
+
+  def _scan(self, x: jax.Array, train: bool) -> jax.Array:
+    """Every block, as one ``nn.scan`` over the stacked parameters."""
+    keeps = tuple(1.0 - rate for rate in self.drop_path_rates())
+    drop = train and self.drop_path_rate > 0.0
+    layers = None
+    if drop:
+      keys = [jnp.stack(probe()) for probe in self.drop_path_keys]
+      layers = (jnp.arange(self.depth), jnp.stack(keys))
+
+    def body(block, x, layer):
+      index_keys = (keeps, *layer) if layer is not None else None
+      return block(x, train, False, index_keys), None
+
+    if self.remat:  # as nn.remat(Block): nothing saved inside a block
+      body = nn.remat(body, prevent_cse=False)
+    scan = nn.scan(
+      body,
+      variable_axes={'params': 0},
+      split_rngs={'params': True},
+      length=self.depth,
+    )
+    return scan(self.blocks, x, layers)[0]
+
+  def _layer(self, i: int):
+    """Block i of the scanned layout as a function of x (evaluation)."""
+    params = layer_slice(self.variables['params']['blocks'], i)
+    block = self._block(parent=None)  # unbound: a pure function
+    return functools.partial(block.apply, {'params': params})
 
   def prepare_tokens(self, images: jax.Array) -> jax.Array:
     """images [B, H, W, 3] -> tokens [B, 1 + h0 * w0, D] with positions."""
@@ -389,6 +478,8 @@ class VisionTransformer(nn.Module):
   def features(self, images: jax.Array, train: bool = False) -> jax.Array:
     """All tokens after the final norm: [B, 1 + N, D] (CLS first)."""
     x = self.prepare_tokens(images)
+    if self.scan_blocks:
+      return self.norm(self._scan(x, train))
     for block in self.blocks:
       x = block(x, train, False)
     return self.norm(x)
@@ -400,9 +491,16 @@ class VisionTransformer(nn.Module):
   def last_self_attention(self, images: jax.Array) -> jax.Array:
     """Last block's attention probabilities: [B, heads, N + 1, N + 1]."""
     x = self.prepare_tokens(images)
-    for block in self.blocks[:-1]:
+    blocks = self._layers()
+    for block in blocks[:-1]:
       x = block(x, False, False)
-    return self.blocks[-1](x, False, True)
+    return blocks[-1](x, False, True)
+
+  def _layers(self) -> list:
+    """The blocks as functions (x, train, return_attention) -> y."""
+    if self.scan_blocks:
+      return [self._layer(i) for i in range(self.depth)]
+    return list(self.blocks)
 
   def intermediate_layers(
     self, images: jax.Array, n: int = 1
@@ -414,11 +512,81 @@ class VisionTransformer(nn.Module):
     """
     x = self.prepare_tokens(images)
     outputs = []
-    for i, block in enumerate(self.blocks):
+    for i, block in enumerate(self._layers()):
       x = block(x, False, False)
       if i >= self.depth - n:
         outputs.append(self.norm(x))
     return tuple(outputs)
+
+
+class _DropPathKey(nn.Module):
+  """One ``drop_path`` key, drawn as a ``DropPath`` at this path draws it."""
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.make_rng('drop_path')
+
+
+class _DropPathKeys(nn.Module):
+  """Named ``blocks_{i}``: the keys of block i's two drop paths."""
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    return tuple(_DropPathKey(name=f'DropPath_{j}')() for j in (0, 1))
+
+
+_UNROLLED = re.compile(r'blocks_(\d+)')
+
+
+def stack_blocks(tree: Any) -> Any:
+  """The scanned layout of a parameter tree: ``blocks_{i}`` -> ``blocks``.
+
+  Wherever a mapping holds ``blocks_0`` ... ``blocks_{L-1}`` (a backbone's
+  parameters, alone or inside ``{'backbone': ..., 'head': ...}``, a state's
+  ``student`` or ``teacher``), they become one ``blocks`` whose leaves are
+  stacked on a new leading axis of size L. Pure; the inverse of
+  ``unstack_blocks``.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {
+    k: stack_blocks(v) for k, v in tree.items() if not _UNROLLED.fullmatch(k)
+  }
+  layers = sorted(
+    (int(m.group(1)), k) for k in tree if (m := _UNROLLED.fullmatch(k))
+  )
+  if layers:
+    if [i for i, _ in layers] != list(range(len(layers))):
+      raise ValueError(
+        f'blocks {[i for i, _ in layers]} are not 0 ... {len(layers) - 1}'
+      )
+    if 'blocks' in tree:
+      raise ValueError('both blocks and blocks_0 ...: a mixed layout')
+    out['blocks'] = jax.tree.map(
+      lambda *a: jnp.stack(a), *(tree[k] for _, k in layers)
+    )
+  return out
+
+
+def unstack_blocks(tree: Any) -> Any:
+  """The unrolled layout of a parameter tree: ``blocks`` -> ``blocks_{i}``.
+
+  The inverse of ``stack_blocks``: each leaf under a ``blocks`` mapping is
+  split along its leading axis.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: unstack_blocks(v) for k, v in tree.items() if k != 'blocks'}
+  if 'blocks' in tree:
+    leaves = jax.tree.leaves(tree['blocks'])
+    for i in range(leaves[0].shape[0]):
+      out[f'blocks_{i}'] = layer_slice(tree['blocks'], i)
+  return out
+
+
+def layer_slice(stacked: Any, i: int) -> Any:
+  """Layer i of a tree of stacked leaves."""
+  return jax.tree.map(lambda a: a[i], stacked)
 
 
 def _build(arch: str, patch_size: int, **kwargs: Any) -> VisionTransformer:
