@@ -55,9 +55,9 @@ def prepare_workdir(values: flags.FlagValues, overrides: list[str]):
     )
   else:
     config = cli_flags.load_config_file(values.config, overrides)
-    from dino_jax import interop  # the tool: torch only here
+    from dino_jax import pth  # torch only here
 
-    interop.import_checkpoint(values.pretrained, values.workdir, config)
+    pth.import_checkpoint(values.pretrained, values.workdir, config)
   # The other overrides shaped the imported model; the rest is for the eval.
   return [o for o in overrides if _group(o) in workdir_lib.EVAL_GROUPS]
 
@@ -354,7 +354,7 @@ def errors(name: str) -> tuple[type[BaseException], ...]:
   """What the evaluation ``name`` reports as one ``error:`` line besides
   the workdir's, the overrides' and the checkpoints' errors."""
   from dino_jax.data.sources import DataError
-  from dino_jax.interop import InteropError
+  from dino_jax.models.convert import InteropError
 
   if name == 'copy_detection':
     from dino_jax.eval.copy_detection import CopydaysError
