@@ -130,13 +130,22 @@ def analyze(config, target: Target, mesh, mfu: float = 0.35) -> dict:
     report['xla_flops_per_image'] = xla * per_image if xla else None
     report['xla_bytes_per_device'] = moved
     report['xla_bytes_per_image'] = moved * per_image if moved else None
+    # XLA's cost analysis counts a while loop's body once: with scanned
+    # blocks its FLOPs and bytes hold one block of depth (docs/aot.md,
+    # "Scanned blocks"), so they bound nothing.
+    report['xla_counts_one_block'] = bool(config.model.get('scan_blocks'))
     hlo_text = compiled.as_text()
     report['collectives'] = collectives(hlo_text)
     report['hlo_instructions'] = hlo_instructions(hlo_text)
   report['bandwidth_gbps'] = chip.bandwidth_gbps
   report['bandwidth_source'] = chip.bandwidth_source
   report['roofline'] = roofline(
-    chip, analytic['per_image'], report.get('xla_bytes_per_image'), mfu
+    chip,
+    analytic['per_image'],
+    None
+    if report.get('xla_counts_one_block')
+    else report.get('xla_bytes_per_image'),
+    mfu,
   )
   return report
 
@@ -232,6 +241,11 @@ def format_report(report: dict) -> str:
     )
   elif 'memory' in report:
     flop_line += '; XLA counts none here'
+  if report.get('xla_counts_one_block'):
+    flop_line += (
+      ' (scanned blocks: XLA counts the loop body, one block, once; its '
+      "FLOPs and bytes are not the step's)"
+    )
   lines.append(flop_line)
   if report.get('xla_bytes_per_device'):
     moved = report['xla_bytes_per_image']
