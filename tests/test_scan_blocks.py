@@ -249,6 +249,26 @@ class ShardingTest(absltest.TestCase):
     self.assertNotEmpty(split)  # kernels, and their Adam moments
 
 
+class HloInstructionsTest(absltest.TestCase):
+  def test_counts_every_computation(self):
+    """aot's instruction count: fusion and loop bodies too, each once."""
+    from dino_jax.aot import hlo
+
+    text = """HloModule m, entry_computation_layout={(f32[2]{0})->f32[2]{0}}
+
+%fused (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %s = f32[2]{0} sine(%p)
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0), metadata={op_name="x = y"}
+  ROOT %f = f32[2]{0} fusion(%x), kind=kLoop, calls=%fused
+}
+"""
+    self.assertEqual(hlo.hlo_instructions(text), 4)
+
+
 class ConfigTest(absltest.TestCase):
   def test_resnet_refused(self):
     config = tiny_config()
