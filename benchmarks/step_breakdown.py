@@ -247,8 +247,17 @@ def measure(compiled, devices: int, batch: int) -> dict:
   }
 
 
-def breakdown(config, mesh, platform: str, whole: bool = True) -> dict:
+def breakdown(
+  config, mesh, platform: str, whole: bool = True, parts=None
+) -> dict:
   """Compiles every part (and the whole step) and measures each.
+
+  Args:
+    config: the training config.
+    mesh: the target's mesh.
+    platform: 'tpu', 'gpu' or 'cpu'.
+    whole: also compile the whole step.
+    parts: names of PARTS to compile (None: all).
 
   Returns:
     ``{'parts': {name: measure(...) + compile_seconds}, 'sum': ...,
@@ -257,6 +266,8 @@ def breakdown(config, mesh, platform: str, whole: bool = True) -> dict:
   devices = mesh.devices.size
   out = {'parts': {}}
   for name, (fn, args) in part_programs(config, mesh, platform).items():
+    if parts and name not in parts:
+      continue
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     row = measure(compiled, devices, config.batch_size)
@@ -329,8 +340,18 @@ def main(argv):
       f'{config.batch_size} ({config.batch_size // len(devices)} per device)',
       flush=True,
     )
+    parts = flags.FLAGS.parts
+    unknown = [p for p in parts or () if p not in PARTS]
+    if unknown:
+      raise ValueError(
+        f'--parts={",".join(unknown)} unknown; use some of {",".join(PARTS)}'
+      )
     result = breakdown(
-      config, mesh, target.chip.platform, whole=flags.FLAGS.whole_step
+      config,
+      mesh,
+      target.chip.platform,
+      whole=flags.FLAGS.whole_step,
+      parts=parts,
     )
   except (aot.AotError, config_lib.ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
@@ -353,6 +374,13 @@ flags.DEFINE_bool(
   'whole_step',
   True,
   'Also compile the whole step (as dino_jax.aot does) for the comparison.',
+)
+
+flags.DEFINE_list(
+  'parts',
+  None,
+  'Compile only these parts (comma-separated names as in the table, e.g. '
+  '"student global"); default all.',
 )
 
 if __name__ == '__main__':

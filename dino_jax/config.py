@@ -13,7 +13,8 @@ RESNET_ARCHS = ('resnet18', 'resnet34', 'resnet50')
 OPTIMIZERS = ('adamw', 'sgd', 'lars')
 DATA_SOURCES = ('tfds', 'imagefolder', 'fashion_mnist', 'synthetic')
 DTYPES = ('float32', 'bfloat16', 'auto')
-ATTENTIONS = ('einsum', 'fused', 'auto')
+REMAT_POLICIES = ('nothing', 'dots', 'dots_no_batch')  # models/vit.py
+ATTENTIONS = ('einsum', 'fused', 'flash', 'auto')
 GRAD_REDUCES = ('scatter', 'gspmd')  # mesh.grad_reduce
 # Backends where 'auto' means bfloat16 compute and fused attention; anywhere
 # else (cpu) it means float32 and einsum (docs/precision.md).
@@ -61,14 +62,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.head_hidden_dim = 2048
   c.model.head_bottleneck_dim = 256
   c.model.head_nlayers = 3
-  # 'einsum', 'fused' (jax.nn.dot_product_attention) or 'auto' (fused on
-  # gpu/tpu, einsum on cpu); resolved by resolve_compute().
+  # 'einsum', 'fused' (jax.nn.dot_product_attention), 'flash' (the Pallas
+  # TPU flash kernel; TPU only) or 'auto' (fused on gpu, einsum on tpu and
+  # cpu: on a TPU einsum moves 16 % fewer bytes, docs/bytes.md); resolved
+  # by resolve_compute().
   c.model.attention = 'einsum'
   # Compute dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on gpu/tpu,
   # float32 on cpu). Parameters, loss and center stay float32. The ImageNet
   # configs use 'auto' (official: fp16 autocast); docs/precision.md.
   c.model.dtype = 'float32'
   c.model.remat = False  # recompute blocks in the backward pass
+  # With remat: what a block keeps for the backward pass, one of
+  # REMAT_POLICIES ('nothing': recompute it all; 'dots': every matmul's
+  # output; 'dots_no_batch': the dense layers' outputs; docs/bytes.md).
+  c.model.remat_policy = 'nothing'
   # ViTs: run the blocks as one scan over a block whose parameters are
   # stacked on a leading axis of size depth ('blocks' in place of
   # 'blocks_0' ...; models/vit.py stack_blocks): the compiled step holds one
@@ -214,8 +221,11 @@ def resolve_compute(
 ) -> tuple[str, str]:
   """(dtype, attention) that ``model.dtype`` / ``model.attention`` mean here.
 
-  The one place where 'auto' is resolved: bfloat16 and 'fused' on the
-  backends in MIXED_PRECISION_BACKENDS, float32 and 'einsum' elsewhere. An
+  The one place where 'auto' is resolved: bfloat16 on the backends in
+  MIXED_PRECISION_BACKENDS, float32 elsewhere; 'fused' attention on a GPU,
+  'einsum' elsewhere (on a TPU, XLA's fused attention moves 16 % more bytes
+  per image than einsum and the Pallas flash kernel 33 % more: the levers
+  of docs/bytes.md). An
   explicit value is returned unchanged. The config itself keeps 'auto', so a
   checkpoint written on a GPU resumes on a CPU and back.
 
@@ -241,7 +251,12 @@ def resolve_compute(
   if dtype == 'auto':
     dtype = 'bfloat16' if mixed else 'float32'
   if attention == 'auto':
-    attention = 'fused' if mixed else 'einsum'
+    attention = 'fused' if backend == 'gpu' else 'einsum'
+  if attention == 'flash' and backend != 'tpu':
+    raise ConfigError(
+      f"model.attention='flash' is a TPU kernel; on {backend} use 'einsum', "
+      "'fused' or 'auto'"
+    )
   return dtype, attention
 
 
@@ -279,6 +294,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     )
   if m.dtype not in DTYPES:
     raise ConfigError(f'model.dtype={m.dtype!r}; use one of {DTYPES}')
+  if m.remat_policy not in REMAT_POLICIES:
+    raise ConfigError(
+      f'model.remat_policy={m.remat_policy!r}; use one of {REMAT_POLICIES}'
+    )
   if not isinstance(m.scan_blocks, bool):
     raise ConfigError(f'model.scan_blocks={m.scan_blocks!r}; use true or false')
   if m.scan_blocks and m.arch in RESNET_ARCHS:
@@ -342,6 +361,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       f'mesh.data={data} x mesh.fsdp={fsdp} != {num_devices} devices; '
       'set mesh.data=-1 to use the rest'
     )
+
 
 def advice(config: ml_collections.ConfigDict) -> list[str]:
   """Settings the official help warns about, one line each (the run goes

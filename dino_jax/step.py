@@ -162,6 +162,7 @@ def build_models(
         attention=attention,
         dtype=dtype,
         remat=m.remat,
+        remat_policy=m.remat_policy,
         scan_blocks=m.scan_blocks,
         **config_lib.model_dims(config),
       )
@@ -497,7 +498,7 @@ def build_sharded_step(
   """Models, optimizer, state shardings and the jitted step for ``mesh``.
 
   The one place the training program (``train.py``) and the ahead-of-time
-  compile (``aot.py``) build the step, so both compile the same program.
+  compile (``dino_jax.aot``) build the step, so both compile the same program.
 
   Args:
     config: the run's config.

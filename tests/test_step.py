@@ -108,7 +108,7 @@ class ComputeResolutionTest(parameterized.TestCase):
   @parameterized.parameters(
     ('cpu', 'auto', 'auto', ('float32', 'einsum')),
     ('gpu', 'auto', 'auto', ('bfloat16', 'fused')),
-    ('tpu', 'auto', 'auto', ('bfloat16', 'fused')),
+    ('tpu', 'auto', 'auto', ('bfloat16', 'einsum')),  # docs/bytes.md
     ('gpu', 'float32', 'auto', ('float32', 'fused')),
     ('gpu', 'float32', 'einsum', ('float32', 'einsum')),
     ('cpu', 'bfloat16', 'fused', ('bfloat16', 'fused')),
@@ -144,8 +144,8 @@ class ComputeResolutionTest(parameterized.TestCase):
     config.model.dtype = 'float16'
     with self.assertRaisesRegex(config_lib.ConfigError, "'auto'"):
       config_lib.resolve_compute(config.model, 'gpu')
-    config.model.dtype, config.model.attention = 'auto', 'flash'
-    with self.assertRaisesRegex(config_lib.ConfigError, 'flash'):
+    config.model.dtype, config.model.attention = 'auto', 'splash'
+    with self.assertRaisesRegex(config_lib.ConfigError, 'splash'):
       config_lib.validate(config)
 
   def test_build_models_resolves_for_the_backend_and_logs(self):

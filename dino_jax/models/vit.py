@@ -41,7 +41,14 @@ VARIANTS = {
   'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
   'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
 }
-ATTENTION_IMPLS = ('einsum', 'fused')
+ATTENTION_IMPLS = ('einsum', 'fused', 'flash')
+_FLASH_BLOCK = 128  # the Pallas TPU kernel's sequence tile
+# model.remat_policy -> jax.checkpoint policy (None: save nothing).
+REMAT_POLICIES = {
+  'nothing': None,
+  'dots': jax.checkpoint_policies.dots_saveable,
+  'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def _torch_default_uniform(bound: float):
@@ -231,6 +238,49 @@ def _softmax_bwd(probs, grad):
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+def flash_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, scale: float
+) -> jax.Array:
+  """softmax(q k^T * scale) v by the Pallas TPU flash kernel: [B, H, T, hd].
+
+  ``jax.experimental.pallas.ops.tpu.flash_attention``: the [T, T] scores
+  stay in VMEM (forward and backward), never in HBM. The kernel tiles the
+  sequence by 128, so T is padded up to a multiple of 128 and the padding
+  masked by segment ids (tokens 1, padding 0: a padded query sees only
+  padding, so no row is empty, and no token sees padding). Under a mesh
+  the kernel runs on each device's batch rows (a ``shard_map`` over the
+  batch axes): GSPMD cannot split a custom call. TPU only (on a CPU inside
+  ``pltpu.force_tpu_interpret_mode()``, for tests).
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_fa
+  from jax.sharding import PartitionSpec
+
+  t = q.shape[2]
+  padded = -(-t // _FLASH_BLOCK) * _FLASH_BLOCK
+
+  def local(q, k, v):
+    pad = ((0, 0), (0, 0), (0, padded - t), (0, 0))
+    ids = (jnp.arange(padded) < t).astype(jnp.int32)
+    ids = jnp.broadcast_to(ids, (q.shape[0], padded))
+    out = pallas_fa.flash_attention(
+      *(jnp.pad(x, pad) for x in (q, k, v)),
+      segment_ids=pallas_fa.SegmentIds(ids, ids),
+      sm_scale=scale,
+    )
+    return out[:, :, :t]
+
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = set(parallel.BATCH_AXES)
+  if mesh.empty or not axes <= set(mesh.axis_names):
+    return local(q, k, v)
+  if axes <= set(mesh.manual_axes):  # already on this device's rows
+    return local(q, k, v)
+  rows = PartitionSpec(parallel.BATCH_AXES)
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(rows,) * 3, out_specs=rows, check_vma=False
+  )(q, k, v)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one qkv projection (SPEC §2.2 item 4)."""
 
@@ -271,6 +321,9 @@ class Attention(nn.Module):
     elif self.impl == 'fused':
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
       out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    elif self.impl == 'flash':
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, H, T, hd], as the kernel
+      out = flash_attention(q, k, v, scale).transpose(0, 2, 1, 3)
     else:
       raise ValueError(
         f'attention impl {self.impl!r} unknown; use one of {ATTENTION_IMPLS}'
@@ -352,6 +405,10 @@ class VisionTransformer(nn.Module):
       (``jax.nn.dot_product_attention``); same numbers.
     dtype: compute dtype (parameters stay float32).
     remat: recompute each block in the backward pass to save memory.
+    remat_policy: with remat, what each block keeps for the backward pass
+      (REMAT_POLICIES: 'nothing' recomputes the whole block; 'dots' keeps
+      every matmul's output, 'dots_no_batch' those without batch dimensions:
+      the dense layers', not attention's).
     scan_blocks: run the blocks as one ``nn.scan`` over a Block whose
       parameters are stacked on a leading axis of size ``depth`` (``blocks``,
       in place of ``blocks_0`` ... ``blocks_{depth-1}``; ``stack_blocks`` /
@@ -371,6 +428,7 @@ class VisionTransformer(nn.Module):
   attention: str = 'einsum'
   dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str = 'nothing'
   scan_blocks: bool = False
 
   def setup(self):
@@ -391,7 +449,13 @@ class VisionTransformer(nn.Module):
     )
     # train and return_attention are Python bools: static under remat
     # (argument 0 is the module itself).
-    block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+    block_cls = Block
+    if self.remat:
+      block_cls = nn.remat(
+        Block,
+        static_argnums=(2, 3),
+        policy=REMAT_POLICIES[self.remat_policy],
+      )
     if self.scan_blocks:
       # One Block, scanned by _scan, which gives it its drop path.
       self.blocks = self._block()
@@ -446,8 +510,10 @@ class VisionTransformer(nn.Module):
       index_keys = (keeps, *layer) if layer is not None else None
       return block(x, train, False, index_keys), None
 
-    if self.remat:  # as nn.remat(Block): nothing saved inside a block
-      body = nn.remat(body, prevent_cse=False)
+    if self.remat:  # as nn.remat(Block)
+      body = nn.remat(
+        body, prevent_cse=False, policy=REMAT_POLICIES[self.remat_policy]
+      )
     scan = nn.scan(
       body,
       variable_axes={'params': 0},
