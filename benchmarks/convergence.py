@@ -712,6 +712,10 @@ def jax_train(
       'dino_jax.main',
       f'--config={config_path}',
       f'--workdir={workdir}',
+      # One cache for all seeds (same program): seeds after the first
+      # load the step instead of compiling it.
+      '--compilation_cache='
+      + os.path.join(os.path.dirname(workdir), 'compilation_cache'),
       *overrides,
       f'--config.seed={seed}',
       f'--config.epochs={epochs}',
