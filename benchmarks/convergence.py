@@ -20,6 +20,16 @@ the k-NN accuracy of the teachers, seed against seed:
   on the eval preprocessing of ``dino_jax.eval.features`` are scored by
   ``dino_jax.eval.knn.knn_classify``, so both sides are scored by one code.
 
+A ResNet recipe (``--config.model.arch=resnet18`` and other
+``--config.a.b=c`` overrides, which reach both sides): the official side
+builds torchvision's model (tests/torch_resnet.py, ``model.resnet_width``)
+under ``DINOHead(use_bn=model.use_bn_in_head)`` as ``main_dino.train_dino``
+does, with ``optim.name`` sgd, lars (the official ``utils.LARS``) or adamw,
+and its pooled features are scored. ``--baselines`` also scores each
+seed's random init (official: the teacher before step 1; dino_jax:
+``eval.baselines``, with raw pixels). docs/parity.md has the ResNet
+command.
+
 Prints the k-NN tables side by side with the seed spread (mean, min, max,
 sample std) and JSON lines (one per run and step, then one per summary) to
 stdout and ``--out``. Logs of both trainings go to stderr. Rerunning a
