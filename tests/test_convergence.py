@@ -274,6 +274,30 @@ class OpsTest(absltest.TestCase):
     ):
       convergence.main(['--sides', 'jax', '--config.model.no_such_field=1'])
 
+  def test_resnet_variant_is_the_measured_recipe(self):
+    # configs/fashion_mnist.py:resnet is what docs/resnet.md measured with
+    # the harness: the parity recipe, these overrides, 15 epochs.
+    overrides = [
+      '--config.model.arch=resnet18',
+      '--config.model.resnet_width=16',
+      '--config.batch_size=64',
+      '--config.steps_per_epoch=60',
+      '--config.model.use_bn_in_head=True',
+      '--config.optim.name=sgd',
+      '--config.optim.lr=0.1',
+      '--config.optim.weight_decay=1e-4',
+      '--config.optim.weight_decay_end=1e-4',
+    ]
+    path = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
+    measured = convergence.load_config(f'{path}:parity', 15, 900, overrides)
+    variant = fashion_mnist.get_config('resnet')
+    for group in ('model', 'optim', 'loss', 'crops', 'data'):
+      self.assertEqual(variant[group].to_dict(), measured[group].to_dict())
+    self.assertEqual(
+      (variant.batch_size, variant.steps_per_epoch, variant.epochs),
+      (64, 60, 15),
+    )
+
   def test_rerun_trains_only_what_is_not_recorded(self):
     out = os.path.join(self.create_tempdir().full_path, 'jax.jsonl')
     recipe = dict(
