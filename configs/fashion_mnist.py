@@ -19,8 +19,9 @@ Variants, ``--config=configs/fashion_mnist.py:NAME``:
   weight decay 1e-4 constant), batch 64, 15 x 60 = 900 steps (15-25
   minutes on one shared CPU core). It learns slowly: k = 20 (on 20,000 /
   5,000 images) 71.3-75.5 after 900 steps, 1.7-1.8 points above the
-  same ResNet at random init on average (3 seeds); after 300 steps it is still below (docs/resnet.md,
-  "Learning"; docs/parity.md has the recipe against the official code).
+  same ResNet at random init on average (3 seeds); after 300 steps it is
+  still below (docs/resnet.md, "Learning"; docs/parity.md has the recipe
+  against the official code, both sides alike).
 
 Data: /usr/share/datasets/fashion-mnist (Debian `dataset-fashion-mnist`).
 At the end: weighted k-NN on the test set (training set as memory) for the
