@@ -26,8 +26,9 @@ common flags:
       default: dino_jax/config.py); reading a workdir, only eval.*, linear.*,
       data.* and mesh.* may change
   --config=FILE[:VARIANT]  a config file, and its variant:
-      configs/fashion_mnist.py:cpu (the default), :gpu, :parity;
-      configs/vit_s16.py:smoke (two steps on synthetic data)
+      configs/fashion_mnist.py:cpu (the default), :gpu, :parity, :resnet;
+      configs/vit_s16.py:smoke, configs/resnet50.py:smoke (two steps on
+      synthetic data), configs/resnet50.py:released (its released head)
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
       several processes without TPU/SLURM auto-detection
   --helpfull  every flag, absl's included
