@@ -105,12 +105,12 @@ def main(argv):
     StorageError,
     WorkdirError,
   ) as e:
-    print(f'error: {e}', file=sys.stderr)  # once: no absl E line as well
+    console.say(f'error: {e}')  # once: no absl E line as well
     sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C, or one before training
     pass  # below, once the traceback's frames are gone
   if result is None:
-    print('interrupted', file=sys.stderr)
+    console.say('interrupted')
     # Exit without the interpreter's teardown, after the exit handlers
     # (multiprocessing's among them: its semaphores): a second Ctrl-C exits
     # without waiting for threads of Orbax (a save in flight) or XLA, and

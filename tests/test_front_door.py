@@ -143,6 +143,29 @@ def _two_processes(workdir, *overrides, timeout=300):
   )
 
 
+def test_an_error_line_is_one_write_prefixed_or_not(monkeypatch):
+  # Two processes share launch/local.sh's stderr: a line written as text,
+  # then its newline (print), could take the other's line onto it.
+  from dino_jax.cli import console
+
+  class Writes(io.StringIO):
+    calls = []
+
+    def write(self, text):
+      self.calls.append(text)
+      return super().write(text)
+
+  raw = Writes()
+  for stream, want in (
+    (raw, 'error: bad\n'),
+    (console._PrefixedLines(raw, '[process 1] '), '[process 1] error: bad\n'),
+  ):
+    Writes.calls.clear()
+    monkeypatch.setattr(sys, 'stderr', stream)
+    console.say('error: bad')
+    assert Writes.calls == [want]
+
+
 def test_two_processes_print_each_error_once_prefixed(tmp_path):
   # Both processes fail on the data; process 0 says it, process 1 says it
   # with its index; neither adds an absl E line.

@@ -125,6 +125,17 @@ class _ProcessPrefix(logging.Filter):
     return True
 
 
+def say(line: str) -> None:
+  """``line`` on stderr in one write, newline included.
+
+  ``print(line, file=sys.stderr)`` writes the text and the newline apart:
+  two processes sharing one pipe (launch/local.sh) could put their lines
+  on one (seen: process 1's error line, then process 0's, one newline).
+  """
+  sys.stderr.write(line + '\n')
+  sys.stderr.flush()
+
+
 class _PrefixedLines(io.TextIOBase):
   """A text stream that prefixes each line it passes on."""
 

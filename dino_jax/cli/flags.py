@@ -154,7 +154,7 @@ def parse_training_flags(
   try:
     return values(argv)
   except Exception as e:  # noqa: BLE001 - a config file raises its own
-    print(f'error: {command_line_error(e, argv)}', file=sys.stderr)
+    console.say(f'error: {command_line_error(e, argv)}')
   sys.exit(1)
 
 
@@ -167,7 +167,7 @@ def loaded_config(values: flags.FlagValues) -> ml_collections.ConfigDict:
     return config
   except OSError as e:  # ml_collections defers a failed load to here
     spec = values['config'].serialize().split('=', 1)[-1]
-    print(f'error: {config_file_error(spec, e)}', file=sys.stderr)
+    console.say(f'error: {config_file_error(spec, e)}')
     sys.exit(1)
 
 
@@ -243,13 +243,13 @@ def _run_tool(main, args, reported) -> int:
       main(*args)
       interrupt.check()  # a signal near the end still stops with its status
     except reported as e:
-      print(f'error: {e}', file=sys.stderr)
+      console.say(f'error: {e}')
       return 1
     except (KeyboardInterrupt, interrupt.Stopped) as e:
       if isinstance(e, interrupt.Stopped) and e.signal_name == 'SIGTERM':
-        print('stopped by SIGTERM', file=sys.stderr)
+        console.say('stopped by SIGTERM')
         return 128 + signal.SIGTERM
-      print('interrupted', file=sys.stderr)
+      console.say('interrupted')
       return 130
   return 0
 
@@ -300,7 +300,7 @@ def run_cli(
       rest, overrides = split_overrides(args)
       return [*values(rest), *overrides]
     except (flags.Error, ConfigOverrideError) as e:
-      print(f'error: {flag_error(e)}', file=sys.stderr)
+      console.say(f'error: {flag_error(e)}')
       sys.exit(1)
 
   def run(args: list[str]) -> int:
