@@ -8,7 +8,9 @@ Runs the config for 2 steps (checkpoint at step 2), then again to step 4
 in the same workdir (it resumes at step 3, as after a preemption), and
 prints the time to each run's first step line and one JSON line.
 ``JAX_COMPILATION_CACHE_DIR`` is removed from the runs' environment, so the
-cache is the workdir's (or none).
+cache is the workdir's (or none). ``--fake_gcs`` puts the workdir (and so
+the cache) in a bucket of a local fake GCS server (tests/gcs_server.py, the
+test extra's fake-gcs-server on 127.0.0.1): ``gs://restart/WORKDIR``.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -46,11 +49,31 @@ def main():
   parser.add_argument('--config', default='tests/tiny_config.py')
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--compilation_cache', default='')
+  parser.add_argument('--fake_gcs', action='store_true')
   args = parser.parse_args()
-  shutil.rmtree(args.workdir, ignore_errors=True)
   env = {
     k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'
   }
+  if args.fake_gcs:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
+    import gcs_server
+
+    log = os.path.join(tempfile.mkdtemp(prefix='restart_gcs_'), 'log')
+    server = gcs_server.Server(log)
+    env.update(server.env(), GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
+    args.workdir = (
+      server.create_bucket('restart') + '/' + args.workdir.strip('/')
+    )
+  else:
+    shutil.rmtree(args.workdir, ignore_errors=True)
+  try:
+    run_twice(args, env)
+  finally:
+    if args.fake_gcs:
+      server.stop()
+
+
+def run_twice(args, env):
   out = {'compilation_cache': args.compilation_cache or 'workdir'}
   for run, steps in (('first', 2), ('restart', 4)):
     command = [
