@@ -25,7 +25,17 @@ TINY = os.path.join(ROOT, 'tests', 'tiny_config.py')
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 
+# A folder holding the CUDA plugin apart from the environment (.ci/run
+# installs it there with pip --target): only the GPU compiles load it, so
+# no other test's process starts with it.
+CUDA_PLUGIN_PATH = os.environ.get('DINO_JAX_TEST_CUDA_PLUGIN', '')
+
+
 def _has_cuda_plugin() -> bool:
+  if CUDA_PLUGIN_PATH and os.path.isdir(
+    os.path.join(CUDA_PLUGIN_PATH, 'jax_plugins', 'xla_cuda12')
+  ):
+    return True
   try:
     return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
   except ModuleNotFoundError:  # no jax_plugins namespace at all
@@ -33,14 +43,25 @@ def _has_cuda_plugin() -> bool:
 
 
 HAS_CUDA_PLUGIN = _has_cuda_plugin()
+# The environment of a GPU compile: the plugin's folder on the path.
+CUDA_ENV = (
+  {
+    'PYTHONPATH': os.pathsep.join(
+      p for p in (CUDA_PLUGIN_PATH, os.environ.get('PYTHONPATH')) if p
+    )
+  }
+  if CUDA_PLUGIN_PATH
+  else {}
+)
 needs_libtpu = pytest.mark.skipif(
   not HAS_LIBTPU,
   reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compile",
 )
 needs_cuda_plugin = pytest.mark.skipif(
   not HAS_CUDA_PLUGIN,
-  reason="the CUDA plugin is not installed (pip install -e '.[aot-gpu]'): "
-  'no GPU compile',
+  reason="the CUDA plugin is not installed (pip install -e '.[aot-gpu]', "
+  'or DINO_JAX_TEST_CUDA_PLUGIN=a pip --target folder of it, as .ci/run '
+  'does): no GPU compile',
 )
 
 
@@ -451,6 +472,7 @@ def test_tiny_config_on_h100(tmp_path):
     '--config.model.dtype=auto',
     '--config.model.attention=auto',
     f'--out={out}',
+    env=CUDA_ENV,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert last_line(result.stdout).startswith('fits (')
@@ -471,6 +493,7 @@ def test_oversized_head_on_h100_does_not_fit():
     '--noeval_features',
     '--config.model.out_dim=134217728',
     '--config.batch_size=64',
+    env=CUDA_ENV,
   )
   assert result.returncode == 1, result.stderr[-3000:]
   assert last_line(result.stdout).startswith('does not fit: needs ')
