@@ -17,8 +17,9 @@ the k-NN accuracy of the teachers, seed against seed:
   torchvision's semantics in PIL + torch (torchvision is not installed), the
   official ``utils.GaussianBlur`` / ``utils.Solarization``, and a sampler of
   ``steps_per_epoch`` batches per epoch. Its teacher backbone's CLS features
-  on the eval preprocessing of ``dino_jax.eval.features`` are scored by
-  ``dino_jax.eval.knn.knn_classify``, so both sides are scored by one code.
+  on the eval preprocessing of ``dino_jax.evaluation.features`` are scored
+  by ``dino_jax.evaluation.knn.knn_classify``, so both sides are scored by
+  one code.
 
 A ResNet recipe (``--config.model.arch=resnet18`` and other
 ``--config.a.b=c`` overrides, which reach both sides): the official side
@@ -96,7 +97,7 @@ except ImportError:
   from dino_jax import workdir as config_files  # noqa: E402
 from dino_jax.config import RESNET_ARCHS  # noqa: E402
 from dino_jax.data import multicrop, sources  # noqa: E402
-from dino_jax.eval import features, knn  # noqa: E402
+from dino_jax.evaluation import features, knn  # noqa: E402
 
 # main_dino.py DataAugmentationDINO: ColorJitter(0.4, 0.4, 0.2, 0.1) with
 # p = 0.8, RandomGrayscale(0.2), RandomHorizontalFlip(0.5) (SPEC §5.1).

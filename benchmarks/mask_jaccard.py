@@ -2,10 +2,10 @@
 
 On Fashion-MNIST test images (the first --n, default 500): per image, each
 head's mask keeping ``eval.attention_threshold`` (0.6) of the last block's
-CLS attention (``dino_jax.eval.attention.masks``, upsampled by p) is
+CLS attention (``dino_jax.evaluation.attention.masks``, upsampled by p) is
 compared with the silhouette (the pixels > 0) by Jaccard; the best head
 counts; the mean over images is printed for the trained teacher and for the
-same backbone at random init (seed + 1, as ``dino_jax.eval.run``'s
+same backbone at random init (seed + 1, as ``dino_jax.evaluation.run``'s
 baseline), with the score of a mask of the whole image (the silhouettes'
 mean coverage) for context, and written to WORKDIR/eval/mask_jaccard.json:
 
@@ -31,8 +31,8 @@ from dino_jax import workdir as workdir_lib
 from dino_jax.cli import evals
 from dino_jax.cli import flags as cli_flags
 from dino_jax.data import sources
-from dino_jax.eval import attention, common, features
-from dino_jax.eval import run as run_lib
+from dino_jax.evaluation import attention, common, features
+from dino_jax.evaluation import run as run_lib
 
 
 def define_flags(values: flags.FlagValues) -> None:

@@ -97,7 +97,7 @@ def main(argv=None):
   import numpy as np
   import torch
 
-  from dino_jax.eval import video
+  from dino_jax.evaluation import video
 
   h, w = args.grid
   n, d, c = h * w, args.dim, args.classes

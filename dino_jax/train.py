@@ -1,7 +1,7 @@
 """The training loop: mesh, data, state, resume, step, log, eval, checkpoint.
 
 No math here: the step is ``step.make_train_step``, the augmentation
-``data.multicrop``, the evaluation ``eval.run``.
+``data.multicrop``, the evaluation ``evaluation.run``.
 
 Signals (the shell records them, ``dino_jax/cli/signals.py``; the loop
 polls the record, ``dino_jax/interrupt.py``):
@@ -179,7 +179,9 @@ class _Training:
 
   def run(self) -> dict:
     """Trains to ``total_steps``, evaluates; the result metrics."""
-    from dino_jax.eval import run as eval_run  # the eval imports are heavier
+    from dino_jax.evaluation import (
+      run as eval_run,  # the eval imports are heavier
+    )
 
     total_steps = self.total_steps
     try:
@@ -312,7 +314,7 @@ class _Training:
 
   def _finish(self) -> dict:
     """The last step is saved: the final evaluation, then the result."""
-    from dino_jax.eval import run as eval_run
+    from dino_jax.evaluation import run as eval_run
 
     self._close(writer=False)
     try:
@@ -332,7 +334,7 @@ class _Training:
     return {**self.scalars, **results}
 
   def _evaluate_and_write(self, final: bool) -> None:
-    from dino_jax.eval import run as eval_run
+    from dino_jax.evaluation import run as eval_run
 
     results = self._evaluate(final)
     if results is not None:  # else stopped: the loop's top saves
@@ -340,7 +342,7 @@ class _Training:
 
   def _evaluate(self, final: bool) -> dict | None:
     """The evaluations of this step, or None when a signal stopped them."""
-    from dino_jax.eval import run as eval_run
+    from dino_jax.evaluation import run as eval_run
 
     return eval_run.during_training(
       self.config, self.workdir, self.mesh, self.state, self.step, final

@@ -4,7 +4,7 @@
       PROCESS_ID PORT [--config.a.b=c ...]
 
 Evaluates WORKDIR's newest checkpoint as a run does at its end
-(``eval.run.after_training``; the arguments override the saved config's
+(``evaluation.run.after_training``; the arguments override the saved config's
 eval fields, e.g. ``eval.retrieval_root``) on DEVICES fake CPU devices per
 process. With NUM_PROCESSES > 1 the processes join through
 jax.distributed at 127.0.0.1:PORT and the mesh takes the devices rotated
@@ -51,7 +51,7 @@ def main():
 
   from dino_jax import parallel
   from dino_jax import workdir as workdir_lib
-  from dino_jax.eval import copy_detection, retrieval, run, video
+  from dino_jax.evaluation import copy_detection, retrieval, run, video
 
   assert jax.device_count() == DEVICES * num_processes
   if num_processes > 1:

@@ -47,7 +47,7 @@ def main():
   from dino_jax import overrides as overrides_lib
   from dino_jax import parallel, train
   from dino_jax import workdir as workdir_lib
-  from dino_jax.eval import linear, run
+  from dino_jax.evaluation import linear, run
 
   assert jax.device_count() == DEVICES * num_processes
   if num_processes > 1:

@@ -29,8 +29,8 @@ from dino_jax import workdir as workdir_lib
 from dino_jax.cli import evals
 from dino_jax.cli import flags as cli_flags
 from dino_jax.data import sources
-from dino_jax.eval import attention
-from dino_jax.eval import run as run_lib
+from dino_jax.evaluation import attention
+from dino_jax.evaluation import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))

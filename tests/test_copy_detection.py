@@ -1,4 +1,4 @@
-"""Copy detection on Copydays (dino_jax.eval.copy_detection).
+"""Copy detection on Copydays (dino_jax.evaluation.copy_detection).
 
 Side by side with the official code (``eval_copy_detection.py``,
 ``utils.PCA``, ``vision_transformer``), loaded by path from
@@ -29,7 +29,7 @@ from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.cli import evals
 from dino_jax.data import multicrop
-from dino_jax.eval import copy_detection as cd
+from dino_jax.evaluation import copy_detection as cd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))

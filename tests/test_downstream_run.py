@@ -1,6 +1,6 @@
 """The end-of-training evaluations beyond k-NN.
 
-``eval.run.after_training`` with ``eval.linear`` and
+``evaluation.run.after_training`` with ``eval.linear`` and
 ``eval.mask_jaccard_images`` prints and records (WORKDIR/eval/
 downstream.json) the lr-swept linear probe and the attention-mask Jaccard
 of the trained teacher and its baselines; the numbers are those of the
@@ -32,8 +32,14 @@ from dino_jax import parallel
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.cli import evals
-from dino_jax.eval import attention, copy_detection, linear, retrieval, video
-from dino_jax.eval import run as run_lib
+from dino_jax.evaluation import (
+  attention,
+  copy_detection,
+  linear,
+  retrieval,
+  video,
+)
+from dino_jax.evaluation import run as run_lib
 
 
 def fashion_files(path: str) -> np.ndarray:

@@ -12,7 +12,7 @@ from absl.testing import absltest, parameterized
 
 from dino_jax import models, parallel
 from dino_jax.data import sources
-from dino_jax.eval import attention, features, knn
+from dino_jax.evaluation import attention, features, knn
 
 
 def knn_reference(train_x, train_y, test_x, test_y, k, t, num_classes):

@@ -32,7 +32,7 @@ from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.cli import evals
 from dino_jax.cli import flags as cli_flags
-from dino_jax.eval import attention, knn, linear
+from dino_jax.evaluation import attention, knn, linear
 
 
 def run_in_process(module, argv, main=None):

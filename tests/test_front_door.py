@@ -32,7 +32,7 @@ from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.cli import console, evals
 from dino_jax.cli import flags as cli_flags
-from dino_jax.eval import (
+from dino_jax.evaluation import (
   attention,
   copy_detection,
   knn,
@@ -40,8 +40,8 @@ from dino_jax.eval import (
   retrieval,
   video,
 )
-from dino_jax.eval import common as eval_common
-from dino_jax.eval import run as eval_run
+from dino_jax.evaluation import common as eval_common
+from dino_jax.evaluation import run as eval_run
 
 OFFICIAL = os.path.join(os.path.dirname(ROOT), 'shared', 'official-dino')
 
@@ -72,7 +72,7 @@ def test_knn_cli_adds_a_record_and_keeps_the_baselines(tmp_path):
   config.eval.baselines = True
   config.eval.attention_images = 0
   loaded, mesh, state, step = workdir_lib.load_workdir(workdir)
-  # The end of training (eval.run), then the CLI with other settings.
+  # The end of training (evaluation.run), then the CLI with other settings.
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
     eval_run.after_training(config, workdir, mesh, state, step)

@@ -18,7 +18,7 @@ from test_eval_cli import error_lines, run_in_process, tiny_workdir
 from dino_jax import config as config_lib
 from dino_jax import models, parallel, storage
 from dino_jax.data import multicrop
-from dino_jax.eval import features, linear
+from dino_jax.evaluation import features, linear
 
 
 class ColorSource:

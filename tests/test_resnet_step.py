@@ -20,8 +20,8 @@ from tiny import crop_batch, tiny_config
 from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import parallel
 from dino_jax import step as step_lib
-from dino_jax.eval import features
-from dino_jax.eval import run as eval_run
+from dino_jax.evaluation import features
+from dino_jax.evaluation import run as eval_run
 
 BATCH = 8
 

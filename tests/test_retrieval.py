@@ -28,7 +28,7 @@ from test_eval_cli import error_lines, run_in_process, tiny_workdir
 from dino_jax import interop, models
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
-from dino_jax.eval import retrieval
+from dino_jax.evaluation import retrieval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_REPO = os.environ.get(

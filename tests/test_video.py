@@ -1,4 +1,4 @@
-"""DAVIS label propagation (dino_jax.eval.video) and its metrics.
+"""DAVIS label propagation (dino_jax.evaluation.video) and its metrics.
 
 The propagation is compared with the official eval_video_segmentation.py,
 loaded from ``$DINO_OFFICIAL_REPO`` or ``../shared/official-dino`` beside
@@ -24,7 +24,7 @@ from PIL import Image
 from test_eval_cli import error_lines, run_in_process, tiny_workdir
 
 from dino_jax import interop, models
-from dino_jax.eval import davis_metrics, video
+from dino_jax.evaluation import davis_metrics, video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))

@@ -149,7 +149,7 @@ def compile_features(config, mesh, platform: str) -> Compiled:
 
   from dino_jax import checkpoint, parallel
   from dino_jax import step as step_lib
-  from dino_jax.eval import features
+  from dino_jax.evaluation import features
 
   _, teacher = step_lib.build_models(config, platform)
   backbone = teacher.backbone

@@ -1,12 +1,11 @@
 """The evaluation CLIs: ``python -m dino_jax.eval.<name>``.
 
-Each evaluation module (``dino_jax/eval/<name>.py``) is library code: a
-function of (config, mesh, backbone, params, options). Its command is here:
-its flags (``define_<name>``), its ``main(values, args, overrides)`` and the
-errors it reports in one line, run by ``flags.run_cli``. The module keeps
-the command ``python -m dino_jax.eval.<name>`` with two lines at its bottom
-that call ``run(<name>)``, under ``if __name__ == '__main__':`` only, so
-that importing the library never imports the shell.
+The evaluations are library code (``dino_jax/evaluation/<name>.py``): a
+function of (config, mesh, backbone, params, options). Their commands are
+here: the flags (``define_<name>``), ``main_<name>(values, args,
+overrides)`` and the errors each reports in one line, run by
+``flags.run_cli``; ``dino_jax/eval/<name>.py`` is the program, which calls
+``entry(<name>)``.
 """
 
 import logging
@@ -92,7 +91,7 @@ def define_knn(values: flags.FlagValues) -> None:
 
 def main_knn(values: flags.FlagValues, args: list[str], overrides: list[str]):
   """``python -m dino_jax.eval.knn``: k-NN of a workdir (after --pretrained)."""
-  from dino_jax.eval import knn
+  from dino_jax.evaluation import knn
 
   _no_arguments(args)
   overrides = prepare_workdir(values, overrides)
@@ -107,7 +106,7 @@ def main_linear(
   values: flags.FlagValues, args: list[str], overrides: list[str]
 ):
   """``python -m dino_jax.eval.linear --workdir=DIR [--config.linear.x=y]``."""
-  from dino_jax.eval import linear
+  from dino_jax.evaluation import linear
 
   _no_arguments(args)
   overrides = prepare_workdir(values, overrides)
@@ -144,7 +143,7 @@ def main_attention(
   Per head: the map, the masked image and the bare mask
   (``{stem}-binmask{i}.png``, ``masks`` at --threshold, upsampled by p).
   """
-  from dino_jax.eval import attention
+  from dino_jax.evaluation import attention
 
   _no_arguments(args)
   for name in ('workdir', 'image'):
@@ -180,7 +179,7 @@ def main_attention(
 
 
 def define_retrieval(values: flags.FlagValues) -> None:
-  from dino_jax.eval.retrieval import DATASETS
+  from dino_jax.evaluation.retrieval import DATASETS
 
   cli_flags.define_eval_flags(values)
   kw = {'flag_values': values}
@@ -210,7 +209,7 @@ def main_retrieval(
   values: flags.FlagValues, args: list[str], overrides: list[str]
 ):
   """``python -m dino_jax.eval.retrieval``: rOxford / rParis mAP."""
-  from dino_jax.eval import common, retrieval
+  from dino_jax.evaluation import common, retrieval
 
   _no_arguments(args)
   retrieval.check_imsize(values.imsize)
@@ -266,8 +265,8 @@ def main_copy_detection(
   values: flags.FlagValues, args: list[str], overrides: list[str]
 ):
   """``python -m dino_jax.eval.copy_detection``: mAP per Copydays block."""
-  from dino_jax.eval import common
-  from dino_jax.eval import copy_detection as cd
+  from dino_jax.evaluation import common
+  from dino_jax.evaluation import copy_detection as cd
 
   _no_arguments(args)
   options = dict(
@@ -320,7 +319,7 @@ def define_video(values: flags.FlagValues) -> None:
 
 def main_video(values: flags.FlagValues, args: list[str], overrides: list[str]):
   """``python -m dino_jax.eval.video``: DAVIS J&F of a workdir."""
-  from dino_jax.eval import common, video
+  from dino_jax.evaluation import common, video
 
   _no_arguments(args)
   options = dict(
@@ -357,7 +356,7 @@ def errors(name: str) -> tuple[type[BaseException], ...]:
   from dino_jax.models.convert import InteropError
 
   if name == 'copy_detection':
-    from dino_jax.eval.copy_detection import CopydaysError
+    from dino_jax.evaluation.copy_detection import CopydaysError
 
     return (CopydaysError, InteropError)
   if name in ('knn', 'linear'):
@@ -394,7 +393,7 @@ def run(name: str, argv: list[str] | None = None) -> int:
 
 
 def entry(name: str) -> None:
-  """The bottom of ``dino_jax/eval/<name>.py`` run as a program."""
+  """``dino_jax/eval/<name>.py`` run as a program."""
   from dino_jax import hostmem
 
   if name != 'attention':  # one image: nothing to gain

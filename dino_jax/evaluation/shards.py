@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dino_jax.eval import features
+from dino_jax.evaluation import features
 
 
 def share(n: int) -> list[int]:

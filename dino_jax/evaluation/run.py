@@ -11,7 +11,7 @@ from dino_jax import interrupt, parallel, storage
 from dino_jax import step as step_lib
 from dino_jax import workdir as workdir_lib
 from dino_jax.data import sources
-from dino_jax.eval import (
+from dino_jax.evaluation import (
   attention,
   common,
   copy_detection,
