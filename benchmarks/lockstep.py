@@ -18,7 +18,12 @@ same crops at every step:
   as ``convergence.MultiCropTransform`` writes it, NCHW -> NHWC) with the
   on-device augmentation bypassed (``augment=None``). One pass-through
   transformation in front of its optimizer keeps a copy of the clipped
-  gradients for the comparison; it changes no update.
+  gradients for the comparison; it changes no update. A ViT with scanned
+  blocks (``--config.model.scan_blocks=true``, optionally with
+  ``model.remat``) starts from the official weights stacked on its layers
+  axis (``from_pytorch``); its stacked parameters, gradients and Adam
+  moments are split per block (``vit.unstack_blocks``) and compared with
+  the official ``blocks.{i}.*`` tensors.
 
 After each step it compares, as ||a - b|| / ||b|| (b the official value):
 the loss, the teacher entropy, the center, the learning rate, weight decay
@@ -304,21 +309,33 @@ class JaxSide:
 
     ``to_pytorch`` traces the module for its names at each call (about a
     second for this per step and tree); its rules are looked up once here.
+    A ViT with scanned blocks (``model.scan_blocks``: each block tensor
+    stacked on a leading layers axis) is split per block first
+    (``vit.unstack_blocks``) and named by the rules of its unrolled clone,
+    as ``to_pytorch`` does: ``blocks.{i}.*`` as the official code names
+    them.
     """
     import flax
 
     from dino_jax import interop
+    from dino_jax.models import vit as vit_lib
 
     if not hasattr(self, '_rules'):
-      self._rules = {
-        part: interop._abstract_variables(getattr(self.student, part))[1]
-        for part in ('backbone', 'head')
-      }
+      self._rules, self._scanned = {}, set()
+      for part in ('backbone', 'head'):
+        module = getattr(self.student, part)
+        if getattr(module, 'scan_blocks', False):
+          module = module.clone(scan_blocks=False)
+          self._scanned.add(part)
+        self._rules[part] = interop._abstract_variables(module)[1]
     out = {}
     for part, rules in self._rules.items():
       if part not in tree:  # batch_stats: a head without BatchNorm
         continue
-      flat = flax.traverse_util.flatten_dict(tree[part], sep='/')
+      subtree = tree[part]
+      if part in self._scanned:  # blocks -> blocks_{i}
+        subtree = vit_lib.unstack_blocks(subtree)
+      flat = flax.traverse_util.flatten_dict(subtree, sep='/')
       for path, value in flat.items():
         key, transform = interop._torch_key(path, rules, collection)
         value = np.asarray(value, np.float32)
