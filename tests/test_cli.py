@@ -673,27 +673,105 @@ class SignalTest(absltest.TestCase):
     self.assertEqual(checkpoints(workdir), [])
 
 
-@pytest.mark.slow
+def run_in_process(workdir, *overrides, config=TINY):
+  """``run``'s command line through ``dino_jax.main`` in this process.
+
+  What ``python -m dino_jax.main`` does after ``app.run``: its parse, then
+  ``main`` (flags in a fresh FlagValues, ``sys.argv`` as the process would
+  have it for ml_collections' overrides). Returns a CompletedProcess with
+  the exit status and stderr (``console.say``'s lines, the log records,
+  and an uncaught exception's traceback with status 1, as the interpreter
+  prints it). This process has the suite's 8 CPU devices (conftest). For
+  bad command lines only: a run that gets past the checks to training
+  raises (its traceback in stderr) instead of training here.
+  """
+  import contextlib
+  import io
+  import logging
+  import traceback
+  import types
+  from unittest import mock
+
+  import jax
+
+  from dino_jax import train
+  from dino_jax.cli import flags as cli_flags
+
+  with mock.patch.object(flags, 'FLAGS', flags.FlagValues()):
+    from dino_jax import main as main_lib  # its flags: not the suite's FLAGS
+
+  argv = command(workdir, *overrides, config=config)[2:]  # from dino_jax.main
+  values = flags.FlagValues()
+  cli_flags.define_training_flags(values)
+  stderr = io.StringIO()
+  log = logging.StreamHandler(stderr)
+  root, absl_logger = logging.getLogger(), logging.getLogger('absl')
+  saved = (
+    absl_logger.level,
+    jax.config.jax_compilation_cache_dir,
+    jax.config.jax_enable_compilation_cache,
+  )
+  refused = AssertionError('accepted: training started in-process')
+  status = 0
+  root.addHandler(log)
+  try:
+    with (
+      contextlib.redirect_stderr(stderr),
+      mock.patch.object(sys, 'argv', argv),
+      mock.patch.object(main_lib, 'flags', types.SimpleNamespace(FLAGS=values)),
+      mock.patch.object(train, '_Training', side_effect=refused),
+    ):
+      try:
+        main_lib.main(main_lib.parse_flags(argv))
+      except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+      except Exception:  # noqa: BLE001 - the interpreter's report
+        stderr.write(traceback.format_exc())
+        status = 1
+  finally:
+    root.removeHandler(log)
+    absl_logger.setLevel(saved[0])
+    jax.config.update('jax_compilation_cache_dir', saved[1])
+    jax.config.update('jax_enable_compilation_cache', saved[2])
+  return subprocess.CompletedProcess(argv, status, '', stderr.getvalue())
+
+
 class ErrorTest(absltest.TestCase):
+  """Bad command lines of ``dino_jax.main``, run in this process (its 8
+  devices); one real process checks the exit status and the line."""
+
   def assert_error(self, result, pattern):
     self.assertEqual(result.returncode, 1, result.stderr[-2000:])
     self.assertRegex(result.stderr, pattern)
     self.assertNotIn('Traceback', result.stderr, result.stderr[-6000:])
 
+  def test_a_bad_value_in_a_real_process(self):
+    # The process boundary: python -m dino_jax.main on 8 devices (XLA_FLAGS)
+    # exits 1 with one error line, the last on stderr, and no traceback.
+    workdir = self.create_tempdir().full_path
+    result = run(workdir, '--config.batch_size=12', devices=8)
+    self.assert_error(result, r'error: batch_size=12 is not divisible')
+    lines = [x for x in result.stderr.splitlines() if x.startswith('error:')]
+    self.assertEqual(
+      lines, ['error: batch_size=12 is not divisible by the 8 devices']
+    )
+    self.assertEqual(result.stderr.splitlines()[-1], lines[0])
+    self.assertEqual(os.listdir(workdir), [])
+
   def test_bad_values(self):
     workdir = self.create_tempdir().full_path
     self.assert_error(
-      run(workdir, '--config.crops.local_size=12'),
+      run_in_process(workdir, '--config.crops.local_size=12'),
       r'error: crops.local_size=12 is not divisible by '
       r'model.patch_size=8',
     )
     self.assert_error(
-      run(workdir, '--config.batch_size=12', devices=8),
+      run_in_process(workdir, '--config.batch_size=12'),
       r'error: batch_size=12 is not divisible by the 8 '
       r'devices',
     )
     self.assert_error(
-      run(
+      run_in_process(
         workdir,
         '--config.data.source=imagefolder',
         '--config.data.path=/no/such/dir',
@@ -701,17 +779,17 @@ class ErrorTest(absltest.TestCase):
       r"error: ImageFolder root '/no/such/dir' is not a directory",
     )
     self.assert_error(
-      run(workdir, '--config.model.arch=vit_huge'),
+      run_in_process(workdir, '--config.model.arch=vit_huge'),
       r"error: model.arch='vit_huge' unknown",
     )
     self.assert_error(
-      run(workdir, '--config.mesh.fsdp=3', devices=8),
+      run_in_process(workdir, '--config.mesh.fsdp=3'),
       r'error: mesh.fsdp=3 does not divide the 8 devices',
     )
     # Before: accepted, and JAX's IndivisibleError traceback came in the
     # first evaluation, after training.
     self.assert_error(
-      run(workdir, '--config.eval.batch_size=12', devices=8),
+      run_in_process(workdir, '--config.eval.batch_size=12'),
       r'error: eval.batch_size=12 is not a multiple of the 8 devices \(the '
       r'evaluation splits it over them\); use --config.eval.batch_size=8 or '
       r'16',
@@ -721,21 +799,24 @@ class ErrorTest(absltest.TestCase):
     parent = self.create_tempdir().full_path
     missing = os.path.join(parent, 'new')
     self.assert_error(
-      run(missing, config=os.path.join(ROOT, 'configs', 'no_such.py')),
+      run_in_process(
+        missing, config=os.path.join(ROOT, 'configs', 'no_such.py')
+      ),
       r'error: --config=.*no_such.py cannot be loaded \(.*No such file',
     )
     a_file = os.path.join(parent, 'a_file')
     with open(a_file, 'w') as f:
       f.write('x')
     self.assert_error(
-      run(a_file), r'error: --workdir=.*a_file is a file, not a directory'
+      run_in_process(a_file),
+      r'error: --workdir=.*a_file is a file, not a directory',
     )
     self.assert_error(
-      run('/proc/dino_jax_test'),
+      run_in_process('/proc/dino_jax_test'),
       r'error: --workdir=/proc/dino_jax_test is under /proc',
     )
     self.assert_error(
-      run(
+      run_in_process(
         missing,
         '--config.data.source=imagefolder',
         '--config.data.path=/no/such/dir',
@@ -748,7 +829,7 @@ class ErrorTest(absltest.TestCase):
   def test_unknown_field(self):
     workdir = self.create_tempdir().full_path
     self.assert_error(
-      run(workdir, '--config.optim.lrr=1'),
+      run_in_process(workdir, '--config.optim.lrr=1'),
       r'error: unknown config field in --config.optim.lrr: .*'
       r'Did you mean "lr" instead of "lrr"',
     )
