@@ -197,6 +197,19 @@ class ErrorTest(absltest.TestCase):
     )
     self.assert_one_error(status, stderr, f'{root}/no.pth is not a file')
     self.assertFalse(os.path.exists(os.path.join(root, 'new')))
+    # A .pth that is no checkpoint: no workdir made for it.
+    root = self.create_tempdir().full_path
+    text = os.path.join(root, 'notes.pth')
+    with open(text, 'w') as f:
+      f.write('not a checkpoint\n')
+    work = os.path.join(root, 'work')
+    status, stderr = run_in_process(
+      knn, [f'--pretrained={text}', f'--config={TINY}', f'--workdir={work}']
+    )
+    self.assert_one_error(
+      status, stderr, f'{text}: not a tensor-only checkpoint'
+    )
+    self.assertEqual(os.listdir(root), ['notes.pth'])  # no workdir
 
 
 @pytest.mark.slow
@@ -214,18 +227,6 @@ class SubprocessTest(parameterized.TestCase):
     result = run_cli('dino_jax.eval.knn', f'--workdir={missing}')
     self.assert_one_error(result, f'--workdir={missing} does not exist')
     self.assertEqual(os.listdir(root), [])
-    text = os.path.join(root, 'notes.pth')
-    with open(text, 'w') as f:
-      f.write('not a checkpoint\n')
-    work = os.path.join(root, 'work')
-    result = run_cli(
-      'dino_jax.eval.knn',
-      f'--pretrained={text}',
-      f'--config={TINY}',
-      f'--workdir={work}',
-    )
-    self.assert_one_error(result, f'{text}: not a tensor-only checkpoint')
-    self.assertEqual(os.listdir(root), ['notes.pth'])  # no workdir
 
   def test_knn_on_a_workdir_with_overrides(self):
     workdir = self.create_tempdir().full_path
