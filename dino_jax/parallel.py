@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -238,6 +239,7 @@ def value_and_grad_scattered(
   batched: Any,
   replicated: Any,
   fsdp_min_size: int = 2**18,
+  compute_dtype: Any = None,
 ) -> tuple[jax.Array, Any, Any]:
   """``jax.value_and_grad(fn, has_aux=True)`` with FSDP's own reduction.
 
@@ -251,6 +253,13 @@ def value_and_grad_scattered(
   transposes of ``all_gather`` and of ``pcast`` to varying). Unsplit
   parameters' gradients are all-reduced over both axes.
 
+  With a ``compute_dtype`` narrower than a split parameter (bf16 compute,
+  float32 parameters) the shard is cast to it before the gather and the
+  gradient is reduced in it (``_gather_in``), as GSPMD gathers the bf16
+  operand of a matmul and reduces the bf16 gradient of its weight: half
+  the bytes of both collectives; the gradient is cast back to float32 on
+  its shard, and the optimizer's master weights stay float32.
+
   Args:
     fn: ``fn(params, batched, replicated) -> (loss, (means, other))``, on
       one device's rows. ``loss`` and every leaf of ``means`` are means over
@@ -262,6 +271,8 @@ def value_and_grad_scattered(
       the batch axes.
     replicated: everything else ``fn`` reads; the same on every device.
     fsdp_min_size: as in ``state_sharding``.
+    compute_dtype: the dtype the model computes in (``model.dtype``); None
+      or float32: split parameters are gathered as they are.
 
   Returns:
     ``(loss, (means, other), grads)``: the global means, ``other``, and the
@@ -270,18 +281,31 @@ def value_and_grad_scattered(
   mesh = jax.sharding.get_abstract_mesh()
   specs = tree_specs(params, mesh.shape['fsdp'], fsdp_min_size)
 
+  def narrowed(leaf) -> bool:  # gathered and reduced in compute_dtype
+    return (
+      compute_dtype is not None
+      and jnp.issubdtype(leaf.dtype, jnp.floating)
+      and jnp.dtype(compute_dtype).itemsize < leaf.dtype.itemsize
+    )
+
   def gather(shard, spec):
     if 'fsdp' not in spec:
       return shard
     axis = tuple(spec).index('fsdp')
+    if narrowed(shard):
+      over_data = mesh.shape['data'] > 1
+      return _gather_in(compute_dtype, axis, over_data)(shard)
     return jax.lax.all_gather(shard, 'fsdp', axis=axis, tiled=True)
 
   def reduce(grad, spec):
     # A split leaf's gradient is already its shard, summed over 'fsdp' by
-    # the transpose of the gather (a reduce-scatter).
+    # the transpose of the gather (a reduce-scatter); a narrowed one also
+    # over 'data' (_gather_in).
     if 'fsdp' not in spec:
       return jax.lax.psum(grad, BATCH_AXES)
-    return jax.lax.psum(grad, 'data') if mesh.shape['data'] > 1 else grad
+    if narrowed(grad) or mesh.shape['data'] == 1:
+      return grad
+    return jax.lax.psum(grad, 'data')
 
   def objective(shards, batched, replicated):
     loss, aux = fn(jax.tree.map(gather, shards, specs), batched, replicated)
@@ -308,6 +332,43 @@ def value_and_grad_scattered(
     out_specs=(P(), P(), specs),
     check_vma=False,
   )(params, batched, replicated)
+
+
+def _gather_in(dtype: Any, axis: int, over_data: bool) -> Callable:
+  """A shard's all-gather over 'fsdp' in ``dtype``, and its transpose.
+
+  Forward: the shard cast to ``dtype``, gathered along ``axis``, cast back
+  to its own dtype (so the model's cast of it to ``dtype`` is exact).
+  Backward: the cotangent (the parameter's: its uses summed in float32)
+  cast to ``dtype``, reduce-scattered over 'fsdp' to the shard and, with
+  ``over_data``, summed over 'data', in ``dtype``; then cast back.
+
+  Args:
+    dtype: the compute dtype the collectives run in.
+    axis: the shard's split dimension.
+    over_data: also sum the gradient over the 'data' axis.
+  """
+
+  @jax.custom_vjp
+  def gather(shard):
+    full = jax.lax.all_gather(
+      shard.astype(dtype), 'fsdp', axis=axis, tiled=True
+    )
+    return full.astype(shard.dtype)
+
+  def forward(shard):
+    return gather(shard), jnp.zeros((), shard.dtype)
+
+  def backward(like, grad):
+    grad = jax.lax.psum_scatter(
+      grad.astype(dtype), 'fsdp', scatter_dimension=axis, tiled=True
+    )
+    if over_data:
+      grad = jax.lax.psum(grad, 'data')
+    return (grad.astype(like.dtype),)
+
+  gather.defvjp(forward, backward)
+  return gather
 
 
 def jit_train_step(

@@ -320,7 +320,8 @@ def make_train_step(
     grad_reduce: ``mesh.grad_reduce``. 'scatter': traced in a mesh with
       fsdp > 1, the student's loss and gradients are computed on each
       device's rows (``parallel.value_and_grad_scattered``), so the split
-      parameters' gradients are reduce-scattered to their shards; the same
+      parameters' gradients are reduce-scattered to their shards (in the
+      model's compute dtype, as GSPMD reduces a bf16 matmul's); the same
       numbers as 'gspmd' (GSPMD partitions the whole step) to float
       rounding. Elsewhere both are the 'gspmd' step.
     fsdp_min_size: ``mesh.fsdp_min_size`` (which parameters are split).
@@ -404,6 +405,8 @@ def make_train_step(
         batched,
         replicated,
         fsdp_min_size,
+        # Gathered and reduced in bf16 where the model computes in it.
+        compute_dtype=getattr(student.backbone, 'dtype', None),
       )
     else:
       (loss, (aux, student_vars)), grads = jax.value_and_grad(
