@@ -383,3 +383,18 @@ def advice(config: ml_collections.ConfigDict) -> list[str]:
       'suggests 0.9995 for batch 256 and below'
     )
   return lines
+
+
+def steps_of(config: ml_collections.ConfigDict, dataset_size: int):
+  """(steps_per_epoch, total_steps) from the config and the data size."""
+  steps_per_epoch = config.steps_per_epoch
+  if steps_per_epoch <= 0:
+    steps_per_epoch = dataset_size // config.batch_size
+    if steps_per_epoch == 0:
+      raise ConfigError(
+        f'batch_size={config.batch_size} exceeds the {dataset_size} images'
+      )
+  total = config.epochs * steps_per_epoch
+  if config.total_steps > 0:
+    total = min(total, config.total_steps)
+  return steps_per_epoch, total

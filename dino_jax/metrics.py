@@ -313,3 +313,24 @@ def check_health(
       'collapse to one dimension.'
     )
   return warnings
+
+
+def fetch_checked(metrics, step: int, out_dim: int, last_saved) -> dict:
+  """A step's metrics (on device) as floats, its collapse warnings logged;
+  raises ``NonFiniteLossError`` on a bad state (``check_health``)."""
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  for warning in check_health(step, values, out_dim, last_saved):
+    logger.warning('step %d: %s', step, warning)
+  return values
+
+
+def plan_lines(config, mesh, steps_per_epoch: int, total_steps: int):
+  """The run's plan as the training log states it at the start."""
+  return [
+    f'mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
+    f'{jax.process_count()} processes',
+    f'epochs {config.epochs} x {steps_per_epoch} steps/epoch = '
+    f'{config.epochs * steps_per_epoch} steps; training {total_steps} '
+    f'steps; global batch {config.batch_size}; peak lr '
+    f'{config.optim.lr * config.batch_size / 256:.3g}',
+  ]

@@ -10,6 +10,7 @@ keeps a second run out is the shell's (``dino_jax.cli.lock``).
 """
 
 import json
+import logging
 import os
 
 import ml_collections
@@ -17,6 +18,8 @@ import ml_collections
 from dino_jax import checkpoint as checkpoint_lib
 from dino_jax import overrides as overrides_lib
 from dino_jax import storage
+
+logger = logging.getLogger(__name__)
 
 # Evaluation tools may override these config groups (checkpoint.EVAL_FIELDS).
 EVAL_GROUPS = overrides_lib.EVAL_GROUPS
@@ -222,6 +225,36 @@ def restore_newest(ckpt, config_for, mesh=None, abstract=None):
     return None
   step, _, state = restored
   return step, chosen['config'], chosen['mesh'], state
+
+
+def restore_or_init(ckpt, config, workdir: str, mesh, built):
+  """(step, state) for training: the newest intact checkpoint's, or step 0.
+
+  Args:
+    ckpt: the run's ``checkpoint.Checkpointer``.
+    config: the run's config; a checkpoint must be compatible with it
+      (``checkpoint.check_compatible``, else IncompatibleCheckpointError).
+    workdir: the run directory (named in the errors and the log).
+    mesh: the mesh the state lives on.
+    built: ``step.build_sharded_step``'s result (the state's shape,
+      sharding and init function).
+  """
+  import jax
+
+  abstract = checkpoint_lib.abstract_like(
+    built.state_shape, built.state_sharding
+  )
+
+  def config_for(saved: dict):
+    checkpoint_lib.check_compatible(saved, config, workdir)
+    return config
+
+  restored = restore_newest(ckpt, config_for, mesh, abstract)
+  if restored is not None:
+    step, _, _, state = restored
+    logger.info('resuming from step %d in %s', step, workdir)
+    return step, state
+  return 0, jax.jit(built.init_fn, out_shardings=built.state_sharding)()
 
 
 def load_workdir(workdir: str, overrides: list[str] = ()):

@@ -262,6 +262,53 @@ class PipelineTest(parameterized.TestCase):
     np.testing.assert_array_equal(labels(3, 7, 13), expected[7:])
     np.testing.assert_array_equal(labels(0, 5, 15), expected[5:])
 
+  def test_train_feed_takes_the_read_ahead_batch_then_reads_on(self):
+    # The loop's feed: batch k of the config's sequence, from the step it
+    # starts at, whether taken after a read ahead or read when taken; the
+    # rows laid out on the mesh.
+    config = config_lib.default_config()
+    config.batch_size, config.seed = 8, 1
+    config.data.canvas_size, config.data.num_workers = 8, 2
+    mesh = parallel.make_mesh(-1, 1)  # every device of the suite
+    source = IndexSource(50)
+    it = iter(
+      pipeline.train_dataset(
+        source, batch_size=8, canvas_size=8, seed=1, start_batch=3
+      )
+    )
+    expected = [next(it)['label'] for _ in range(4)]
+    it.close()
+    feed = pipeline.TrainFeed(source, config, mesh, start=3)
+    got = [feed.take()]
+    feed.read_ahead()
+    self.assertIsNotNone(feed.ahead)
+    got += [feed.take(), feed.take()]
+    self.assertIsNone(feed.ahead)
+    feed.read_ahead()
+    got.append(feed.take())
+    feed.close()
+    for (skipped, batch), labels in zip(got, expected, strict=True):
+      np.testing.assert_array_equal(np.asarray(batch['label']), labels)
+      self.assertEqual(skipped.shape, (8, pipeline.MAX_SKIPPED_PER_IMAGE))
+      self.assertNotIn('skipped', batch)
+      self.assertEqual(batch['image'].shape, (8, 8, 8, 3))
+      self.assertEqual(batch['image'].sharding.mesh.shape, mesh.shape)
+
+  def test_steps_of(self):
+    config = config_lib.default_config()
+    config.batch_size, config.epochs = 64, 3
+    config.steps_per_epoch, config.total_steps = 0, 0
+    self.assertEqual(config_lib.steps_of(config, 1000), (15, 45))
+    config.total_steps = 20  # a cap, not a length
+    self.assertEqual(config_lib.steps_of(config, 1000), (15, 20))
+    config.steps_per_epoch = 7  # fixed: the data size does not count
+    self.assertEqual(config_lib.steps_of(config, 1000), (7, 20))
+    config.steps_per_epoch, config.total_steps = 0, 0
+    with self.assertRaisesRegex(
+      config_lib.ConfigError, 'batch_size=64 exceeds the 63 images'
+    ):
+      config_lib.steps_of(config, 63)
+
   def test_too_small_dataset(self):
     with self.assertRaisesRegex(ValueError, 'fewer than one global batch'):
       pipeline.train_dataset(

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from dino_jax import config as config_lib
 from dino_jax.aot.targets import first_line
 
 # ImageNet-1k's training images: the epoch length of a config that leaves
@@ -26,13 +27,11 @@ IMAGENET_TRAIN_IMAGES = 1281167
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-  """The schedules' epoch length as ``train.py`` derives it
-  (``train.steps_of``), for ImageNet-1k's training set; one step where the
+  """The schedules' epoch length as training derives it
+  (``config.steps_of``), for ImageNet-1k's training set; one step where the
   batch exceeds it (the batch search probes such batches too)."""
-  from dino_jax import train
-
   images = max(IMAGENET_TRAIN_IMAGES, config.batch_size)
-  return train.steps_of(config, images)[0]
+  return config_lib.steps_of(config, images)[0]
 
 
 def memory(compiled) -> dict[str, int]:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dino_jax import parallel
+from dino_jax import interrupt, parallel
 from dino_jax.data.sources import DataError
 
 logger = logging.getLogger(__name__)
@@ -249,6 +249,60 @@ def train_dataset(
     rows=rows,
   )
   return read(ds, num_workers)
+
+
+class TrainFeed:
+  """The training loop's batches from ``start`` (the data position is the
+  step), laid out on the mesh, one read ahead.
+
+  Read on a thread (``interrupt.Reader``): a wait for data polls the stop
+  request. ``take()`` -> (skipped rows, global batch), the batch read ahead
+  if there is one; None when a signal stopped the wait, or when the
+  pipeline failed after a signal (a worker killed with the process group):
+  the state is whole, the loop saves it. ``read_ahead()`` reads the next
+  batch and starts its transfer to the devices while a step runs.
+  """
+
+  def __init__(self, source, config, mesh, start: int):
+    self.mesh = mesh
+    self.reader = interrupt.Reader(
+      iter(
+        train_dataset(
+          source,
+          batch_size=config.batch_size,
+          rows=parallel.process_rows(mesh, config.batch_size),
+          canvas_size=config.data.canvas_size,
+          seed=config.seed,
+          num_workers=config.data.num_workers,
+          start_batch=start,
+        )
+      )
+    )
+    self.ahead = None
+
+  def take(self):
+    batch, self.ahead = self.ahead, None
+    return batch if batch is not None else self._read()
+
+  def read_ahead(self) -> None:
+    self.ahead = self._read()
+
+  def _read(self):
+    try:
+      local = self.reader.next()
+    except interrupt.Stopped:
+      return None
+    except Exception:
+      if interrupt.requested() is None:
+        raise
+      logger.warning('input pipeline stopped after the signal', exc_info=1)
+      return None
+    skipped = local.pop('skipped')
+    return skipped, global_batch(self.mesh, local)
+
+  def close(self, wait: float = 10.0) -> None:
+    """Stops grain's decode threads (``interrupt.Reader.close``)."""
+    self.reader.close(wait)
 
 
 class SkippedFiles:
