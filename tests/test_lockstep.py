@@ -67,9 +67,15 @@ def run(config, steps=STEPS, **kwargs):
 
 @absltest.skipUnless(HAVE_OFFICIAL, f'no official code at {OFFICIAL_REPO}')
 class LockstepTest(parameterized.TestCase):
-  @parameterized.parameters('einsum', 'fused')
-  def test_equal_to_the_official_step(self, attention):
-    result, rows = run(recipe(attention=attention))
+  @parameterized.parameters(
+    dict(attention='einsum'),
+    dict(attention='fused'),
+    # The blocks under nn.scan: stacked parameters, gradients and Adam
+    # moments named per block (blocks.{i}.*) for the comparison.
+    dict(scan_blocks=True),
+  )
+  def test_equal_to_the_official_step(self, **model):
+    result, rows = run(recipe(**model))
     self.assertEqual(result['steps'], STEPS)
     self.assertEqual([r['step'] for r in rows], list(range(STEPS)))
     self.assertEqual(set(result['max_rel']), set(lockstep.QUANTITIES))
