@@ -116,6 +116,7 @@ def main(argv):
     # without waiting for threads of Orbax (a save in flight) or XLA, and
     # such a thread crashed the teardown once (SIGSEGV, seen after a second
     # Ctrl-C during the first compile).
+    signals.ctrl_c_exits()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
@@ -127,4 +128,9 @@ def main(argv):
 
 if __name__ == '__main__':
   hostmem.configure()  # glibc malloc settings for XLA:CPU
-  app.run(main, flags_parser=parse_flags)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  finally:  # saved, failed or stopped: a Ctrl-C in the exit ends it at once
+    from dino_jax.cli import signals
+
+    signals.ctrl_c_exits()

@@ -173,3 +173,57 @@ def test_reader_close_lets_a_read_in_progress_end_first():
     reader.close()
   assert data.closed_during_read is False
   assert not reader._thread.is_alive()
+
+
+# A Ctrl-C while the program exits (the soak test's second SIGINT landed in
+# JAX's exit handler, after the save): before, Python's handler raised
+# KeyboardInterrupt in an exit handler and printed a traceback; now the
+# process ends by the signal at once. The Ctrl-C is sent by an exit handler
+# registered before the program's, so it runs after JAX's.
+_LATE_CTRL_C = """
+import atexit, os, runpy, signal, sys, time
+def late_ctrl_c():
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(2)
+  print('survived the Ctrl-C', file=sys.stderr)
+atexit.register(late_ctrl_c)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(
+  'module, args, line',
+  [
+    (
+      'dino_jax.main',
+      ['--config=tests/tiny_config.py', '--config.model.arch=vit_huge'],
+      "error: model.arch='vit_huge' unknown",
+    ),
+    ('dino_jax.eval.knn', [], 'error: --workdir'),
+  ],
+)
+def test_ctrl_c_during_the_exit_ends_it_without_a_traceback(
+  tmp_path, module, args, line
+):
+  import subprocess
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-c',
+      _LATE_CTRL_C,
+      module,
+      f'--workdir={tmp_path / "w"}',
+      *args,
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+  assert line in result.stderr, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert 'survived' not in result.stderr

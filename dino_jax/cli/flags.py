@@ -323,8 +323,13 @@ def run_cli(
     console.quiet_other_processes(jax.process_index(), jax.process_count())
     return _run_tool(main, (values, positional, overrides), reported)
 
-  if argv is None:
-    app.run(run, flags_parser=parse)
+  if argv is None:  # the program
+    from dino_jax.cli import signals
+
+    try:
+      app.run(run, flags_parser=parse)
+    finally:  # a Ctrl-C in the interpreter's exit ends it at once
+      signals.ctrl_c_exits()
   try:
     return run(parse(argv))
   except SystemExit as e:

@@ -89,3 +89,14 @@ def handled(
   finally:
     for signum, old in previous.items():
       signal.signal(signum, old)
+
+
+def ctrl_c_exits() -> None:
+  """For a program whose work is over (saved, written or stopped): a Ctrl-C
+  from here on, in the interpreter's exit (JAX's clean-up among the exit
+  handlers), ends the process at once by the signal, where Python's own
+  handler raised KeyboardInterrupt in an exit handler and printed its
+  traceback. Nothing is left to save. Only the programs call this: a test
+  that runs a command in-process keeps its handler."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
