@@ -410,3 +410,16 @@ def test_main_aot_and_plot_help_exit_0():
     assert proc.returncode == 0, (name, err[-2000:])
     _check_help(out, name)
     assert own[name] in out, name
+
+
+def test_records_read_oldest_first_within_one_second(tmp_path):
+  # Records whose 'time' (seconds) ties: the order is the order written (the
+  # name's microsecond stamp). Before: sorted by 'time' only, so ties came in
+  # the directory's order (test_knn_cli_adds_a_record... failed at random).
+  workdir = str(tmp_path)
+  for i in range(20):
+    eval_common.write_record(workdir, 'knn', {'step': i, 'i': i})
+  records = eval_common.read_records(workdir, 'knn')
+  assert len({r['time'] for r in records}) < 20  # some ties at least
+  assert [r['results']['i'] for r in records] == list(range(20))
+  assert eval_common.read_records(workdir, 'linear') == []

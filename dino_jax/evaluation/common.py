@@ -90,9 +90,13 @@ def read_records(workdir: str, name: str | None = None) -> list[dict]:
   directory = storage.as_path(storage.join(workdir, 'eval', 'records'))
   if not directory.exists():
     return []
-  records = [json.loads(p.read_text()) for p in directory.glob('*.json')]
-  records = [r for r in records if name is None or r['what'] == name]
-  return sorted(records, key=lambda r: r['time'])
+  # Oldest first by the name's stamp (microseconds): the records' 'time'
+  # is in seconds, and two evaluations can end within one.
+  paths = sorted(
+    directory.glob('*.json'), key=lambda p: p.stem.rsplit('-', 1)[-1]
+  )
+  records = [json.loads(p.read_text()) for p in paths]
+  return [r for r in records if name is None or r['what'] == name]
 
 
 def write_bytes(workdir: str, relative: str, data: bytes) -> str:
