@@ -114,12 +114,19 @@ def test_collectives_counts_results_once():
       '  ROOT %rs = f32[4,4]{1,0} reduce-scatter(f32[16,4]{1,0} %g)',
       '  %cp = (f32[3]{0}, f32[3]{0}, u32[]) collective-permute-start(%c)',
       '  %f = f32[1024]{0} fusion(%all-reduce.1), kind=kLoop',
+      # XLA:GPU's async reduce-scatters, as compiled.as_text() prints them:
+      # ((operands), results); the results are the shares.
+      '  %rss = ((f32[64]{0}), f32[32]{0}) reduce-scatter-start(%r), dimensions'
+      '={0}',
+      '  %rsd = f32[32]{0} reduce-scatter-done(%rss)',
+      '  %rs2 = ((bf16[32]{0}, bf16[96,32]{1,0}), (bf16[16]{0}, bf16[48,32]{1,'
+      '0})) reduce-scatter-start(%s, %t), dimensions={0}',
     ]
   )
   assert aot.collectives(hlo) == {
     'all-reduce': {'count': 2, 'bytes': 4096 + 40 + 12},
     'all-gather': {'count': 2, 'bytes': 8 * 128 * 2 + 8 * 64 * 2},
-    'reduce-scatter': {'count': 1, 'bytes': 64},
+    'reduce-scatter': {'count': 3, 'bytes': 64 + 32 * 4 + (16 + 48 * 32) * 2},
     'collective-permute': {'count': 1, 'bytes': 12},
   }
 

@@ -99,7 +99,12 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     entry['bytes'] += sum(_array_bytes(shape))
   for shape, op, start in _COLLECTIVE_OP.findall(hlo_text):
     sizes = _array_bytes(shape)
-    if start and op in ('all-gather', 'collective-permute', 'all-to-all'):
+    if start and op in (
+      'all-gather',
+      'reduce-scatter',
+      'collective-permute',
+      'all-to-all',
+    ):
       # (operands..., results..., [u32 contexts]): keep the results.
       arrays = [s for s in sizes]
       if op == 'collective-permute' and len(arrays) >= 2:
