@@ -38,18 +38,11 @@ def train_and_evaluate(
   *,
   hold: Callable[[str], contextlib.AbstractContextManager] | None = None,
 ) -> dict:
-  """Trains (resuming from ``workdir``), evaluates, returns the last metrics.
-
-  After a SIGTERM or Ctrl-C (recorded by the shell in the active
-  ``interrupt.Record``) the result has ``stopped_by`` set to the signal's
-  name.
-
-  Args:
-    config: the run's config.
-    workdir: a local directory or a URL; created by process 0.
-    hold: ``hold(workdir)``, a context manager that process 0 holds for
-      the whole run once the workdir exists: the shell's one-run-per-workdir
-      lock (``cli.lock.lock``); None: nothing held.
+  """Trains (resuming from ``workdir``: a local directory or a URL, created
+  by process 0), evaluates, returns the last metrics; after a SIGTERM or
+  Ctrl-C (recorded by the shell) with ``stopped_by``, the signal's name.
+  ``hold(workdir)``: a context manager process 0 holds for the whole run
+  (the shell's one-run-per-workdir lock, ``cli.lock.lock``), or None.
   """
   config_lib.validate(config, jax.device_count())
   for line in config_lib.advice(config):
@@ -93,12 +86,7 @@ class _Training:
     except BaseException:
       self.ckpt.close()
       raise
-    # Only now, after the compatibility check: config.json describes the
-    # checkpoints in the workdir.
-    if jax.process_index() == 0:
-      storage.write_text(
-        storage.join(workdir, 'config.json'), config.to_json(indent=2)
-      )
+    workdir_lib.write_config(workdir, config)  # after the check: theirs
     self.last_saved = self.step if self.step > 0 else None
     self.skipped = pipeline.SkippedFiles(source)
     self.writer = metrics_lib.MetricWriter(workdir, resume_step=self.step)
@@ -121,7 +109,7 @@ class _Training:
         logger.info(
           'step %d was saved before its evaluation: evaluating', self.step
         )
-        self._evaluate_and_write()
+        self._evaluate_and_write(final=False)
       while self.step < self.total_steps:
         if self._stop_requested():
           return self._save_and_exit()
@@ -187,7 +175,7 @@ class _Training:
       self.ckpt.save(step, self.state, c)
       self.last_saved = step
     if c.eval_every_steps > 0 and step % c.eval_every_steps == 0 and not last:
-      self._evaluate_and_write()
+      self._evaluate_and_write(final=False)
 
   def _fetch(self) -> None:
     self.scalars = metrics_lib.fetch_checked(
@@ -216,7 +204,7 @@ class _Training:
     """The last step is saved: the final evaluation, then the result."""
     self._close(writer=False)
     try:
-      results = self._evaluate(final=True)
+      results = self._evaluate_and_write(final=True)
       if results is None:
         logger.warning(
           '%s: stopped the evaluation, exiting; step %d is saved in %s; '
@@ -226,21 +214,21 @@ class _Training:
           self.workdir,
         )
         return {**self.scalars, 'stopped_by': interrupt.requested()}
-      self.writer.write(self.step, eval_run.knn_scalars(results), replace=True)
     finally:
       self.writer.close()
     return {**self.scalars, **results}
 
-  def _evaluate_and_write(self) -> None:
-    results = self._evaluate(final=False)
-    if results is not None:  # else stopped: the loop's top saves
-      self.writer.write(self.step, eval_run.knn_scalars(results))
-
-  def _evaluate(self, final: bool) -> dict | None:
-    """The evaluations of this step, or None when a signal stopped them."""
-    return eval_run.during_training(
+  def _evaluate_and_write(self, final: bool) -> dict | None:
+    """The evaluations of this step, their row written (the final one
+    replaces the step's row of a finished run evaluated again); None when
+    a signal stopped them (the loop's top saves)."""
+    results = eval_run.during_training(
       self.config, self.workdir, self.mesh, self.state, self.step, final
     )
+    if results is not None:
+      scalars = eval_run.knn_scalars(results)
+      self.writer.write(self.step, scalars, replace=final)
+    return results
 
   def _close(self, writer: bool = True) -> None:
     if not self._closed:  # the save first, then the data threads

@@ -227,6 +227,17 @@ def restore_newest(ckpt, config_for, mesh=None, abstract=None):
   return step, chosen['config'], chosen['mesh'], state
 
 
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/config.json (process 0): the config of the checkpoints there,
+  written once a restore found them compatible."""
+  import jax
+
+  if jax.process_index() == 0:
+    storage.write_text(
+      storage.join(workdir, 'config.json'), config.to_json(indent=2)
+    )
+
+
 def restore_or_init(ckpt, config, workdir: str, mesh, built):
   """(step, state) for training: the newest intact checkpoint's, or step 0.
 
